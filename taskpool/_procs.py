@@ -1,0 +1,95 @@
+"""Process identity and killing, shared by the runner and boot-time reconciliation.
+
+A pid alone is not an identity: the kernel reuses pids. A process is named by
+(pid, start time) as psutil reports it, and nothing is killed unless both match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+
+import psutil
+
+#: Environment variable set in every attempt's process; it survives `setsid` and
+#: reparenting, so boot-time reconciliation can find escaped descendants too.
+ATTEMPT_ENV = "TASKPOOL_ATTEMPT"
+
+
+def attempt_marker(task_id: int, fence: int) -> str:
+    return f"{task_id}:{fence}"
+
+
+def start_time(pid: int) -> float | None:
+    """The start time of `pid` as psutil reports it, or None if it is gone."""
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+
+
+def is_same_process(pid: int, started_at: float) -> bool:
+    """True if `pid` is alive and is the process that started at `started_at`."""
+    now = start_time(pid)
+    # create_time is derived from boot time plus clock ticks; allow for rounding.
+    return now is not None and abs(now - started_at) < 0.05
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    """Every live descendant of `pid`, including those that left its process group."""
+    try:
+        return list(psutil.Process(pid).children(recursive=True))
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return []
+
+
+def signal_group(pgid: int, sig: signal.Signals) -> None:
+    """Send `sig` to a process group; a group that is already empty is fine."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def kill_processes(procs: list[psutil.Process]) -> None:
+    """SIGKILL each process unless it is gone (psutil checks identity before signalling)."""
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            proc.kill()
+
+
+def kill_leftovers(pid: int, started_at: float, marker: str) -> list[str]:
+    """Kill what remains of an orphaned attempt; return a description of each kill.
+
+    The recorded leader is killed with its group only if pid *and* start time
+    match: a recycled pid belongs to someone else. Any other process carrying
+    the attempt's marker in its environment is killed too (it escaped the group).
+    """
+    killed: list[str] = []
+    if is_same_process(pid, started_at):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            leader = psutil.Process(pid)
+            group = [leader, *descendants(pid)]
+            signal_group(pid, signal.SIGKILL)
+            kill_processes(group)
+            killed.append(f"process group {pid}")
+    for proc in find_marked(marker):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            name = proc.name()
+            proc.kill()
+            killed.append(f"pid {proc.pid} ({name})")
+    return killed
+
+
+def find_marked(marker: str) -> list[psutil.Process]:
+    """Live processes whose environment carries `ATTEMPT_ENV=marker`."""
+    found: list[psutil.Process] = []
+    me = os.getpid()
+    for proc in psutil.process_iter():
+        if proc.pid == me:
+            continue
+        try:
+            if proc.environ().get(ATTEMPT_ENV) == marker:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+            continue
+    return found

@@ -1,0 +1,380 @@
+"""Run one attempt: spawn a process group, stream its output, await its exit.
+
+The runner knows nothing of the store. It reports output to a sink, is stopped
+through a `RunnerControl`, and returns an `Outcome`. Whatever ends it (exit,
+timeout, stall, stop request, an exception in the sink, cancellation of the
+task that runs it) the whole process group is killed and the leader reaped
+before it returns or raises: that cleanup runs shielded from cancellation.
+
+Exit is awaited on a pidfd (Linux >= 5.3), not through asyncio's child watcher:
+no thread per child, no global watcher to install in the host program, and the
+same code runs on every anyio backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import signal
+import subprocess
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import anyio
+
+from . import _procs
+from ._errors import LeaseLost
+from ._models import Outcome, OutcomeKind
+from ._output import OutputDecoder
+
+READ_CHUNK_BYTES = 64 * 1024
+#: How long to wait for the output pipe to reach EOF once the group is dead.
+DRAIN_TIMEOUT_S = 2.0
+#: Give up waiting for a SIGKILLed leader after this long (a process in
+#: uninterruptible sleep); the pool must not hang on it.
+KILL_WAIT_S = 10.0
+HAS_PIDFD = hasattr(os, "pidfd_open")
+
+
+class OutputSink(Protocol):
+    """Where a runner delivers decoded output. May raise `LeaseLost`."""
+
+    async def write(self, text: str) -> None: ...
+
+    async def flush(self) -> None: ...
+
+
+class StopKind(enum.Enum):
+    CANCELLED = "cancelled"
+    SHUTDOWN = "shutdown"
+    LEASE_LOST = "lease_lost"
+
+
+@dataclass(frozen=True, slots=True)
+class StopRequest:
+    kind: StopKind
+    reason: str
+    force: bool  # skip SIGTERM and the grace period
+
+
+class RunnerControl:
+    """The handle through which the pool stops a running attempt."""
+
+    def __init__(self) -> None:
+        self.request: StopRequest | None = None
+        self.pid: int | None = None
+        self._requested = anyio.Event()
+        self._forced = anyio.Event()
+
+    def stop(self, kind: StopKind, reason: str, *, force: bool = False) -> None:
+        """Ask the runner to stop; a forced request escalates a graceful one in progress."""
+        if self.request is None:
+            self.request = StopRequest(kind, reason, force)
+            self._requested.set()
+        elif force and not self.request.force:
+            self.request = StopRequest(self.request.kind, self.request.reason, True)
+        if force:
+            self._forced.set()
+
+    def __repr__(self) -> str:
+        return f"<RunnerControl pid={self.pid} request={self.request}>"
+
+
+@dataclass(frozen=True, slots=True)
+class RunRequest:
+    argv: Sequence[str]
+    cwd: str | None
+    env: Mapping[str, str] | None
+    marker: str  # set as TASKPOOL_ATTEMPT in the child's environment
+    timeout_s: float | None
+    stall_timeout_s: float | None
+    kill_grace_s: float
+    max_log_bytes: int
+    flush_interval_s: float = 0.25
+
+
+SpawnHook = Callable[[int, float], Awaitable[None]]
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        return f"killed by {_signal_name(-code)}"
+    return f"exited with code {code}"
+
+
+def _spawn(req: RunRequest) -> subprocess.Popen[bytes]:
+    env = dict(os.environ if req.env is None else req.env)
+    env[_procs.ATTEMPT_ENV] = req.marker
+    return subprocess.Popen(
+        list(req.argv),
+        cwd=req.cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # own session and process group: killpg reaches grandchildren
+        close_fds=True,
+    )
+
+
+def _spawn_error(req: RunRequest, exc: OSError) -> str:
+    what = exc.strerror or str(exc)
+    if req.cwd is not None and exc.filename == req.cwd:
+        return f"could not start {req.argv[0]!r}: working directory {req.cwd!r}: {what}"
+    return f"could not start {req.argv[0]!r}: {what}"
+
+
+class _Process:
+    """A spawned leader and its group, awaited without reaping until we choose to."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self.exit_code: int | None = None
+        self.exited = anyio.Event()  # the leader is dead (a zombie until reaped)
+        self._pidfd = os.pidfd_open(self.pid) if HAS_PIDFD else None
+
+    async def wait_exited(self) -> None:
+        """Return when the leader has died, leaving it unreaped so its pid stays ours."""
+        if self._pidfd is not None:
+            await anyio.wait_readable(self._pidfd)
+        else:  # pragma: no cover - non-Linux fallback: poll without reaping
+            flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+            # WNOHANG never blocks, and there is no fd to await here.
+            while os.waitid(os.P_PID, self.pid, flags) is None:  # noqa: ASYNC110, ASYNC222
+                await anyio.sleep(0.02)
+        self.exited.set()
+
+    def signal(self, sig: signal.Signals) -> None:
+        # The leader is alive or a zombie: its pid cannot have been reused yet.
+        if self.exit_code is None:
+            _procs.signal_group(self.pid, sig)
+
+    def kill_all(self) -> None:
+        """SIGKILL the group and any descendant that left it (setsid)."""
+        if self.exit_code is not None:
+            return
+        escaped = _procs.descendants(self.pid)
+        _procs.signal_group(self.pid, signal.SIGKILL)
+        _procs.kill_processes(escaped)
+
+    def reap(self) -> int:
+        if self.exit_code is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.exit_code = os.waitstatus_to_exitcode(status)
+            self.popen.returncode = self.exit_code  # so Popen never warns or re-waits
+        return self.exit_code
+
+    def close(self) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
+
+
+class _Attempt:
+    def __init__(
+        self, req: RunRequest, sink: OutputSink, control: RunnerControl, proc: _Process
+    ) -> None:
+        self.req = req
+        self.sink = sink
+        self.control = control
+        self.proc = proc
+        self.decoder = OutputDecoder(req.max_log_bytes)
+        self.started = anyio.current_time()
+        self.last_output = self.started
+        self.stop: Outcome | None = None  # set when we decided to end the process
+        self.output_done = anyio.Event()
+        self.pump_scope = anyio.CancelScope()
+
+    async def pump_output(self) -> None:
+        assert self.proc.popen.stdout is not None
+        fd = self.proc.popen.stdout.fileno()
+        os.set_blocking(fd, False)
+        try:
+            with self.pump_scope:
+                await self._pump(fd)
+        except LeaseLost:
+            self.control.stop(StopKind.LEASE_LOST, "a log write was refused", force=True)
+        finally:
+            self.output_done.set()
+
+    async def _pump(self, fd: int) -> None:
+        while True:
+            await anyio.wait_readable(fd)
+            try:
+                data = os.read(fd, READ_CHUNK_BYTES)
+            except BlockingIOError:
+                continue
+            if not data:
+                return
+            self.last_output = anyio.current_time()
+            text = self.decoder.feed(data)
+            if text:
+                await self.sink.write(text)
+
+    def _due(self) -> tuple[float, Outcome | None]:
+        """Seconds until the next check, or the stop that is due now."""
+        now = anyio.current_time()
+        wait = self.req.flush_interval_s
+        if self.req.timeout_s is not None:
+            left = self.started + self.req.timeout_s - now
+            if left <= 0:
+                return 0, Outcome(
+                    OutcomeKind.TIMED_OUT, f"timed out after {self.req.timeout_s:g} s"
+                )
+            wait = min(wait, left)
+        if self.req.stall_timeout_s is not None:
+            left = self.last_output + self.req.stall_timeout_s - now
+            if left <= 0:
+                return 0, Outcome(
+                    OutcomeKind.STALLED, f"no output for {self.req.stall_timeout_s:g} s"
+                )
+            wait = min(wait, left)
+        return wait, None
+
+    async def watch(self) -> None:
+        """Decide when to stop the process (timeout, stall, request) and do it."""
+        while not self.proc.exited.is_set():
+            wait, due = self._due()
+            if due is None:
+                await _wait_any((self.proc.exited, self.control._requested), timeout=wait)
+                request = self.control.request
+                if request is None:
+                    if not self.proc.exited.is_set():
+                        try:
+                            await self.sink.flush()
+                        except LeaseLost:
+                            self.control.stop(
+                                StopKind.LEASE_LOST, "a log write was refused", force=True
+                            )
+                    continue
+                due = Outcome(_OUTCOME_OF_STOP[request.kind], request.reason)
+            if self.proc.exited.is_set():
+                return
+            self.stop = due
+            await self._terminate()
+            return
+
+    async def _terminate(self) -> None:
+        """SIGTERM, a grace period, then SIGKILL; a forced stop goes straight to SIGKILL."""
+        assert self.stop is not None
+        forced = self.control.request is not None and self.control.request.force
+        if not forced:
+            self.proc.signal(signal.SIGTERM)
+            await _wait_any((self.proc.exited, self.control._forced), timeout=self.req.kill_grace_s)
+            if self.proc.exited.is_set():
+                self.stop = _with(self.stop, "process group sent SIGTERM")
+                return
+        self.proc.kill_all()
+        how = (
+            "process group sent SIGKILL"
+            if forced or self.control._forced.is_set()
+            else f"SIGTERM ignored for {self.req.kill_grace_s:g} s, process group sent SIGKILL"
+        )
+        self.stop = _with(self.stop, how)
+
+
+_OUTCOME_OF_STOP = {
+    StopKind.CANCELLED: OutcomeKind.CANCELLED,
+    StopKind.SHUTDOWN: OutcomeKind.SHUTDOWN,
+    StopKind.LEASE_LOST: OutcomeKind.LEASE_LOST,
+}
+
+
+def _with(outcome: Outcome, detail: str) -> Outcome:
+    return Outcome(outcome.kind, f"{outcome.reason}; {detail}", outcome.exit_code)
+
+
+async def _wait_any(events: Sequence[anyio.Event], *, timeout: float) -> None:
+    """Return when any of `events` is set or `timeout` seconds have passed."""
+    if any(e.is_set() for e in events):
+        return
+    with anyio.move_on_after(timeout):
+        async with anyio.create_task_group() as tg:
+
+            async def wait_one(event: anyio.Event) -> None:
+                await event.wait()
+                tg.cancel_scope.cancel()
+
+            for event in events:
+                tg.start_soon(wait_one, event)
+
+
+async def run_attempt(
+    req: RunRequest,
+    sink: OutputSink,
+    control: RunnerControl,
+    on_spawn: SpawnHook,
+) -> Outcome:
+    """Run one attempt to its end and say how it ended.
+
+    `on_spawn(pid, start_time)` is awaited right after the spawn (the pool records
+    the process identity durably there); if it raises, the group is killed and the
+    exception propagates. A refused write (`LeaseLost`) kills the group at once and
+    yields an outcome the pool must not record.
+    """
+    try:
+        popen = _spawn(req)
+    except OSError as exc:
+        return Outcome(OutcomeKind.SPAWN_FAILED, _spawn_error(req, exc))
+    proc = _Process(popen)
+    control.pid = proc.pid
+    attempt = _Attempt(req, sink, control, proc)
+    try:
+        started = _procs.start_time(proc.pid)
+        try:
+            await on_spawn(proc.pid, started if started is not None else 0.0)
+        except LeaseLost:
+            control.stop(StopKind.LEASE_LOST, "recording the spawn was refused", force=True)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(attempt.pump_output)
+            tg.start_soon(attempt.watch)
+            await proc.wait_exited()
+            proc.kill_all()  # leftovers of a leader that exited on its own die with it
+            proc.reap()
+            # An escaped descendant may hold the pipe open: drain for a bounded time.
+            with anyio.move_on_after(DRAIN_TIMEOUT_S):
+                await attempt.output_done.wait()
+            attempt.pump_scope.cancel()
+            # The watcher ends by itself once it sees the exit, after recording how.
+        tail = attempt.decoder.finish()
+        if tail:
+            with contextlib.suppress(LeaseLost):
+                await sink.write(tail)
+        with contextlib.suppress(LeaseLost):
+            await sink.flush()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await _ensure_dead(proc)
+    request = control.request
+    if request is not None and request.kind is StopKind.LEASE_LOST:
+        return Outcome(OutcomeKind.LEASE_LOST, request.reason, proc.exit_code)
+    code = proc.exit_code
+    assert code is not None
+    if attempt.stop is not None:
+        return Outcome(attempt.stop.kind, attempt.stop.reason, code)
+    return Outcome(OutcomeKind.EXITED, describe_exit(code), code)
+
+
+async def _ensure_dead(proc: _Process) -> None:
+    """The cleanup on every path: kill the group, reap the leader, close the fds."""
+    try:
+        if proc.exit_code is None:
+            proc.kill_all()
+            with anyio.move_on_after(KILL_WAIT_S):
+                await proc.wait_exited()
+            if proc.exited.is_set():
+                proc.reap()
+    finally:
+        proc.close()

@@ -1,0 +1,152 @@
+"""The one narrow interface between the pool and its durable state.
+
+Every method is one atomic operation. Writes made on behalf of an attempt carry
+its fencing token and raise `LeaseLost` when the token is stale or the lease
+has expired. Backends turn driver errors into `StoreUnavailable` (transient:
+worth retrying) or `StoreError` at this boundary.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from ._models import (
+    Claim,
+    Limits,
+    NodeInfo,
+    Outcome,
+    Status,
+    TaskEvent,
+    TaskInfo,
+    TaskSpec,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    """What a node learns from renewing its leases."""
+
+    held: Mapping[int, int]  # task id -> fence of every lease the node still holds
+    cancel_requests: Mapping[int, str]  # task id -> 'graceful' | 'force', for held tasks
+
+
+@dataclass(frozen=True, slots=True)
+class Orphan:
+    """A running attempt whose owner is gone, with what is needed to find its processes."""
+
+    task_id: int
+    fence: int
+    node_id: str
+    pid: int | None
+    pid_started_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class OutputChunk:
+    fence: int
+    seq: int
+    text: str
+
+
+class Store(abc.ABC):
+    """Durable state of tasks, attempts, nodes, output and events."""
+
+    # -- lifecycle ---------------------------------------------------------
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and bring the schema up to date."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections. Idempotent."""
+
+    async def __aenter__(self) -> Store:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- nodes -------------------------------------------------------------
+    @abc.abstractmethod
+    async def register_node(self, node: NodeInfo) -> None:
+        """Record a new pool incarnation."""
+
+    @abc.abstractmethod
+    async def stop_node(self, node_id: str, reason: str) -> None:
+        """Mark a node stopped; it owns nothing afterwards."""
+
+    @abc.abstractmethod
+    async def list_nodes(
+        self, *, host: str | None = None, alive: bool | None = None
+    ) -> list[NodeInfo]:
+        """Nodes, optionally only those on `host` and/or not (yet) marked stopped."""
+
+    # -- the queue ---------------------------------------------------------
+    @abc.abstractmethod
+    async def submit(self, spec: TaskSpec) -> int:
+        """Store a task as waiting; durable when this returns."""
+
+    @abc.abstractmethod
+    async def claim(self, node_id: str, limits: Limits, lease_ttl_s: float) -> list[Claim]:
+        """Atomically start as many waiting tasks as the blocking rules allow on this node."""
+
+    @abc.abstractmethod
+    async def record_spawn(self, task_id: int, fence: int, pid: int, pid_started_at: float) -> None:
+        """Remember the attempt's process identity, to find leftovers after a crash."""
+
+    @abc.abstractmethod
+    async def append_output(self, task_id: int, fence: int, texts: Sequence[str]) -> None:
+        """Append output chunks to the attempt's log."""
+
+    @abc.abstractmethod
+    async def finish(self, task_id: int, fence: int, outcome: Outcome) -> TaskInfo:
+        """End the attempt: terminal status, or back to waiting for a retry or shutdown."""
+
+    @abc.abstractmethod
+    async def renew_leases(self, node_id: str, lease_ttl_s: float) -> Renewal:
+        """Extend every live lease the node holds, in one write, and heartbeat the node."""
+
+    @abc.abstractmethod
+    async def rescue_expired(self) -> list[TaskInfo]:
+        """Re-queue (attempts left) or mark lost every attempt whose lease has expired."""
+
+    @abc.abstractmethod
+    async def orphans_of(self, node_id: str) -> list[Orphan]:
+        """Running attempts owned by `node_id` (a dead predecessor, at boot)."""
+
+    @abc.abstractmethod
+    async def settle_orphan(self, task_id: int, fence: int, reason: str) -> TaskInfo:
+        """Re-queue or mark lost an orphaned attempt, without waiting for its lease to expire."""
+
+    # -- operator actions --------------------------------------------------
+    @abc.abstractmethod
+    async def request_cancel(self, task_id: int, *, force: bool = False) -> TaskInfo:
+        """Cancel a waiting task at once; ask the owner of a running one to stop it."""
+
+    # -- reads -------------------------------------------------------------
+    @abc.abstractmethod
+    async def get(self, task_id: int) -> TaskInfo:
+        """One task, or `TaskNotFound`."""
+
+    @abc.abstractmethod
+    async def list_tasks(
+        self,
+        *,
+        statuses: Sequence[Status] | None = None,
+        project: str | None = None,
+        limit: int = 100,
+    ) -> list[TaskInfo]:
+        """Tasks, newest first."""
+
+    @abc.abstractmethod
+    async def events(self, task_id: int) -> list[TaskEvent]:
+        """The task's transitions in order."""
+
+    @abc.abstractmethod
+    async def read_output(
+        self, task_id: int, *, after: tuple[int, int] = (0, 0), limit: int = 1000
+    ) -> list[OutputChunk]:
+        """Output chunks after (fence, seq), in order, across all attempts."""

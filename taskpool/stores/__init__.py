@@ -1,0 +1,1 @@
+"""Backends of the `Store` interface; each imports its driver only when used."""

@@ -1,0 +1,748 @@
+"""The embedded default store: one SQLite file in WAL mode.
+
+Writes are group-committed: operations that arrive while a transaction is in
+flight are run together in the next one, each inside its own savepoint, so one
+fsync serves many callers and one failing operation never fails its neighbours.
+Every write transaction is `BEGIN IMMEDIATE`: it holds SQLite's write lock from
+its first statement, which makes a claim atomic across every process sharing
+the file. Reads use a second connection and never wait for writers (WAL).
+
+The sqlite3 calls run in worker threads; a transaction in flight always runs
+to its end even if the awaiting task is cancelled, so cancellation never
+leaves half an operation behind.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from .._errors import LeaseLost, StoreError, StoreUnavailable, TaskNotFound
+from .._models import (
+    Claim,
+    Limits,
+    NodeInfo,
+    Outcome,
+    Status,
+    TaskEvent,
+    TaskInfo,
+    TaskSpec,
+    Transition,
+    decide_finish,
+    decide_orphan,
+)
+from .._rules import Occupancy, Slot, plan_claims
+from .._store import Orphan, OutputChunk, Renewal, Store
+
+T = TypeVar("T")
+Op = Callable[[sqlite3.Connection], T]
+
+#: How many waiting tasks one claim query looks at; blocked ones are filtered in SQL.
+CLAIM_WINDOW = 64
+
+_TRANSIENT = ("locked", "busy", "disk i/o", "unable to open", "readonly", "full")
+
+
+def migrations() -> list[tuple[int, str]]:
+    """The numbered migrations shipped with the package, in order."""
+    folder = resources.files(__package__).joinpath("sqlite_migrations")
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            found.append((int(entry.name.split("_", 1)[0]), entry.read_text("utf-8")))
+    return sorted(found)
+
+
+def _map_error(exc: sqlite3.Error) -> StoreError:
+    text = str(exc)
+    if isinstance(exc, sqlite3.OperationalError) and any(w in text.lower() for w in _TRANSIENT):
+        return StoreUnavailable(f"SQLite: {text}")
+    return StoreError(f"SQLite: {text}")
+
+
+@dataclass(slots=True)
+class _Pending(Generic[T]):
+    fn: Op[T]
+    done: bool = False
+    value: Any = None
+    error: BaseException | None = None
+    taken: bool = field(default=False)
+
+    def result(self) -> T:
+        if self.error is not None:
+            raise self.error
+        return self.value  # type: ignore[no-any-return]
+
+
+class SQLiteStore(Store):
+    """A store in one SQLite file, created and migrated on first use.
+
+    `synchronous="FULL"` (the default) makes every commit survive power loss as
+    well as a crash of the process; `"NORMAL"` survives a crash of the process
+    only, for a faster commit.
+    """
+
+    def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError("synchronous must be 'FULL' or 'NORMAL'")
+        self.path = Path(path)
+        self.synchronous = synchronous
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._pending: list[_Pending[Any]] = []
+        self._write_lock = anyio.Lock()
+        self._read_lock = anyio.Lock()
+
+    def __repr__(self) -> str:
+        state = "open" if self._writer is not None else "closed"
+        return f"<SQLiteStore {str(self.path)!r} {state}>"
+
+    # -- plumbing ----------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+        )
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
+
+    def _open_sync(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        writer = self._connect()
+        try:
+            self._migrate(writer)
+            self._reader = self._connect()
+        except BaseException:
+            writer.close()
+            raise
+        self._writer = writer
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version "
+                "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
+            )
+            done = {r[0] for r in conn.execute("SELECT version FROM schema_version")}
+            for version, sql in migrations():
+                if version in done:
+                    continue
+                for statement in _split_sql(sql):
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
+                    (version, time.time()),
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    async def open(self) -> None:
+        if self._writer is not None:
+            return
+        try:
+            await anyio.to_thread.run_sync(self._open_sync)
+        except sqlite3.Error as exc:
+            raise _map_error(exc) from exc
+
+    async def close(self) -> None:
+        async with self._write_lock, self._read_lock:
+            for conn in (self._writer, self._reader):
+                if conn is not None:
+                    conn.close()
+            self._writer = self._reader = None
+
+    def _run_batch(self, batch: list[_Pending[Any]]) -> None:
+        conn = self._writer
+        if conn is None:
+            err = StoreError("the store is closed")
+            for op in batch:
+                op.error, op.done = err, True
+            return
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    op.value = op.fn(conn)
+                    conn.execute("RELEASE op")
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    op.error = _map_error(exc) if isinstance(exc, sqlite3.Error) else exc
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            err = _map_error(exc)
+            for op in batch:
+                op.error, op.value = err, None
+        finally:
+            for op in batch:
+                op.done = True
+
+    async def _write(self, fn: Op[T]) -> T:
+        """Run `fn` in a write transaction, group-committed with concurrent callers."""
+        op: _Pending[T] = _Pending(fn)
+        self._pending.append(op)
+        try:
+            async with self._write_lock:
+                if not op.done:
+                    batch, self._pending = self._pending, []
+                    await anyio.to_thread.run_sync(self._run_batch, batch)
+        except BaseException:
+            # Cancelled before our batch started: make sure it never runs later.
+            if not op.done and op in self._pending:
+                self._pending.remove(op)
+            raise
+        return op.result()
+
+    async def _read(self, fn: Op[T]) -> T:
+        def run() -> T:
+            conn = self._reader
+            if conn is None:
+                raise StoreError("the store is closed")
+            conn.execute("BEGIN")
+            try:
+                return fn(conn)
+            finally:
+                conn.execute("COMMIT")
+
+        async with self._read_lock:
+            try:
+                return await anyio.to_thread.run_sync(run)
+            except sqlite3.Error as exc:
+                raise _map_error(exc) from exc
+
+    # -- nodes -------------------------------------------------------------
+    async def register_node(self, node: NodeInfo) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO nodes (id, host, pid, pid_started_at, started_at, heartbeat_at,"
+                " max_parallel) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    node.id,
+                    node.host,
+                    node.pid,
+                    node.pid_started_at,
+                    node.started_at,
+                    node.heartbeat_at,
+                    node.max_parallel,
+                ),
+            )
+
+        await self._write(op)
+
+    async def stop_node(self, node_id: str, reason: str) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE nodes SET stopped_at = ?, stop_reason = ?"
+                " WHERE id = ? AND stopped_at IS NULL",
+                (time.time(), reason, node_id),
+            )
+
+        await self._write(op)
+
+    async def list_nodes(
+        self, *, host: str | None = None, alive: bool | None = None
+    ) -> list[NodeInfo]:
+        def op(conn: sqlite3.Connection) -> list[NodeInfo]:
+            sql = "SELECT * FROM nodes WHERE (? IS NULL OR host = ?)"
+            if alive is True:
+                sql += " AND stopped_at IS NULL"
+            elif alive is False:
+                sql += " AND stopped_at IS NOT NULL"
+            rows = conn.execute(sql + " ORDER BY started_at", (host, host)).fetchall()
+            return [_node(r) for r in rows]
+
+        return await self._read(op)
+
+    # -- the queue ---------------------------------------------------------
+    async def submit(self, spec: TaskSpec) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            now = time.time()
+            cur = conn.execute(
+                "INSERT INTO tasks (status, argv, cwd, env, project, template, template_parallel,"
+                " locks, priority, submitted_at, not_before, timeout_s, stall_timeout_s,"
+                " max_attempts, retry_backoff_s) VALUES ('waiting', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+                " ?, ?, ?, ?)",
+                (
+                    json.dumps(list(spec.argv)),
+                    spec.cwd,
+                    json.dumps(dict(spec.env)) if spec.env is not None else None,
+                    spec.project,
+                    spec.template,
+                    int(spec.template_parallel),
+                    json.dumps(sorted(spec.locks)),
+                    spec.priority,
+                    now,
+                    spec.not_before or 0.0,
+                    spec.timeout_s,
+                    spec.stall_timeout_s,
+                    spec.max_attempts,
+                    spec.retry_backoff_s,
+                ),
+            )
+            task_id = cur.lastrowid
+            assert task_id is not None
+            conn.executemany(
+                "INSERT INTO task_locks (task_id, lock_name) VALUES (?, ?)",
+                [(task_id, name) for name in spec.locks],
+            )
+            _event(conn, task_id, now, None, None, None, Status.WAITING, "submitted")
+            return task_id
+
+        return await self._write(op)
+
+    async def claim(self, node_id: str, limits: Limits, lease_ttl_s: float) -> list[Claim]:
+        return await self._write(lambda conn: _claim(conn, node_id, limits, lease_ttl_s))
+
+    async def record_spawn(self, task_id: int, fence: int, pid: int, pid_started_at: float) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            _fenced(conn, task_id, fence, time.time())
+            conn.execute(
+                "UPDATE tasks SET pid = ?, pid_started_at = ? WHERE id = ?",
+                (pid, pid_started_at, task_id),
+            )
+            conn.execute(
+                "UPDATE attempts SET pid = ?, pid_started_at = ? WHERE task_id = ? AND fence = ?",
+                (pid, pid_started_at, task_id, fence),
+            )
+
+        await self._write(op)
+
+    async def append_output(self, task_id: int, fence: int, texts: Sequence[str]) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            _fenced(conn, task_id, fence, time.time())
+            (last,) = conn.execute(
+                "SELECT COALESCE(MAX(seq), 0) FROM output WHERE task_id = ? AND fence = ?",
+                (task_id, fence),
+            ).fetchone()
+            conn.executemany(
+                "INSERT INTO output (task_id, fence, seq, text) VALUES (?, ?, ?, ?)",
+                [(task_id, fence, last + i, text) for i, text in enumerate(texts, 1)],
+            )
+
+        await self._write(op)
+
+    async def finish(self, task_id: int, fence: int, outcome: Outcome) -> TaskInfo:
+        def op(conn: sqlite3.Connection) -> TaskInfo:
+            now = time.time()
+            row = _fenced(conn, task_id, fence, now)
+            transition = decide_finish(
+                outcome,
+                attempts_used=row["attempts_used"],
+                max_attempts=row["max_attempts"],
+                backoff_s=row["retry_backoff_s"],
+                now=now,
+                cancel_requested=row["cancel_requested"] is not None,
+            )
+            return _apply(conn, row, transition, now, outcome.kind.value, outcome.exit_code)
+
+        return await self._write(op)
+
+    async def renew_leases(self, node_id: str, lease_ttl_s: float) -> Renewal:
+        def op(conn: sqlite3.Connection) -> Renewal:
+            now = time.time()
+            rows = conn.execute(
+                "UPDATE tasks SET lease_expires_at = ? WHERE owner_node = ? AND status = 'running'"
+                " AND lease_expires_at >= ? RETURNING id, fence, cancel_requested",
+                (now + lease_ttl_s, node_id, now),
+            ).fetchall()
+            conn.execute("UPDATE nodes SET heartbeat_at = ? WHERE id = ?", (now, node_id))
+            return Renewal(
+                held={r["id"]: r["fence"] for r in rows},
+                cancel_requests={
+                    r["id"]: r["cancel_requested"] for r in rows if r["cancel_requested"]
+                },
+            )
+
+        return await self._write(op)
+
+    async def rescue_expired(self) -> list[TaskInfo]:
+        def op(conn: sqlite3.Connection) -> list[TaskInfo]:
+            now = time.time()
+            rows = conn.execute(
+                "SELECT t.*, n.heartbeat_at AS node_heartbeat_at FROM tasks t"
+                " LEFT JOIN nodes n ON n.id = t.owner_node"
+                " WHERE t.status = 'running' AND t.lease_expires_at < ?",
+                (now,),
+            ).fetchall()
+            rescued = []
+            for row in rows:
+                beat = row["node_heartbeat_at"]
+                reason = (
+                    f"owner node {row['owner_node']} stopped heartbeating at {_iso(beat)}"
+                    if beat is not None
+                    else f"owner node {row['owner_node']} is unknown"
+                ) + f" (lease expired at {_iso(row['lease_expires_at'])})"
+                transition = decide_orphan(
+                    attempts_used=row["attempts_used"],
+                    max_attempts=row["max_attempts"],
+                    reason=reason,
+                    cancel_requested=row["cancel_requested"] is not None,
+                )
+                rescued.append(_apply(conn, row, transition, now, "rescued", None))
+            return rescued
+
+        return await self._write(op)
+
+    async def orphans_of(self, node_id: str) -> list[Orphan]:
+        def op(conn: sqlite3.Connection) -> list[Orphan]:
+            rows = conn.execute(
+                "SELECT id, fence, owner_node, pid, pid_started_at FROM tasks"
+                " WHERE status = 'running' AND owner_node = ?",
+                (node_id,),
+            ).fetchall()
+            return [Orphan(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+        return await self._read(op)
+
+    async def settle_orphan(self, task_id: int, fence: int, reason: str) -> TaskInfo:
+        def op(conn: sqlite3.Connection) -> TaskInfo:
+            row = _row(conn, task_id)
+            if row["status"] != Status.RUNNING or row["fence"] != fence:
+                return _info(row)  # someone settled it already
+            transition = decide_orphan(
+                attempts_used=row["attempts_used"],
+                max_attempts=row["max_attempts"],
+                reason=reason,
+                cancel_requested=row["cancel_requested"] is not None,
+            )
+            return _apply(conn, row, transition, time.time(), "orphaned", None)
+
+        return await self._write(op)
+
+    # -- operator actions --------------------------------------------------
+    async def request_cancel(self, task_id: int, *, force: bool = False) -> TaskInfo:
+        def op(conn: sqlite3.Connection) -> TaskInfo:
+            now = time.time()
+            row = _row(conn, task_id)
+            status = Status(row["status"])
+            if status is Status.WAITING:
+                transition = Transition(Status.CANCELLED, False, reason="cancelled while waiting")
+                return _apply(conn, row, transition, now, None, None)
+            if status is Status.RUNNING:
+                mode = "force" if force or row["cancel_requested"] == "force" else "graceful"
+                conn.execute("UPDATE tasks SET cancel_requested = ? WHERE id = ?", (mode, task_id))
+                _event(
+                    conn,
+                    task_id,
+                    now,
+                    row["fence"],
+                    row["owner_node"],
+                    status,
+                    status,
+                    f"cancel requested ({mode})",
+                )
+                return _info(_row(conn, task_id))
+            return _info(row)
+
+        return await self._write(op)
+
+    # -- reads -------------------------------------------------------------
+    async def get(self, task_id: int) -> TaskInfo:
+        return await self._read(lambda conn: _info(_row(conn, task_id)))
+
+    async def list_tasks(
+        self,
+        *,
+        statuses: Sequence[Status] | None = None,
+        project: str | None = None,
+        limit: int = 100,
+    ) -> list[TaskInfo]:
+        def op(conn: sqlite3.Connection) -> list[TaskInfo]:
+            wanted = json.dumps([str(s) for s in statuses]) if statuses is not None else None
+            rows = conn.execute(
+                "SELECT * FROM tasks"
+                " WHERE (? IS NULL OR status IN (SELECT value FROM json_each(?)))"
+                " AND (? IS NULL OR project = ?) ORDER BY id DESC LIMIT ?",
+                (wanted, wanted, project, project, limit),
+            ).fetchall()
+            return [_info(r) for r in rows]
+
+        return await self._read(op)
+
+    async def events(self, task_id: int) -> list[TaskEvent]:
+        def op(conn: sqlite3.Connection) -> list[TaskEvent]:
+            rows = conn.execute(
+                "SELECT * FROM events WHERE task_id = ? ORDER BY id", (task_id,)
+            ).fetchall()
+            return [
+                TaskEvent(
+                    id=r["id"],
+                    task_id=r["task_id"],
+                    at=r["at"],
+                    fence=r["fence"],
+                    node_id=r["node_id"],
+                    from_status=Status(r["from_status"]) if r["from_status"] else None,
+                    to_status=Status(r["to_status"]),
+                    reason=r["reason"],
+                )
+                for r in rows
+            ]
+
+        return await self._read(op)
+
+    async def read_output(
+        self, task_id: int, *, after: tuple[int, int] = (0, 0), limit: int = 1000
+    ) -> list[OutputChunk]:
+        def op(conn: sqlite3.Connection) -> list[OutputChunk]:
+            rows = conn.execute(
+                "SELECT fence, seq, text FROM output WHERE task_id = ? AND (fence, seq) > (?, ?)"
+                " ORDER BY fence, seq LIMIT ?",
+                (task_id, after[0], after[1], limit),
+            ).fetchall()
+            return [OutputChunk(r[0], r[1], r[2]) for r in rows]
+
+        return await self._read(op)
+
+
+# -- operations, run inside a transaction ------------------------------------
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split a migration into statements (they contain no semicolons in literals)."""
+    lines = [line.split("--", 1)[0] for line in script.splitlines()]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+def _iso(ts: float | None) -> str:
+    if ts is None:
+        return "never"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _row(conn: sqlite3.Connection, task_id: int) -> sqlite3.Row:
+    row = conn.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
+    if row is None:
+        raise TaskNotFound(f"no task {task_id}")
+    return row  # type: ignore[no-any-return]
+
+
+def _fenced(conn: sqlite3.Connection, task_id: int, fence: int, now: float) -> sqlite3.Row:
+    """The task row if `fence` still owns a live lease on it, else `LeaseLost`."""
+    row = _row(conn, task_id)
+    if row["status"] != Status.RUNNING or row["fence"] != fence:
+        raise LeaseLost(
+            f"task {task_id}: fence {fence} is stale"
+            f" (task is {row['status']}, fence {row['fence']})"
+        )
+    if row["lease_expires_at"] < now:
+        raise LeaseLost(f"task {task_id}: the lease of fence {fence} expired")
+    return row
+
+
+def _event(
+    conn: sqlite3.Connection,
+    task_id: int,
+    at: float,
+    fence: int | None,
+    node_id: str | None,
+    from_status: Status | None,
+    to_status: Status,
+    reason: str,
+) -> None:
+    conn.execute(
+        "INSERT INTO events (task_id, at, fence, node_id, from_status, to_status, reason)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (task_id, at, fence, node_id, from_status, to_status, reason),
+    )
+
+
+def _apply(
+    conn: sqlite3.Connection,
+    row: sqlite3.Row,
+    transition: Transition,
+    now: float,
+    outcome: str | None,
+    exit_code: int | None,
+) -> TaskInfo:
+    """Write the end of an attempt (or of a waiting task) and its event."""
+    task_id = row["id"]
+    attempts_used = row["attempts_used"] - (0 if transition.consumes_attempt else 1)
+    if row["status"] == Status.WAITING:
+        attempts_used = row["attempts_used"]
+    if transition.status is Status.WAITING:
+        conn.execute(
+            "UPDATE tasks SET status = 'waiting', attempts_used = ?, owner_node = NULL,"
+            " lease_expires_at = NULL, not_before = ?, exit_code = ?, reason = ?, pid = NULL,"
+            " pid_started_at = NULL WHERE id = ?",
+            (attempts_used, transition.not_before or 0.0, exit_code, transition.reason, task_id),
+        )
+    else:
+        conn.execute(
+            "UPDATE tasks SET status = ?, attempts_used = ?, lease_expires_at = NULL,"
+            " finished_at = ?, exit_code = ?, reason = ? WHERE id = ?",
+            (transition.status, attempts_used, now, exit_code, transition.reason, task_id),
+        )
+    if row["status"] == Status.RUNNING:
+        conn.execute(
+            "UPDATE attempts SET finished_at = ?, outcome = ?, exit_code = ?, reason = ?"
+            " WHERE task_id = ? AND fence = ?",
+            (now, outcome, exit_code, transition.reason, task_id, row["fence"]),
+        )
+    _event(
+        conn,
+        task_id,
+        now,
+        row["fence"] if row["status"] == Status.RUNNING else None,
+        row["owner_node"],
+        Status(row["status"]),
+        transition.status,
+        transition.reason,
+    )
+    return _info(_row(conn, task_id))
+
+
+def _slot(row: sqlite3.Row) -> Slot:
+    return Slot(
+        task_id=row["id"],
+        project=row["project"],
+        template=row["template"],
+        template_parallel=bool(row["template_parallel"]),
+        locks=frozenset(json.loads(row["locks"])),
+    )
+
+
+_CANDIDATES = """
+SELECT id, project, template, template_parallel, locks FROM tasks
+WHERE status = 'waiting' AND not_before <= :now
+  AND project NOT IN (SELECT value FROM json_each(:full_projects))
+  AND (template IS NULL OR template NOT IN (SELECT value FROM json_each(:templates_exclusive)))
+  AND (template IS NULL OR template_parallel
+       OR template NOT IN (SELECT value FROM json_each(:templates_any)))
+  AND NOT EXISTS (SELECT 1 FROM task_locks l WHERE l.task_id = tasks.id
+                  AND l.lock_name IN (SELECT value FROM json_each(:locks_held)))
+ORDER BY priority DESC, id
+LIMIT :window
+"""
+
+
+def _claim(
+    conn: sqlite3.Connection, node_id: str, limits: Limits, lease_ttl_s: float
+) -> list[Claim]:
+    now = time.time()
+    rows = conn.execute(
+        "SELECT id, project, template, template_parallel, locks, owner_node FROM tasks"
+        " WHERE status = 'running' AND lease_expires_at >= ?",
+        (now,),
+    ).fetchall()
+    running = [_slot(r) for r in rows]
+    node_running = sum(1 for r in rows if r["owner_node"] == node_id)
+    chosen: list[Slot] = []
+    while node_running + len(chosen) < limits.max_parallel:
+        occ = Occupancy.of(running + chosen, node_running=node_running + len(chosen))
+        full = [p for p, n in occ.per_project.items() if n >= limits.project_limits.get(p, n + 1)]
+        candidates = conn.execute(
+            _CANDIDATES,
+            {
+                "now": now,
+                "full_projects": json.dumps(full),
+                "templates_exclusive": json.dumps(sorted(occ.templates_exclusive)),
+                "templates_any": json.dumps(sorted(occ.templates_any)),
+                "locks_held": json.dumps(sorted(occ.locks_held)),
+                "window": CLAIM_WINDOW,
+            },
+        ).fetchall()
+        picked = plan_claims(
+            [_slot(r) for r in candidates],
+            running + chosen,
+            node_running=node_running + len(chosen),
+            max_parallel=limits.max_parallel,
+            project_limits=limits.project_limits,
+        )
+        chosen.extend(picked)
+        # A full window may hide runnable tasks behind ones blocked by this very
+        # batch; look again (those are now filtered out in SQL) until no progress.
+        if not picked or len(candidates) < CLAIM_WINDOW:
+            break
+    claims = []
+    for slot in chosen:
+        row = conn.execute(
+            "UPDATE tasks SET status = 'running', fence = fence + 1,"
+            " attempts_used = attempts_used + 1, owner_node = ?, lease_expires_at = ?,"
+            " started_at = ?, pid = NULL, pid_started_at = NULL, exit_code = NULL"
+            " WHERE id = ? RETURNING *",
+            (node_id, now + lease_ttl_s, now, slot.task_id),
+        ).fetchone()
+        conn.execute(
+            "INSERT INTO attempts (task_id, fence, node_id, claimed_at) VALUES (?, ?, ?, ?)",
+            (slot.task_id, row["fence"], node_id, now),
+        )
+        _event(
+            conn,
+            slot.task_id,
+            now,
+            row["fence"],
+            node_id,
+            Status.WAITING,
+            Status.RUNNING,
+            f"claimed by node {node_id} (attempt {row['attempts_used']} of {row['max_attempts']})",
+        )
+        info = _info(row)
+        claims.append(Claim(info, info.fence))
+    return claims
+
+
+def _node(r: sqlite3.Row) -> NodeInfo:
+    return NodeInfo(
+        id=r["id"],
+        host=r["host"],
+        pid=r["pid"],
+        pid_started_at=r["pid_started_at"],
+        started_at=r["started_at"],
+        heartbeat_at=r["heartbeat_at"],
+        stopped_at=r["stopped_at"],
+        max_parallel=r["max_parallel"],
+    )
+
+
+def _info(r: sqlite3.Row) -> TaskInfo:
+    env = r["env"]
+    spec = TaskSpec(
+        argv=tuple(json.loads(r["argv"])),
+        cwd=r["cwd"],
+        env=json.loads(env) if env is not None else None,
+        project=r["project"],
+        template=r["template"],
+        template_parallel=bool(r["template_parallel"]),
+        locks=frozenset(json.loads(r["locks"])),
+        priority=r["priority"],
+        not_before=r["not_before"] or None,
+        timeout_s=r["timeout_s"],
+        stall_timeout_s=r["stall_timeout_s"],
+        max_attempts=r["max_attempts"],
+        retry_backoff_s=r["retry_backoff_s"],
+    )
+    return TaskInfo(
+        id=r["id"],
+        spec=spec,
+        status=Status(r["status"]),
+        submitted_at=r["submitted_at"],
+        attempts_used=r["attempts_used"],
+        fence=r["fence"],
+        owner_node=r["owner_node"],
+        lease_expires_at=r["lease_expires_at"],
+        pid=r["pid"],
+        started_at=r["started_at"],
+        finished_at=r["finished_at"],
+        exit_code=r["exit_code"],
+        reason=r["reason"],
+        cancel_requested=r["cancel_requested"],
+    )

@@ -1,0 +1,90 @@
+"""Shared test helpers: waiting on states, finding processes left behind."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import psutil
+
+from taskpool import Status, TaskInfo, TaskPool
+from taskpool._procs import ATTEMPT_ENV
+
+T = TypeVar("T")
+
+#: A safety net, never the assertion: tests wait for events and states.
+SAFETY_TIMEOUT_S = 60.0
+
+
+async def eventually(
+    check: Callable[[], Awaitable[T | None]], *, timeout_s: float = SAFETY_TIMEOUT_S
+) -> T:
+    """Poll `check` until it returns something truthy, and return that."""
+    with anyio.fail_after(timeout_s):
+        while True:
+            value = await check()
+            if value:
+                return value
+            await anyio.sleep(0.01)
+
+
+async def running(pool: TaskPool, task_id: int) -> TaskInfo:
+    """Wait until the task's process has been spawned and recorded."""
+
+    async def check() -> TaskInfo | None:
+        info = await pool.get(task_id)
+        assert not info.is_terminal, f"task {task_id} ended early: {info.status} {info.reason}"
+        return info if info.status is Status.RUNNING and info.pid is not None else None
+
+    return await eventually(check)
+
+
+def attempt_processes(task_id: int | None = None) -> list[psutil.Process]:
+    """Live (non-zombie) processes that belong to a taskpool attempt, of one task or any."""
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
+            continue
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            marker = proc.environ().get(ATTEMPT_ENV)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+            continue
+        if marker is None:
+            continue
+        if task_id is None or marker.split(":")[0] == str(task_id):
+            found.append(proc)
+    return found
+
+
+async def no_attempt_processes(task_id: int | None = None) -> bool:
+    """True once no process of the task (or of any task) is left; killed ones may take a moment
+    to be reaped by init, so this polls briefly."""
+
+    async def check() -> bool:
+        return not attempt_processes(task_id)
+
+    await eventually(check, timeout_s=10)
+    return True
+
+
+def fast_pool(db: Path | str, **overrides: Any) -> TaskPool:
+    """A pool with short intervals so tests finish quickly."""
+    options: dict[str, Any] = {
+        "max_parallel": 4,
+        "poll_interval_s": 0.05,
+        "kill_grace_s": 0.5,
+        "shutdown_drain_s": 0.0,
+        "lease_ttl_s": 5.0,
+        "reaper_interval_s": 0.2,
+    }
+    options.update(overrides)
+    return TaskPool(db, **options)
+
+
+async def reasons(pool: TaskPool, task_id: int) -> list[str]:
+    return [event.reason for event in await pool.events(task_id)]
