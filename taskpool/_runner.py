@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import anyio
+import psutil
 
 from . import _procs
 from ._errors import LeaseLost
@@ -35,6 +36,9 @@ DRAIN_TIMEOUT_S = 2.0
 #: Give up waiting for a SIGKILLed leader after this long (a process in
 #: uninterruptible sleep); the pool must not hang on it.
 KILL_WAIT_S = 10.0
+#: How often a long-running attempt's descendants are noted, so that one which
+#: escapes the process group with setsid is still killed with its task.
+DESCENDANT_SCAN_INTERVAL_S = 1.0
 HAS_PIDFD = hasattr(os, "pidfd_open")
 
 
@@ -141,6 +145,7 @@ class _Process:
         self.pid = popen.pid
         self.exit_code: int | None = None
         self.exited = anyio.Event()  # the leader is dead (a zombie until reaped)
+        self.known_descendants: list[psutil.Process] = []
         self._pidfd = os.pidfd_open(self.pid) if HAS_PIDFD else None
 
     async def wait_exited(self) -> None:
@@ -154,18 +159,28 @@ class _Process:
                 await anyio.sleep(0.02)
         self.exited.set()
 
+    def note_descendants(self) -> None:
+        """Remember the leader's descendants, to kill those that leave the group (setsid)
+        even after the leader is gone and they were reparented. psutil checks each one's
+        identity before signalling, so a remembered pid that was reused is never hit."""
+        if self.exit_code is None:
+            known = {p.pid: p for p in self.known_descendants}
+            known.update((p.pid, p) for p in _procs.descendants(self.pid))
+            self.known_descendants = list(known.values())
+
     def signal(self, sig: signal.Signals) -> None:
         # The leader is alive or a zombie: its pid cannot have been reused yet.
         if self.exit_code is None:
+            self.note_descendants()
             _procs.signal_group(self.pid, sig)
 
     def kill_all(self) -> None:
-        """SIGKILL the group and any descendant that left it (setsid)."""
+        """SIGKILL the group and every known descendant that left it."""
         if self.exit_code is not None:
             return
-        escaped = _procs.descendants(self.pid)
+        self.note_descendants()
         _procs.signal_group(self.pid, signal.SIGKILL)
-        _procs.kill_processes(escaped)
+        _procs.kill_processes(self.known_descendants)
 
     def reap(self) -> int:
         if self.exit_code is None:
@@ -194,6 +209,7 @@ class _Attempt:
         self.started = anyio.current_time()
         self.last_output = self.started
         self.stop: Outcome | None = None  # set when we decided to end the process
+        self.next_descendant_scan = self.started + DESCENDANT_SCAN_INTERVAL_S
         self.output_done = anyio.Event()
         self.pump_scope = anyio.CancelScope()
 
@@ -251,6 +267,10 @@ class _Attempt:
                 await _wait_any((self.proc.exited, self.control._requested), timeout=wait)
                 request = self.control.request
                 if request is None:
+                    now = anyio.current_time()
+                    if now >= self.next_descendant_scan and not self.proc.exited.is_set():
+                        self.next_descendant_scan = now + DESCENDANT_SCAN_INTERVAL_S
+                        self.proc.note_descendants()
                     if not self.proc.exited.is_set():
                         try:
                             await self.sink.flush()

@@ -517,9 +517,18 @@ class SQLiteStore(Store):
 
 
 def _split_sql(script: str) -> list[str]:
-    """Split a migration into statements (they contain no semicolons in literals)."""
-    lines = [line.split("--", 1)[0] for line in script.splitlines()]
-    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+    """Split a migration into complete statements, keeping their text as written."""
+    statements, buffer = [], ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip() and not all(
+        not ln.strip() or ln.strip().startswith("--") for ln in buffer.splitlines()
+    ):
+        raise StoreError(f"incomplete SQL statement in migration: {buffer.strip()[:80]!r}")
+    return statements
 
 
 def _iso(ts: float | None) -> str:
