@@ -22,7 +22,7 @@ def _no_process_left_behind() -> Iterator[None]:
     left = attempt_processes()
     if not left:
         return
-    gone, alive = psutil.wait_procs(left, timeout=5)
+    _, alive = psutil.wait_procs(left, timeout=5)
     for proc in alive:
         proc.kill()
     assert not alive, f"processes left behind: {[(p.pid, p.name()) for p in alive]}"

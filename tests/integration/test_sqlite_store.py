@@ -7,6 +7,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+import anyio
 import pytest
 
 from taskpool import LeaseLost, Limits, NodeInfo, SQLiteStore, Status, TaskSpec
@@ -52,7 +53,7 @@ async def test_stale_fence_is_refused(db: Path) -> None:
         await store.register_node(_node("new"))
         task = await store.submit(TaskSpec.build(["true"], max_attempts=2))
         (old,) = await store.claim("old", Limits(), lease_ttl_s=0.01)
-        time.sleep(0.02)  # let the lease expire
+        await anyio.sleep(0.02)  # let the lease expire
         rescued = await store.rescue_expired()
         assert [r.status for r in rescued] == [Status.WAITING]
         assert rescued[0].reason is not None
@@ -77,7 +78,7 @@ async def test_expired_lease_cannot_be_renewed_or_written(db: Path) -> None:
         await store.register_node(_node())
         task = await store.submit(TaskSpec.build(["true"]))
         (claim,) = await store.claim("n1", Limits(), lease_ttl_s=0.01)
-        time.sleep(0.02)
+        await anyio.sleep(0.02)
         assert (await store.renew_leases("n1", 30)).held == {}
         with pytest.raises(LeaseLost):
             await store.finish(task, claim.fence, Outcome(OutcomeKind.EXITED, "exited", 0))
