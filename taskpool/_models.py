@@ -87,6 +87,8 @@ class TaskSpec:
             _check_text("cwd", cwd_s)
         env_d: dict[str, str] | None = None
         if env is not None:
+            if not isinstance(env, Mapping):
+                raise InvalidTask("env must be a mapping of names to values, or None")
             env_d = {}
             for key, value in env.items():
                 _check_text("env name", key)
@@ -103,16 +105,12 @@ class TaskSpec:
             raise InvalidTask("locks must be a list of names, not a single string")
         for lock in locks:
             _check_text("lock name", lock)
-        limits: tuple[tuple[str, float | None], ...] = (
-            ("timeout_s", timeout_s),
-            ("stall_timeout_s", stall_timeout_s),
-        )
-        for name, seconds in limits:
-            if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
+        for name, seconds in (("timeout_s", timeout_s), ("stall_timeout_s", stall_timeout_s)):
+            if seconds is not None and not (_is_number(seconds) and seconds > 0):
                 raise InvalidTask(f"{name} must be a positive number of seconds or None")
-        if not (math.isfinite(retry_backoff_s) and retry_backoff_s >= 0):
+        if not (_is_number(retry_backoff_s) and retry_backoff_s >= 0):
             raise InvalidTask("retry_backoff_s must be a non-negative number of seconds")
-        if not_before is not None and not math.isfinite(not_before):
+        if not_before is not None and not _is_number(not_before):
             raise InvalidTask("not_before must be a finite UNIX time")
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
             raise InvalidTask("max_attempts must be an integer >= 1")
@@ -133,6 +131,11 @@ class TaskSpec:
             max_attempts=max_attempts,
             retry_backoff_s=retry_backoff_s,
         )
+
+
+def _is_number(value: object) -> bool:
+    """A finite int or float; bools are refused (True is not a duration)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_text(what: str, value: object) -> None:
@@ -242,7 +245,8 @@ _STATUS_OF_STOP = {
 
 def retry_delay_s(backoff_s: float, attempts_used: int) -> float:
     """Exponential backoff: base, 2x base, 4x base ... capped at one hour."""
-    return float(min(backoff_s * (2 ** max(attempts_used - 1, 0)), 3600.0))
+    doublings = min(max(attempts_used - 1, 0), 32)  # 2**32 s is past any cap: no overflow
+    return float(min(backoff_s * 2**doublings, 3600.0))
 
 
 def decide_finish(

@@ -135,7 +135,8 @@ class TaskPool:
         self.store_outage_tolerance_s = store_outage_tolerance_s
         self.node: NodeInfo | None = None
         self._tg: TaskGroup | None = None
-        self._services: anyio.CancelScope | None = None
+        # Created here, not in the services task: shutdown may cancel it before that task runs.
+        self._services = anyio.CancelScope()
         self._runners: dict[int, tuple[int, RunnerControl]] = {}  # task id -> (fence, control)
         self._interrupted: dict[int, int] = {}  # runners cancelled by a crash: task id -> fence
         self._idle = anyio.Event()
@@ -202,8 +203,7 @@ class TaskPool:
             budget = (0 if exc_type else self.shutdown_drain_s) + self.kill_grace_s + 30
             with anyio.CancelScope(shield=True), anyio.move_on_after(budget):
                 await self._shutdown(drain=exc_type is None)
-        if self._services is not None:
-            self._services.cancel()
+        self._services.cancel()
         failure: BaseException | None = None
         try:
             if await self._tg.__aexit__(exc_type, exc, tb):
@@ -257,7 +257,7 @@ class TaskPool:
             log.warning("could not mark node %s stopped: %r", self.node.id, exc)
 
     async def _run_services(self) -> None:
-        with anyio.CancelScope() as self._services:
+        with self._services:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._claim_loop, name="taskpool claim loop")
                 tg.start_soon(self._heartbeat_loop, name="taskpool heartbeat")

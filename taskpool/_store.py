@@ -45,6 +45,8 @@ class Orphan:
 
 @dataclass(frozen=True, slots=True)
 class OutputChunk:
+    """A piece of an attempt's output: `(fence, seq)` orders chunks across attempts."""
+
     fence: int
     seq: int
     text: str
