@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import anyio
 import psutil
 
-from taskpool import Status, TaskInfo, TaskPool
+from taskpool import Status, Store, TaskInfo, TaskPool
 from taskpool._procs import ATTEMPT_ENV
 
 T = TypeVar("T")
@@ -72,7 +72,7 @@ async def no_attempt_processes(task_id: int | None = None) -> bool:
     return True
 
 
-def fast_pool(db: Path | str, **overrides: Any) -> TaskPool:
+def fast_pool(db: Path | str | Store, **overrides: Any) -> TaskPool:
     """A pool with short intervals so tests finish quickly."""
     options: dict[str, Any] = {
         "max_parallel": 4,
