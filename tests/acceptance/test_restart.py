@@ -1,0 +1,169 @@
+"""Hydration at boot: a pool process killed with SIGKILL (or frozen with SIGSTOP) loses
+nothing; the next pool kills its leftovers, settles its attempts, then runs the rest."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+import pytest
+
+from taskpool import Limits, NodeInfo, SQLiteStore, Status, TaskSpec
+from tests.helpers import eventually, fast_pool, no_attempt_processes
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@contextmanager
+def pool_process(db: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """Run a pool in a child process; yield it and its node id once it serves."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.acceptance.pool_process", str(db), *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().split()
+        assert line[:1] == ["ready"], f"pool process did not start: {line}"
+        yield proc, line[1]
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+async def _submit_all(db: Path, specs: list[TaskSpec]) -> list[int]:
+    async with SQLiteStore(db) as store:
+        return [await store.submit(spec) for spec in specs]
+
+
+async def _pid_of(db: Path, task_id: int) -> int:
+    async def check() -> int | None:
+        async with SQLiteStore(db) as store:
+            info = await store.get(task_id)
+        return info.pid if info.status is Status.RUNNING else None
+
+    return await eventually(check)
+
+
+@pytest.mark.parametrize("max_attempts", [1, 2])
+async def test_sigkilled_pool_is_reconciled_at_the_next_boot(
+    db: Path, tmp_path: Path, max_attempts: int
+) -> None:
+    """Five tasks, max parallel 1, pool SIGKILLed mid-run: the leftover sleep is killed,
+    the attempt is settled per its policy, and the other four run."""
+    marker = tmp_path / "ran-once"
+    first = TaskSpec.build(
+        ["sh", "-c", f"if [ -e {marker} ]; then exit 0; fi; touch {marker}; sleep 600"],
+        max_attempts=max_attempts,
+    )
+    ids = await _submit_all(db, [first] + [TaskSpec.build(["echo", str(i)]) for i in range(4)])
+    with pool_process(db, "1") as (proc, dead_node):
+        pid = await _pid_of(db, ids[0])
+        leftover = psutil.Process(pid)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert leftover.is_running()  # the orphan survived its pool: the incident to fix
+    assert leftover.status() != psutil.STATUS_ZOMBIE
+
+    async with fast_pool(db, max_parallel=1) as pool:
+        results = [await pool.wait(task_id) for task_id in ids]
+        new_node = pool.node_id
+        first_events = await pool.events(ids[0])
+        all_events = [e for task_id in ids for e in await pool.events(task_id)]
+
+    assert not leftover.is_running() or leftover.status() == psutil.STATUS_ZOMBIE
+    settled = next(
+        e for e in first_events if e.node_id == dead_node and e.from_status is Status.RUNNING
+    )
+    assert settled.reason == (
+        f"owner node {dead_node} (pid {proc.pid}) died; found at boot of node {new_node}; "
+        f"killed leftover process group {pid}"
+        + ("; no attempts left" if max_attempts == 1 else "; re-queued (attempt 2 of 2)")
+    )
+    # Recovery before work: the settlement precedes every claim by the new node.
+    new_claims = [
+        e.id for e in all_events if e.node_id == new_node and e.to_status is Status.RUNNING
+    ]
+    assert settled.id < min(new_claims)
+    if max_attempts == 1:
+        assert results[0].status is Status.LOST
+    else:
+        assert results[0].status is Status.SUCCEEDED
+        assert results[0].attempts_used == 2
+    assert [r.status for r in results[1:]] == [Status.SUCCEEDED] * 4
+    assert await no_attempt_processes()
+
+
+async def test_a_recycled_pid_is_never_killed(db: Path) -> None:
+    """A recorded pid now used by an unrelated process (other start time) is left alone."""
+    unrelated = subprocess.Popen(["sleep", "600"])
+    try:
+        gone = subprocess.Popen(["true"])
+        gone.wait()  # a pid that belonged to the dead pool
+        now = time.time()
+        dead = NodeInfo("dead-node", os.uname().nodename, gone.pid, now - 50, now, now, None, 1)
+        (task_id,) = await _submit_all(db, [TaskSpec.build(["sleep", "600"])])
+        async with SQLiteStore(db) as store:
+            await store.register_node(dead)
+            (claim,) = await store.claim(dead.id, Limits(max_parallel=1), lease_ttl_s=600)
+            real_start = psutil.Process(unrelated.pid).create_time()
+            await store.record_spawn(task_id, claim.fence, unrelated.pid, real_start - 1000)
+
+        async with fast_pool(db) as pool:
+            info = await pool.get(task_id)
+            assert info.status is Status.LOST
+            assert info.reason is not None
+            assert info.reason.endswith("no process was left; no attempts left")
+        assert unrelated.poll() is None  # still running: not ours to kill
+    finally:
+        unrelated.kill()
+        unrelated.wait()
+
+
+async def test_frozen_pool_is_rescued_and_fenced(db: Path) -> None:
+    """A SIGSTOPped pool's task is rescued after its lease expires and runs elsewhere; when
+    the frozen pool wakes, its stale lease is refused and it kills its own copy at once."""
+    (task_id,) = await _submit_all(
+        db, [TaskSpec.build(["sh", "-c", "echo start; sleep 600"], max_attempts=2)]
+    )
+    with pool_process(db, "1", "1.0") as (proc, frozen_node):
+        old_pid = await _pid_of(db, task_id)
+        old = psutil.Process(old_pid)
+        proc.send_signal(signal.SIGSTOP)
+        async with fast_pool(db, lease_ttl_s=5.0) as pool:
+
+            async def rescued_and_running() -> bool:
+                info = await pool.get(task_id)
+                return info.status is Status.RUNNING and info.owner_node == pool.node_id
+
+            await eventually(rescued_and_running)
+            events = await pool.events(task_id)
+            rescue = next(e for e in events if e.to_status is Status.WAITING and e.fence == 1)
+            assert rescue.reason.startswith(f"owner node {frozen_node} stopped heartbeating at ")
+            assert old.is_running()  # frozen along with its pool
+
+            proc.send_signal(signal.SIGCONT)  # wakes, heartbeats, learns the lease is gone
+
+            async def old_copy_dead() -> bool:
+                return not old.is_running() or old.status() == psutil.STATUS_ZOMBIE
+
+            await eventually(old_copy_dead)
+            info = await pool.get(task_id)
+            assert info.status is Status.RUNNING  # the new owner is untouched
+            assert info.fence == 2
+            await pool.cancel(task_id, force=True)
+            assert (await pool.wait(task_id)).status is Status.CANCELLED
+    assert await no_attempt_processes()
