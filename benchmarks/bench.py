@@ -1,0 +1,655 @@
+"""taskpool benchmarks, each figure beside a raw baseline measured in the same run.
+
+Run: `.venv/bin/python benchmarks/bench.py [--quick] [--only NAME]`. One JSON
+object goes to stdout, progress to stderr. See benchmarks/README.md for what
+each figure means and how it is timed.
+
+Sections (`--only` takes one of these names):
+
+- `store_commit`: a raw sqlite3 INSERT + COMMIT loop vs `SQLiteStore.submit`,
+  awaited one by one and concurrently (group commit), for synchronous FULL and NORMAL.
+- `throughput`: `true` tasks through a TaskPool vs a bare asyncio subprocess loop.
+- `kill_to_slot_free`: SIGKILL a running task; how soon its end is recorded and
+  the next queued task's process starts, vs the same with bare asyncio.
+- `first_start_with_backlog`: boot to first process start with 100,000 waiting
+  tasks vs 1,000, and the pool process's RSS growth while doing it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import signal
+import sqlite3
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+
+from taskpool import SQLiteStore, Status, TaskPool, TaskSpec
+
+Json = dict[str, Any]
+T = TypeVar("T")
+
+SECTIONS = ("store_commit", "throughput", "kill_to_slot_free", "first_start_with_backlog")
+SYNC_MODES = ("FULL", "NORMAL")
+TERMINAL = tuple(str(s) for s in Status if s.is_terminal)
+#: Nothing in a benchmark round should take this long; hitting it is a failure.
+SAFETY_TIMEOUT_S = 60.0
+SCRIPT = str(Path(__file__).resolve())
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    quick: bool
+    concurrency: int
+    throughput_tasks: int
+    throughput_repeats: int
+    kill_rounds: int
+    backlog_big: int
+    backlog_small: int
+    backlog_repeats: int
+    commit_loop_n: int
+    submit_concurrent_n: int
+    workdir: str | None
+
+    @classmethod
+    def make(cls, *, quick: bool, concurrency: int, workdir: str | None) -> Config:
+        return cls(
+            quick=quick,
+            concurrency=concurrency,
+            throughput_tasks=500 if quick else 2000,
+            throughput_repeats=1 if quick else 3,
+            kill_rounds=50 if quick else 200,
+            backlog_big=100_000,
+            backlog_small=1_000,
+            backlog_repeats=1 if quick else 3,
+            commit_loop_n=200 if quick else 500,
+            submit_concurrent_n=500 if quick else 2000,
+            workdir=workdir,
+        )
+
+
+# -- small helpers -------------------------------------------------------------
+
+
+def progress(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile: the smallest value with at least q% of values <= it."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def summary_ms(values_s: Sequence[float]) -> Json:
+    """p50/p99/max (and mean) of durations given in seconds, in milliseconds."""
+    ms = [v * 1000 for v in values_s]
+    return {
+        "n": len(ms),
+        "p50_ms": round(percentile(ms, 50), 3),
+        "p99_ms": round(percentile(ms, 99), 3),
+        "max_ms": round(max(ms), 3),
+        "mean_ms": round(statistics.fmean(ms), 3),
+    }
+
+
+def per_s(count: int, seconds: float) -> float:
+    return round(count / seconds, 1) if seconds > 0 else math.inf
+
+
+def new_db(workdir: Path, name: str) -> Path:
+    """A fresh, not yet existing database path."""
+    path = workdir / f"{name}.db"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    return path
+
+
+def connect_raw(path: Path, synchronous: str = "NORMAL") -> sqlite3.Connection:
+    """A plain sqlite3 connection with the store's pragmas (WAL), in autocommit mode."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+async def poll_until(
+    check: Callable[[], Awaitable[T | None]], *, interval_s: float, what: str
+) -> T:
+    """Call `check` every `interval_s` until it returns something not None."""
+    deadline = time.monotonic() + SAFETY_TIMEOUT_S
+    while True:
+        value = await check()
+        if value is not None:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(interval_s)
+
+
+# -- store commit cost -----------------------------------------------------------
+
+
+def raw_commit_loop(path: Path, synchronous: str, n: int) -> float:
+    """Seconds for `n` transactions of one INSERT + COMMIT each (WAL, given synchronous)."""
+    conn = connect_raw(path, synchronous)
+    try:
+        conn.execute("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)")
+        start = time.perf_counter()
+        for i in range(n):
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO t (v) VALUES (?)", (f"row {i}",))
+            conn.execute("COMMIT")
+        return time.perf_counter() - start
+    finally:
+        conn.close()
+
+
+async def bench_store_commit(cfg: Config, workdir: Path) -> Json:
+    spec = TaskSpec.build(["true"])
+    out: Json = {
+        "what": (
+            "raw: one INSERT + COMMIT per transaction on a plain sqlite3 connection (WAL, same"
+            " synchronous), in the calling thread; store_sequential: SQLiteStore.submit awaited"
+            " one at a time (one transaction each: task row + event, in a worker thread);"
+            " store_concurrent: that many submits started at once (group-committed)"
+        ),
+        "modes": {},
+    }
+    for sync in SYNC_MODES:
+        progress(f"store_commit {sync}: raw loop of {cfg.commit_loop_n} commits")
+        raw_s = raw_commit_loop(new_db(workdir, f"raw-{sync}"), sync, cfg.commit_loop_n)
+
+        progress(f"store_commit {sync}: {cfg.commit_loop_n} sequential store.submit")
+        store = SQLiteStore(new_db(workdir, f"store-seq-{sync}"), synchronous=sync)
+        await store.open()
+        try:
+            start = time.perf_counter()
+            for _ in range(cfg.commit_loop_n):
+                await store.submit(spec)
+            seq_s = time.perf_counter() - start
+        finally:
+            await store.close()
+
+        progress(f"store_commit {sync}: {cfg.submit_concurrent_n} concurrent store.submit")
+        store = SQLiteStore(new_db(workdir, f"store-conc-{sync}"), synchronous=sync)
+        await store.open()
+        try:
+            start = time.perf_counter()
+            await asyncio.gather(*(store.submit(spec) for _ in range(cfg.submit_concurrent_n)))
+            conc_s = time.perf_counter() - start
+        finally:
+            await store.close()
+
+        raw_rate = per_s(cfg.commit_loop_n, raw_s)
+        seq_rate = per_s(cfg.commit_loop_n, seq_s)
+        out["modes"][sync] = {
+            "raw_commits_per_s": raw_rate,
+            "raw_commit_ms": round(raw_s / cfg.commit_loop_n * 1000, 3),
+            "store_sequential_submits_per_s": seq_rate,
+            "store_sequential_submit_ms": round(seq_s / cfg.commit_loop_n * 1000, 3),
+            "store_sequential_vs_raw": round(seq_rate / raw_rate, 3),
+            "store_concurrent_submits_per_s": per_s(cfg.submit_concurrent_n, conc_s),
+            "store_concurrent_n": cfg.submit_concurrent_n,
+        }
+    return out
+
+
+# -- throughput --------------------------------------------------------------------
+
+
+async def bare_asyncio_run(n: int, concurrency: int) -> float:
+    """Seconds to run `true` n times with asyncio subprocesses, at most `concurrency` at once."""
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one() -> None:
+        async with sem:
+            proc = await asyncio.create_subprocess_exec(
+                "true", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+            )
+            await proc.communicate()
+            if proc.returncode != 0:
+                raise RuntimeError(f"true exited with {proc.returncode}")
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(n)))
+    return time.perf_counter() - start
+
+
+async def pool_run(path: Path, synchronous: str, n: int, concurrency: int) -> Json:
+    """Submit n `true` tasks, then run them all through a fresh pool; return timings."""
+    spec = TaskSpec.build(["true"])
+    store = SQLiteStore(path, synchronous=synchronous)
+    await store.open()
+    try:
+        start = time.perf_counter()
+        await asyncio.gather(*(store.submit(spec) for _ in range(n)))
+        submit_s = time.perf_counter() - start
+
+        not_done = [Status.WAITING, Status.RUNNING]
+        boot = time.time()
+        async with TaskPool(store, max_parallel=concurrency) as pool:
+
+            async def all_done() -> bool | None:
+                return True if not await pool.list_tasks(statuses=not_done, limit=1) else None
+
+            await poll_until(all_done, interval_s=0.01, what="all tasks terminal")
+            seen_done = time.time()
+    finally:
+        await store.close()
+
+    conn = connect_raw(path)
+    try:
+        (first_claim,) = conn.execute(
+            "SELECT MIN(at) FROM events WHERE to_status = 'running'"
+        ).fetchone()
+        (last_end,) = conn.execute(
+            "SELECT MAX(at) FROM events WHERE to_status IN (SELECT value FROM json_each(?))",
+            (json.dumps(TERMINAL),),
+        ).fetchone()
+        (succeeded,) = conn.execute(
+            "SELECT COUNT(*) FROM tasks WHERE status = 'succeeded'"
+        ).fetchone()
+    finally:
+        conn.close()
+    if succeeded != n:
+        raise RuntimeError(f"only {succeeded} of {n} tasks succeeded")
+    return {
+        "submit_s": submit_s,
+        "boot_to_first_claim_s": first_claim - boot,
+        "run_s": last_end - first_claim,
+        "wall_s": seen_done - boot,
+    }
+
+
+async def bench_throughput(cfg: Config, workdir: Path) -> Json:
+    n, c, reps = cfg.throughput_tasks, cfg.concurrency, cfg.throughput_repeats
+    out: Json = {
+        "tasks": n,
+        "concurrency": c,
+        "repeats": reps,
+        "what": (
+            "pool_tasks_per_s = tasks / (last terminal event .at - first 'running' event .at),"
+            " i.e. first claim to all terminal, read from the events table after the run; all"
+            " tasks were submitted (concurrently, group-committed) before the pool started."
+            " pool_wall_tasks_per_s = tasks / (entering `async with TaskPool` to all terminal"
+            " seen by a 10 ms poll), so it includes boot and polling lag. baseline ="
+            " asyncio.create_subprocess_exec('true', stdout=PIPE, stderr=STDOUT) +"
+            " communicate() bounded by asyncio.Semaphore(concurrency), in the same process."
+            " Baseline and pool runs alternate `repeats` times per mode (fresh db each pool"
+            " run); rates are the best of the repeats (least disturbed by other load), ratio ="
+            " best pool / best baseline, paired_ratios = pool / the baseline run just before it."
+        ),
+        "target_ratio": 0.70,
+        "modes": {},
+    }
+    for sync in SYNC_MODES:
+        base_rates: list[float] = []
+        runs: list[Json] = []
+        for rep in range(reps):
+            progress(f"throughput {sync} #{rep + 1}: bare asyncio baseline, {n} x true at {c}")
+            base_rates.append(per_s(n, await bare_asyncio_run(n, c)))
+            progress(f"throughput {sync} #{rep + 1}: pool, {n} x true at {c}")
+            runs.append(await pool_run(new_db(workdir, f"throughput-{sync}-{rep}"), sync, n, c))
+            progress(
+                f"throughput {sync} #{rep + 1}: pool {per_s(n, runs[-1]['run_s'])}/s,"
+                f" baseline {base_rates[-1]}/s"
+            )
+        pool_rates = [per_s(n, r["run_s"]) for r in runs]
+        ratio = round(max(pool_rates) / max(base_rates), 3)
+        out["modes"][sync] = {
+            "submit_s": round(min(r["submit_s"] for r in runs), 3),
+            "submits_per_s": max(per_s(n, r["submit_s"]) for r in runs),
+            "boot_to_first_claim_ms": round(min(r["boot_to_first_claim_s"] for r in runs) * 1e3, 1),
+            "pool_tasks_per_s": max(pool_rates),
+            "pool_wall_tasks_per_s": max(per_s(n, r["wall_s"]) for r in runs),
+            "baseline_tasks_per_s": max(base_rates),
+            "ratio": ratio,
+            "meets_target": ratio >= out["target_ratio"],
+            "all_pool_tasks_per_s": pool_rates,
+            "all_baseline_tasks_per_s": base_rates,
+            "paired_ratios": [round(p / b, 3) for p, b in zip(pool_rates, base_rates, strict=True)],
+        }
+    return out
+
+
+# -- kill to slot free -----------------------------------------------------------------
+
+
+class RowWatcher:
+    """Polls two task rows from its own connection and thread, noting when states appear.
+
+    Records time.time() of the first poll that sees task `a` terminal and the first
+    that sees task `b` with a recorded pid (or terminal): commit visibility to a reader.
+    """
+
+    def __init__(self, path: Path, a: int, b: int, interval_s: float = 0.001) -> None:
+        self._conn = connect_raw(path)
+        self._a, self._b = a, b
+        self._interval_s = interval_s
+        self.a_terminal_at: float | None = None
+        self.b_started_at: float | None = None
+        self.ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="row watcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        self.ready.wait(5)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + SAFETY_TIMEOUT_S
+        try:
+            while time.monotonic() < deadline:
+                rows = self._conn.execute(
+                    "SELECT id, status, pid FROM tasks WHERE id IN (?, ?)", (self._a, self._b)
+                ).fetchall()
+                now = time.time()
+                self.ready.set()
+                for task_id, status, pid in rows:
+                    if task_id == self._a and self.a_terminal_at is None and status in TERMINAL:
+                        self.a_terminal_at = now
+                    started = pid is not None or status in TERMINAL
+                    if task_id == self._b and self.b_started_at is None and started:
+                        self.b_started_at = now
+                if self.a_terminal_at is not None and self.b_started_at is not None:
+                    return
+                time.sleep(self._interval_s)
+        finally:
+            self.ready.set()
+            self._conn.close()
+
+    async def join(self) -> None:
+        await asyncio.to_thread(self._thread.join)
+
+
+async def bare_kill_round() -> tuple[float, float]:
+    """Bare asyncio: SIGKILL a running `sleep 600`; seconds until it is reaped (pipe at EOF)
+    and until the next `true` has been spawned."""
+    pipe, stdout = asyncio.subprocess.PIPE, asyncio.subprocess.STDOUT
+    a = await asyncio.create_subprocess_exec("sleep", "600", stdout=pipe, stderr=stdout)
+    await asyncio.sleep(0.002)  # let it exec
+    start = time.perf_counter()
+    os.kill(a.pid, signal.SIGKILL)
+    await a.communicate()
+    reaped = time.perf_counter()
+    b = await asyncio.create_subprocess_exec("true", stdout=pipe, stderr=stdout)
+    spawned = time.perf_counter()
+    await b.communicate()
+    return reaped - start, spawned - start
+
+
+async def bench_kill_to_slot_free(cfg: Config, workdir: Path) -> Json:
+    rounds = cfg.kill_rounds
+    path = new_db(workdir, "kill")
+    a_end_event: list[float] = []
+    a_end_seen: list[float] = []
+    b_claim_event: list[float] = []
+    b_start_seen: list[float] = []
+    progress(f"kill_to_slot_free: {rounds} rounds through a pool (max_parallel=1, FULL)")
+    async with TaskPool(
+        path, max_parallel=1, poll_interval_s=1.0, shutdown_drain_s=1.0, kill_grace_s=1.0
+    ) as pool:
+        for _ in range(rounds):
+            a = await pool.submit(["sleep", "600"])
+            b = await pool.submit(["true"])
+
+            async def a_pid(a: int = a) -> int | None:
+                info = await pool.get(a)
+                if info.is_terminal:
+                    raise RuntimeError(f"task {a} ended before it was killed: {info.reason}")
+                return info.pid
+
+            pid = await poll_until(a_pid, interval_s=0.001, what=f"task {a}'s pid")
+            watcher = RowWatcher(path, a, b)
+            watcher.start()
+            t0 = time.time()
+            os.kill(pid, signal.SIGKILL)
+            await watcher.join()
+            b_info = await pool.wait(b, timeout_s=SAFETY_TIMEOUT_S)
+            if b_info.status is not Status.SUCCEEDED:
+                raise RuntimeError(f"task {b} did not succeed: {b_info.reason}")
+            if watcher.a_terminal_at is None or watcher.b_started_at is None:
+                raise RuntimeError("the row watcher timed out")
+            a_events, b_events = await pool.events(a), await pool.events(b)
+            a_end = next(e.at for e in a_events if e.to_status.is_terminal)
+            b_claim = next(e.at for e in b_events if e.to_status is Status.RUNNING)
+            a_end_event.append(a_end - t0)
+            a_end_seen.append(watcher.a_terminal_at - t0)
+            b_claim_event.append(b_claim - t0)
+            b_start_seen.append(watcher.b_started_at - t0)
+
+    progress(f"kill_to_slot_free: {rounds} rounds with bare asyncio")
+    bare = [await bare_kill_round() for _ in range(rounds)]
+    pool_terminal = summary_ms(a_end_event)
+    pool_next = summary_ms(b_start_seen)
+    return {
+        "rounds": rounds,
+        "what": (
+            "t0 = time.time() just before os.kill(A's recorded pid, SIGKILL). (i) A terminal:"
+            " the .at of A's terminal event (taken inside the finishing transaction, just before"
+            " its commit); 'visible' = first 1 ms poll of the tasks row, from another connection"
+            " and thread, that sees it. (ii) B started: B's pid recorded in its tasks row as"
+            " seen by the same poll (B's claim event .at shown too). Baseline: bare asyncio,"
+            " SIGKILL a `sleep 600` child, time until communicate() returns (reaped) and until"
+            " the next `true` has been spawned."
+        ),
+        "target_p99_ms": 100,
+        "a_terminal": pool_terminal,
+        "a_terminal_visible": summary_ms(a_end_seen),
+        "b_claimed": summary_ms(b_claim_event),
+        "b_started": pool_next,
+        "meets_target": pool_terminal["p99_ms"] < 100 and pool_next["p99_ms"] < 100,
+        "baseline_reaped": summary_ms([r[0] for r in bare]),
+        "baseline_next_spawned": summary_ms([r[1] for r in bare]),
+    }
+
+
+# -- first start with a backlog ------------------------------------------------------------
+
+
+def fill_backlog(path: Path, n: int) -> float:
+    """Insert n waiting `true` tasks and their 'submitted' events into a migrated store, in
+    one transaction with direct SQL (the rows SQLiteStore.submit writes, minus task_locks
+    rows, which tasks without locks do not have). Returns seconds taken."""
+    start = time.perf_counter()
+    conn = connect_raw(path)
+    try:
+        now = time.time()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(
+            "INSERT INTO tasks (id, status, argv, project, locks, submitted_at)"
+            " VALUES (?, 'waiting', '[\"true\"]', 'default', '[]', ?)",
+            ((i, now) for i in range(1, n + 1)),
+        )
+        conn.executemany(
+            "INSERT INTO events (task_id, at, to_status, reason)"
+            " VALUES (?, ?, 'waiting', 'submitted')",
+            ((i, now) for i in range(1, n + 1)),
+        )
+        conn.execute("COMMIT")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+    return time.perf_counter() - start
+
+
+async def backlog_child(path: Path) -> Json:
+    """In a fresh process: boot a pool on `path`, wait for task 1's process, report."""
+    me = psutil.Process()
+    peak = [me.memory_info().rss]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], me.memory_info().rss)
+            time.sleep(0.001)
+
+    rss_before = me.memory_info().rss
+    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    sampler = threading.Thread(target=sample, name="rss sampler", daemon=True)
+    sampler.start()
+    boot = time.time()
+    async with TaskPool(path, max_parallel=4, shutdown_drain_s=5.0) as pool:
+        entered = time.time()
+
+        async def first_pid() -> float | None:
+            info = await pool.get(1)
+            return time.time() if info.pid is not None or info.is_terminal else None
+
+        pid_seen = await poll_until(first_pid, interval_s=0.001, what="task 1's process")
+        stop.set()
+        sampler.join()
+        maxrss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        first_running = next(e.at for e in await pool.events(1) if e.to_status is Status.RUNNING)
+    return {
+        "boot_to_entered_s": entered - boot,
+        "boot_to_first_running_event_s": first_running - boot,
+        "boot_to_first_pid_seen_s": pid_seen - boot,
+        "rss_before_mb": rss_before / 2**20,
+        "rss_peak_growth_mb": (peak[0] - rss_before) / 2**20,
+        "maxrss_growth_mb": (maxrss_after - maxrss_before) / 1024,  # ru_maxrss is KiB on Linux
+    }
+
+
+async def run_backlog_child(template: Path, workdir: Path, label: str) -> Json:
+    """Copy the prepared database and measure a pool booting on it in a fresh process."""
+    db = new_db(workdir, f"backlog-run-{label}")
+    shutil.copyfile(template, db)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        SCRIPT,
+        "--backlog-child",
+        str(db),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    stdout, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"backlog child exited with {proc.returncode}")
+    result: Json = json.loads(stdout)
+    return result
+
+
+def _median_of(runs: list[Json], key: str, scale: float = 1.0, digits: int = 1) -> float:
+    return round(float(statistics.median(r[key] for r in runs)) * scale, digits)
+
+
+async def bench_first_start_with_backlog(cfg: Config, workdir: Path) -> Json:
+    out: Json = {
+        "what": (
+            "Each measurement is a fresh Python process (imports done before timing) booting"
+            " `async with TaskPool(db, max_parallel=4)` on a copy of a prepared database whose"
+            " N waiting tasks were inserted with direct SQL (tasks + events rows, one"
+            " transaction, WAL checkpointed). boot_to_first_running_ms: entering `async with`"
+            " to the .at of task 1's 'running' (claim) event; boot_to_first_pid_ms: to a 1 ms"
+            " poll seeing task 1's pid recorded (its process started). rss_peak_growth_mb:"
+            " peak RSS (sampled every 1 ms) minus RSS just before entering, until that pid is"
+            " seen; maxrss_growth_mb: the same from getrusage ru_maxrss. Medians of"
+            f" {cfg.backlog_repeats} run(s); the {cfg.backlog_small}-task backlog is the"
+            " baseline."
+        ),
+        "target_first_start_ms": 1000,
+        "backlogs": {},
+    }
+    for n in (cfg.backlog_small, cfg.backlog_big):
+        template = new_db(workdir, f"backlog-{n}")
+        progress(f"first_start_with_backlog: inserting {n} waiting tasks")
+        schema = SQLiteStore(template)
+        await schema.open()  # creates and migrates the schema
+        await schema.close()
+        insert_s = await asyncio.to_thread(fill_backlog, template, n)
+        runs = []
+        for i in range(cfg.backlog_repeats):
+            progress(f"first_start_with_backlog: boot with {n} waiting, run {i + 1}")
+            runs.append(await run_backlog_child(template, workdir, f"{n}-{i}"))
+        out["backlogs"][str(n)] = {
+            "insert_s": round(insert_s, 3),
+            "boot_to_entered_ms": _median_of(runs, "boot_to_entered_s", 1000),
+            "boot_to_first_running_ms": _median_of(runs, "boot_to_first_running_event_s", 1000),
+            "boot_to_first_pid_ms": _median_of(runs, "boot_to_first_pid_seen_s", 1000),
+            "rss_before_mb": _median_of(runs, "rss_before_mb", digits=2),
+            "rss_peak_growth_mb": _median_of(runs, "rss_peak_growth_mb", digits=2),
+            "maxrss_growth_mb": _median_of(runs, "maxrss_growth_mb", digits=2),
+            "db_mb": round(template.stat().st_size / 2**20, 1),
+        }
+    big, small = out["backlogs"][str(cfg.backlog_big)], out["backlogs"][str(cfg.backlog_small)]
+    out["rss_growth_big_minus_small_mb"] = round(
+        big["rss_peak_growth_mb"] - small["rss_peak_growth_mb"], 2
+    )
+    out["meets_target"] = (
+        big["boot_to_first_pid_ms"] < 1000 and out["rss_growth_big_minus_small_mb"] < 5
+    )
+    return out
+
+
+# -- main --------------------------------------------------------------------------------
+
+
+BENCHES: dict[str, Callable[[Config, Path], Awaitable[Json]]] = {
+    "store_commit": bench_store_commit,
+    "throughput": bench_throughput,
+    "kill_to_slot_free": bench_kill_to_slot_free,
+    "first_start_with_backlog": bench_first_start_with_backlog,
+}
+
+
+async def run_all(cfg: Config, only: str | None) -> Json:
+    result: Json = {
+        "meta": {
+            "quick": cfg.quick,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "sqlite": sqlite3.sqlite_version,
+            "workdir": cfg.workdir or tempfile.gettempdir(),
+            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        }
+    }
+    started = time.perf_counter()
+    for name in SECTIONS:
+        if only is not None and name != only:
+            continue
+        with tempfile.TemporaryDirectory(prefix=f"taskpool-bench-{name}-", dir=cfg.workdir) as d:
+            section_start = time.perf_counter()
+            result[name] = await BENCHES[name](cfg, Path(d))
+            result[name]["section_s"] = round(time.perf_counter() - section_start, 1)
+    result["meta"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["meta"]["total_s"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="smaller runs (about a minute)")
+    parser.add_argument("--only", choices=SECTIONS, help="run one section")
+    parser.add_argument("--concurrency", type=int, default=4, help="C for throughput (4)")
+    parser.add_argument("--dir", help="where temporary databases go (default: system temp)")
+    parser.add_argument("--backlog-child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.backlog_child:
+        print(json.dumps(asyncio.run(backlog_child(Path(args.backlog_child)))))
+        return 0
+    cfg = Config.make(quick=args.quick, concurrency=args.concurrency, workdir=args.dir)
+    result = asyncio.run(run_all(cfg, args.only))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
