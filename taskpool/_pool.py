@@ -273,7 +273,7 @@ class TaskPool:
             for orphan in await self.store.orphans_of(node.id):
                 marker = _procs.attempt_marker(orphan.task_id, orphan.fence)
                 killed = await anyio.to_thread.run_sync(
-                    _procs.kill_leftovers, orphan.pid or 0, orphan.pid_started_at or 0.0, marker
+                    _procs.kill_leftovers, orphan.pid, orphan.pid_started_at, marker
                 )
                 found = f"killed leftover {', '.join(killed)}" if killed else "no process was left"
                 reason = (
@@ -294,11 +294,15 @@ class TaskPool:
                 claims = await self._with_store(
                     lambda: self.store.claim(self.node_id, self.limits, self.lease_ttl_s)
                 )
-                for claim in claims:
-                    self._runners[claim.task.id] = (claim.fence, RunnerControl())
-                    self._tg.start_soon(self._run, claim, name=f"taskpool task {claim.task.id}")
+                self._start(claims)
             with anyio.move_on_after(self.poll_interval_s):
                 await self._wake.wait()
+
+    def _start(self, claims: Sequence[Claim]) -> None:
+        assert self._tg is not None
+        for claim in claims:
+            self._runners[claim.task.id] = (claim.fence, RunnerControl())
+            self._tg.start_soon(self._run, claim, name=f"taskpool task {claim.task.id}")
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -344,7 +348,7 @@ class TaskPool:
         async def on_spawn(pid: int, started_at: float) -> None:
             await self._with_store(lambda: self.store.record_spawn(task.id, fence, pid, started_at))
 
-        finished = False
+        finished = claimed = False
         try:
             outcome = await run_attempt(
                 request, _StoreSink(self, task.id, fence), control, on_spawn
@@ -353,7 +357,7 @@ class TaskPool:
                 log.warning("task %s: %s; its process group was killed", task.id, outcome.reason)
             else:
                 try:
-                    await self._with_store(lambda: self.store.finish(task.id, fence, outcome))
+                    claimed = await self._finish(task.id, fence, outcome)
                 except LeaseLost as exc:
                     log.warning("task %s: result not recorded: %s", task.id, exc)
             finished = True
@@ -362,8 +366,29 @@ class TaskPool:
                 self._interrupted[task.id] = fence
             del self._runners[task.id]
             self._idle.set()
-            self._wake.set()
+            if not claimed:  # the slot is free and nobody looked for work for it yet
+                self._wake.set()
             self._task_changed()
+
+    async def _finish(self, task_id: int, fence: int, outcome: Outcome) -> bool:
+        """Write the outcome; unless shutting down, claim for the freed slot in the same
+        transaction (no round trip through the claim loop on the hot path). True if it
+        claimed."""
+        if self._closing:
+            await self._with_store(lambda: self.store.finish(task_id, fence, outcome))
+            return False
+        _, claims = await self._with_store(
+            lambda: self.store.finish_and_claim(
+                task_id,
+                fence,
+                outcome,
+                node_id=self.node_id,
+                limits=self.limits,
+                lease_ttl_s=self.lease_ttl_s,
+            )
+        )
+        self._start(claims)
+        return True
 
     async def _with_store(self, call: Callable[[], Awaitable[T]]) -> T:
         """Run a store call, riding out outages up to the configured tolerance."""

@@ -36,12 +36,43 @@ def is_same_process(pid: int, started_at: float) -> bool:
     return now is not None and abs(now - started_at) < 0.05
 
 
+#: Linux lists each thread's children in /proc: reading those files costs one read
+#: per descendant, where psutil's children() reads /proc/*/stat of every process.
+_PROC_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+
+
+def _child_pids(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in threads:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found.extend(int(child) for child in f.read().split())
+        except OSError:
+            continue  # the thread or the process is gone
+    return found
+
+
 def descendants(pid: int) -> list[psutil.Process]:
     """Every live descendant of `pid`, including those that left its process group."""
-    try:
-        return list(psutil.Process(pid).children(recursive=True))
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return []
+    if not _PROC_CHILDREN:  # pragma: no cover - kernels without CONFIG_PROC_CHILDREN
+        try:
+            return list(psutil.Process(pid).children(recursive=True))
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            return []
+    procs: list[psutil.Process] = []
+    stack = [pid]
+    while stack:
+        for child in _child_pids(stack.pop()):
+            stack.append(child)
+            try:
+                procs.append(psutil.Process(child))  # records its start time: identity
+            except psutil.NoSuchProcess:
+                continue
+    return procs
 
 
 def signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -57,7 +88,7 @@ def kill_processes(procs: list[psutil.Process]) -> None:
             proc.kill()
 
 
-def kill_leftovers(pid: int, started_at: float, marker: str) -> list[str]:
+def kill_leftovers(pid: int | None, started_at: float | None, marker: str) -> list[str]:
     """Kill what remains of an orphaned attempt; return a description of each kill.
 
     The recorded leader is killed with its group only if pid *and* start time
@@ -65,7 +96,8 @@ def kill_leftovers(pid: int, started_at: float, marker: str) -> list[str]:
     the attempt's marker in its environment is killed too (it escaped the group).
     """
     killed: list[str] = []
-    if is_same_process(pid, started_at):
+    # pid <= 0 would make killpg hit our own group: only ever a real recorded pid.
+    if pid is not None and pid > 0 and started_at and is_same_process(pid, started_at):
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             leader = psutil.Process(pid)
             group = [leader, *descendants(pid)]

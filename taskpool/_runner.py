@@ -39,6 +39,9 @@ KILL_WAIT_S = 10.0
 #: How often a long-running attempt's descendants are noted, so that one which
 #: escapes the process group with setsid is still killed with its task.
 DESCENDANT_SCAN_INTERVAL_S = 1.0
+#: A process is recorded (pid and start time) once it has lived this long; the
+#: many that end sooner cost no extra write.
+RECORD_SPAWN_DELAY_S = 0.05
 HAS_PIDFD = hasattr(os, "pidfd_open")
 
 
@@ -69,18 +72,31 @@ class RunnerControl:
     def __init__(self) -> None:
         self.request: StopRequest | None = None
         self.pid: int | None = None
-        self._requested = anyio.Event()
-        self._forced = anyio.Event()
+        self._wakeup = anyio.Event()
 
     def stop(self, kind: StopKind, reason: str, *, force: bool = False) -> None:
         """Ask the runner to stop; a forced request escalates a graceful one in progress."""
         if self.request is None:
             self.request = StopRequest(kind, reason, force)
-            self._requested.set()
         elif force and not self.request.force:
             self.request = StopRequest(self.request.kind, self.request.reason, True)
-        if force:
-            self._forced.set()
+        self._wakeup.set()
+
+    @property
+    def forced(self) -> bool:
+        return self.request is not None and self.request.force
+
+    async def _sleep(self, timeout: float) -> None:
+        """Sleep up to `timeout` s or until woken by a stop request or the process's exit.
+
+        One event for every reason to wake keeps the watchdog a single task; the
+        caller re-checks its conditions, so a wake-up with nothing new is harmless."""
+        event = self._wakeup
+        if not event.is_set():
+            with anyio.move_on_after(timeout):
+                await event.wait()
+        if event.is_set():
+            self._wakeup = anyio.Event()
 
     def __repr__(self) -> str:
         return f"<RunnerControl pid={self.pid} request={self.request}>"
@@ -116,8 +132,13 @@ def describe_exit(code: int) -> str:
 
 
 def _spawn(req: RunRequest) -> subprocess.Popen[bytes]:
-    env = dict(os.environ if req.env is None else req.env)
-    env[_procs.ATTEMPT_ENV] = req.marker
+    # Bytes keys and values: Popen passes them through without re-encoding each one.
+    env: dict[bytes, bytes] = (
+        dict(os.environb)
+        if req.env is None
+        else {os.fsencode(k): os.fsencode(v) for k, v in req.env.items()}
+    )
+    env[_procs.ATTEMPT_ENV.encode()] = req.marker.encode()
     return subprocess.Popen(
         list(req.argv),
         cwd=req.cwd,
@@ -148,7 +169,7 @@ class _Process:
         self.known_descendants: list[psutil.Process] = []
         self._pidfd = os.pidfd_open(self.pid) if HAS_PIDFD else None
 
-    async def wait_exited(self) -> None:
+    async def wait_exited(self, control: RunnerControl | None = None) -> None:
         """Return when the leader has died, leaving it unreaped so its pid stays ours."""
         if self._pidfd is not None:
             await anyio.wait_readable(self._pidfd)
@@ -158,6 +179,8 @@ class _Process:
             while os.waitid(os.P_PID, self.pid, flags) is None:  # noqa: ASYNC110, ASYNC222
                 await anyio.sleep(0.02)
         self.exited.set()
+        if control is not None:
+            control._wakeup.set()  # the watchdog sleeps on this
 
     def note_descendants(self) -> None:
         """Remember the leader's descendants, to kill those that leave the group (setsid)
@@ -174,11 +197,15 @@ class _Process:
             self.note_descendants()
             _procs.signal_group(self.pid, sig)
 
-    def kill_all(self) -> None:
-        """SIGKILL the group and every known descendant that left it."""
+    def kill_all(self, *, scan: bool = True) -> None:
+        """SIGKILL the group and every known descendant that left it.
+
+        `scan=False` once the leader has exited: its children were reparented, so
+        scanning would find nothing; the descendants noted earlier still die."""
         if self.exit_code is not None:
             return
-        self.note_descendants()
+        if scan:
+            self.note_descendants()
         _procs.signal_group(self.pid, signal.SIGKILL)
         _procs.kill_processes(self.known_descendants)
 
@@ -199,12 +226,18 @@ class _Process:
 
 class _Attempt:
     def __init__(
-        self, req: RunRequest, sink: OutputSink, control: RunnerControl, proc: _Process
+        self,
+        req: RunRequest,
+        sink: OutputSink,
+        control: RunnerControl,
+        proc: _Process,
+        on_spawn: SpawnHook,
     ) -> None:
         self.req = req
         self.sink = sink
         self.control = control
         self.proc = proc
+        self.on_spawn = on_spawn
         self.decoder = OutputDecoder(req.max_log_bytes)
         self.started = anyio.current_time()
         self.last_output = self.started
@@ -260,49 +293,75 @@ class _Attempt:
         return wait, None
 
     async def watch(self) -> None:
-        """Decide when to stop the process (timeout, stall, request) and do it."""
+        """The watchdog: decide when to stop the process (request, timeout, stall) and do
+        it; meanwhile record the spawn, flush output, and note escaping descendants."""
+        record_at: float | None = self.started + RECORD_SPAWN_DELAY_S
+        next_flush = self.started + self.req.flush_interval_s
         while not self.proc.exited.is_set():
-            wait, due = self._due()
-            if due is None:
-                await _wait_any((self.proc.exited, self.control._requested), timeout=wait)
-                request = self.control.request
-                if request is None:
-                    now = anyio.current_time()
-                    if now >= self.next_descendant_scan and not self.proc.exited.is_set():
-                        self.next_descendant_scan = now + DESCENDANT_SCAN_INTERVAL_S
-                        self.proc.note_descendants()
-                    if not self.proc.exited.is_set():
-                        try:
-                            await self.sink.flush()
-                        except LeaseLost:
-                            self.control.stop(
-                                StopKind.LEASE_LOST, "a log write was refused", force=True
-                            )
-                    continue
-                due = Outcome(_OUTCOME_OF_STOP[request.kind], request.reason)
-            if self.proc.exited.is_set():
+            request = self.control.request
+            if request is not None:
+                due: Outcome | None = Outcome(_OUTCOME_OF_STOP[request.kind], request.reason)
+                wait = 0.0
+            else:
+                wait, due = self._due()
+            if due is not None:
+                self.stop = due
+                await self._terminate()
                 return
-            self.stop = due
-            await self._terminate()
-            return
+            now = anyio.current_time()
+            if record_at is not None and now >= record_at:
+                # A process that ends sooner needs no record: its finish says all, and a
+                # pool crash inside the delay is covered by the boot-time marker scan.
+                record_at = None
+                await self._guard(self._record_spawn())
+                continue
+            if now >= next_flush:
+                next_flush = now + self.req.flush_interval_s
+                await self._guard(self.sink.flush())
+                continue
+            if now >= self.next_descendant_scan:
+                self.next_descendant_scan = now + DESCENDANT_SCAN_INTERVAL_S
+                self.proc.note_descendants()
+            deadlines = [next_flush, self.next_descendant_scan]
+            if record_at is not None:
+                deadlines.append(record_at)
+            await self.control._sleep(min(wait, min(deadlines) - now))
+
+    async def _record_spawn(self) -> None:
+        started = _procs.start_time(self.proc.pid)  # the leader is unreaped: still ours
+        if started is not None:
+            await self.on_spawn(self.proc.pid, started)
+
+    async def _guard(self, write: Awaitable[None]) -> None:
+        """Run a store write; a refusal means another owner: stop at once."""
+        try:
+            await write
+        except LeaseLost:
+            self.control.stop(StopKind.LEASE_LOST, "a write was refused", force=True)
 
     async def _terminate(self) -> None:
         """SIGTERM, a grace period, then SIGKILL; a forced stop goes straight to SIGKILL."""
         assert self.stop is not None
-        forced = self.control.request is not None and self.control.request.force
-        if not forced:
+        if not self.control.forced:
             self.proc.signal(signal.SIGTERM)
-            await _wait_any((self.proc.exited, self.control._forced), timeout=self.req.kill_grace_s)
+            deadline = anyio.current_time() + self.req.kill_grace_s
+            while not self.proc.exited.is_set() and not self.control.forced:
+                left = deadline - anyio.current_time()
+                if left <= 0:
+                    break
+                await self.control._sleep(left)
             if self.proc.exited.is_set():
                 self.stop = _with(self.stop, "process group sent SIGTERM")
                 return
+            if not self.control.forced:
+                self.proc.kill_all()
+                self.stop = _with(
+                    self.stop,
+                    f"SIGTERM ignored for {self.req.kill_grace_s:g} s, process group sent SIGKILL",
+                )
+                return
         self.proc.kill_all()
-        how = (
-            "process group sent SIGKILL"
-            if forced or self.control._forced.is_set()
-            else f"SIGTERM ignored for {self.req.kill_grace_s:g} s, process group sent SIGKILL"
-        )
-        self.stop = _with(self.stop, how)
+        self.stop = _with(self.stop, "process group sent SIGKILL")
 
 
 _OUTCOME_OF_STOP = {
@@ -316,21 +375,6 @@ def _with(outcome: Outcome, detail: str) -> Outcome:
     return Outcome(outcome.kind, f"{outcome.reason}; {detail}", outcome.exit_code)
 
 
-async def _wait_any(events: Sequence[anyio.Event], *, timeout: float) -> None:
-    """Return when any of `events` is set or `timeout` seconds have passed."""
-    if any(e.is_set() for e in events):
-        return
-    with anyio.move_on_after(timeout):
-        async with anyio.create_task_group() as tg:
-
-            async def wait_one(event: anyio.Event) -> None:
-                await event.wait()
-                tg.cancel_scope.cancel()
-
-            for event in events:
-                tg.start_soon(wait_one, event)
-
-
 async def run_attempt(
     req: RunRequest,
     sink: OutputSink,
@@ -339,10 +383,11 @@ async def run_attempt(
 ) -> Outcome:
     """Run one attempt to its end and say how it ended.
 
-    `on_spawn(pid, start_time)` is awaited right after the spawn (the pool records
-    the process identity durably there); if it raises, the group is killed and the
-    exception propagates. A refused write (`LeaseLost`) kills the group at once and
-    yields an outcome the pool must not record.
+    `on_spawn(pid, start_time)` is awaited once the process has lived for
+    `RECORD_SPAWN_DELAY_S` (the pool records the process identity durably there);
+    if it raises, the group is killed and the exception propagates. A refused write
+    (`LeaseLost`) kills the group at once and yields an outcome the pool must not
+    record.
     """
     try:
         popen = _spawn(req)
@@ -350,24 +395,19 @@ async def run_attempt(
         return Outcome(OutcomeKind.SPAWN_FAILED, _spawn_error(req, exc))
     proc = _Process(popen)
     control.pid = proc.pid
-    attempt = _Attempt(req, sink, control, proc)
+    attempt = _Attempt(req, sink, control, proc, on_spawn)
     try:
-        started = _procs.start_time(proc.pid)
-        try:
-            await on_spawn(proc.pid, started if started is not None else 0.0)
-        except LeaseLost:
-            control.stop(StopKind.LEASE_LOST, "recording the spawn was refused", force=True)
         async with anyio.create_task_group() as tg:
             tg.start_soon(attempt.pump_output)
             tg.start_soon(attempt.watch)
-            await proc.wait_exited()
-            proc.kill_all()  # leftovers of a leader that exited on its own die with it
+            await proc.wait_exited(control)
+            proc.kill_all(scan=False)  # leftovers of a leader that exited die with it
             proc.reap()
             # An escaped descendant may hold the pipe open: drain for a bounded time.
             with anyio.move_on_after(DRAIN_TIMEOUT_S):
                 await attempt.output_done.wait()
             attempt.pump_scope.cancel()
-            # The watcher ends by itself once it sees the exit, after recording how.
+            # The watchdog ends by itself once it sees the exit, after recording how.
         tail = attempt.decoder.finish()
         if tail:
             with contextlib.suppress(LeaseLost):

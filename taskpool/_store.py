@@ -107,6 +107,21 @@ class Store(abc.ABC):
     async def finish(self, task_id: int, fence: int, outcome: Outcome) -> TaskInfo:
         """End the attempt: terminal status, or back to waiting for a retry or shutdown."""
 
+    async def finish_and_claim(
+        self,
+        task_id: int,
+        fence: int,
+        outcome: Outcome,
+        *,
+        node_id: str,
+        limits: Limits,
+        lease_ttl_s: float,
+    ) -> tuple[TaskInfo, list[Claim]]:
+        """`finish`, then `claim` for the slot it freed. Backends that can do both in
+        one transaction should: it saves a round trip on every task's hot path."""
+        info = await self.finish(task_id, fence, outcome)
+        return info, await self.claim(node_id, limits, lease_ttl_s)
+
     @abc.abstractmethod
     async def renew_leases(self, node_id: str, lease_ttl_s: float) -> Renewal:
         """Extend every live lease the node holds, in one write, and heartbeat the node."""

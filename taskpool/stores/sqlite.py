@@ -46,7 +46,9 @@ from .._store import Orphan, OutputChunk, Renewal, Store
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], T]
 
-#: How many waiting tasks one claim query looks at; blocked ones are filtered in SQL.
+#: At most how many waiting tasks one claim query looks at; blocked ones are filtered
+#: in SQL, so the first candidate of a window is always runnable and a window of a
+#: few per free slot suffices (the loop in `_claim` looks again if it was full).
 CLAIM_WINDOW = 64
 
 _TRANSIENT = ("locked", "busy", "disk i/o", "unable to open", "readonly", "full")
@@ -174,18 +176,27 @@ class SQLiteStore(Store):
             for op in batch:
                 op.error, op.done = err, True
             return
+        # A savepoint per operation isolates its failure from its neighbours; a batch of
+        # one needs none (its failure rolls the transaction back instead).
+        isolate = len(batch) > 1
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op in batch:
-                conn.execute("SAVEPOINT op")
+                if isolate:
+                    conn.execute("SAVEPOINT op")
                 try:
                     op.value = op.fn(conn)
-                    conn.execute("RELEASE op")
+                    if isolate:
+                        conn.execute("RELEASE op")
                 except Exception as exc:
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
                     op.error = _map_error(exc) if isinstance(exc, sqlite3.Error) else exc
-            conn.execute("COMMIT")
+                    if isolate:
+                        conn.execute("ROLLBACK TO op")
+                        conn.execute("RELEASE op")
+            if isolate or batch[0].error is None:
+                conn.execute("COMMIT")
+            else:
+                conn.execute("ROLLBACK")
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -341,18 +352,21 @@ class SQLiteStore(Store):
         await self._write(op)
 
     async def finish(self, task_id: int, fence: int, outcome: Outcome) -> TaskInfo:
-        def op(conn: sqlite3.Connection) -> TaskInfo:
-            now = time.time()
-            row = _fenced(conn, task_id, fence, now)
-            transition = decide_finish(
-                outcome,
-                attempts_used=row["attempts_used"],
-                max_attempts=row["max_attempts"],
-                backoff_s=row["retry_backoff_s"],
-                now=now,
-                cancel_requested=row["cancel_requested"] is not None,
-            )
-            return _apply(conn, row, transition, now, outcome.kind.value, outcome.exit_code)
+        return await self._write(lambda conn: _finish(conn, task_id, fence, outcome))
+
+    async def finish_and_claim(
+        self,
+        task_id: int,
+        fence: int,
+        outcome: Outcome,
+        *,
+        node_id: str,
+        limits: Limits,
+        lease_ttl_s: float,
+    ) -> tuple[TaskInfo, list[Claim]]:
+        def op(conn: sqlite3.Connection) -> tuple[TaskInfo, list[Claim]]:
+            info = _finish(conn, task_id, fence, outcome)
+            return info, _claim(conn, node_id, limits, lease_ttl_s)
 
         return await self._write(op)
 
@@ -588,18 +602,18 @@ def _apply(
     if row["status"] == Status.WAITING:
         attempts_used = row["attempts_used"]
     if transition.status is Status.WAITING:
-        conn.execute(
+        updated = conn.execute(
             "UPDATE tasks SET status = 'waiting', attempts_used = ?, owner_node = NULL,"
             " lease_expires_at = NULL, not_before = ?, exit_code = ?, reason = ?, pid = NULL,"
-            " pid_started_at = NULL WHERE id = ?",
+            " pid_started_at = NULL WHERE id = ? RETURNING *",
             (attempts_used, transition.not_before or 0.0, exit_code, transition.reason, task_id),
-        )
+        ).fetchone()
     else:
-        conn.execute(
+        updated = conn.execute(
             "UPDATE tasks SET status = ?, attempts_used = ?, lease_expires_at = NULL,"
-            " finished_at = ?, exit_code = ?, reason = ? WHERE id = ?",
+            " finished_at = ?, exit_code = ?, reason = ? WHERE id = ? RETURNING *",
             (transition.status, attempts_used, now, exit_code, transition.reason, task_id),
-        )
+        ).fetchone()
     if row["status"] == Status.RUNNING:
         conn.execute(
             "UPDATE attempts SET finished_at = ?, outcome = ?, exit_code = ?, reason = ?"
@@ -616,7 +630,25 @@ def _apply(
         transition.status,
         transition.reason,
     )
-    return _info(_row(conn, task_id))
+    return _info(updated)
+
+
+def _finish(conn: sqlite3.Connection, task_id: int, fence: int, outcome: Outcome) -> TaskInfo:
+    now = time.time()
+    row = _fenced(conn, task_id, fence, now)
+    transition = decide_finish(
+        outcome,
+        attempts_used=row["attempts_used"],
+        max_attempts=row["max_attempts"],
+        backoff_s=row["retry_backoff_s"],
+        now=now,
+        cancel_requested=row["cancel_requested"] is not None,
+    )
+    return _apply(conn, row, transition, now, outcome.kind.value, outcome.exit_code)
+
+
+def _locks(text: str) -> frozenset[str]:
+    return frozenset(json.loads(text)) if text != "[]" else frozenset()
 
 
 def _slot(row: sqlite3.Row) -> Slot:
@@ -625,7 +657,7 @@ def _slot(row: sqlite3.Row) -> Slot:
         project=row["project"],
         template=row["template"],
         template_parallel=bool(row["template_parallel"]),
-        locks=frozenset(json.loads(row["locks"])),
+        locks=_locks(row["locks"]),
     )
 
 
@@ -656,6 +688,7 @@ def _claim(
     node_running = sum(1 for r in rows if r["owner_node"] == node_id)
     chosen: list[Slot] = []
     while node_running + len(chosen) < limits.max_parallel:
+        window = min(CLAIM_WINDOW, 2 * (limits.max_parallel - node_running - len(chosen)) + 2)
         occ = Occupancy.of(running + chosen, node_running=node_running + len(chosen))
         full = [p for p, n in occ.per_project.items() if n >= limits.project_limits.get(p, n + 1)]
         candidates = conn.execute(
@@ -666,7 +699,7 @@ def _claim(
                 "templates_exclusive": json.dumps(sorted(occ.templates_exclusive)),
                 "templates_any": json.dumps(sorted(occ.templates_any)),
                 "locks_held": json.dumps(sorted(occ.locks_held)),
-                "window": CLAIM_WINDOW,
+                "window": window,
             },
         ).fetchall()
         picked = plan_claims(
@@ -679,7 +712,7 @@ def _claim(
         chosen.extend(picked)
         # A full window may hide runnable tasks behind ones blocked by this very
         # batch; look again (those are now filtered out in SQL) until no progress.
-        if not picked or len(candidates) < CLAIM_WINDOW:
+        if not picked or len(candidates) < window:
             break
     claims = []
     for slot in chosen:
@@ -731,7 +764,7 @@ def _info(r: sqlite3.Row) -> TaskInfo:
         project=r["project"],
         template=r["template"],
         template_parallel=bool(r["template_parallel"]),
-        locks=frozenset(json.loads(r["locks"])),
+        locks=_locks(r["locks"]),
         priority=r["priority"],
         not_before=r["not_before"] or None,
         timeout_s=r["timeout_s"],
