@@ -96,20 +96,30 @@ def kill_leftovers(pid: int | None, started_at: float | None, marker: str) -> li
     the attempt's marker in its environment is killed too (it escaped the group).
     """
     killed: list[str] = []
+    group_killed: set[int] = set()
     # pid <= 0 would make killpg hit our own group: only ever a real recorded pid.
     if pid is not None and pid > 0 and started_at and is_same_process(pid, started_at):
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            leader = psutil.Process(pid)
-            group = [leader, *descendants(pid)]
+            group = [psutil.Process(pid), *descendants(pid)]
             signal_group(pid, signal.SIGKILL)
             kill_processes(group)
+            group_killed = {p.pid for p in group}
             killed.append(f"process group {pid}")
     for proc in find_marked(marker):
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            if proc.pid in group_killed or (group_killed and _pgid(proc.pid) == pid):
+                continue  # already sent SIGKILL with the group, maybe not dead yet
             name = proc.name()
             proc.kill()
             killed.append(f"pid {proc.pid} ({name})")
     return killed
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
 
 
 def find_marked(marker: str) -> list[psutil.Process]:
