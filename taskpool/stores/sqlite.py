@@ -1,21 +1,23 @@
 """The embedded default store: one SQLite file in WAL mode.
 
-Writes are group-committed: operations that arrive while a transaction is in
-flight are run together in the next one, each inside its own savepoint, so one
-fsync serves many callers and one failing operation never fails its neighbours.
+Writes are group-committed by one writer thread: operations that arrive while a
+transaction is in flight are run together in the next one, each inside its own
+savepoint, so one fsync serves many callers and one failing operation never
+fails its neighbours.
 Every write transaction is `BEGIN IMMEDIATE`: it holds SQLite's write lock from
 its first statement, which makes a claim atomic across every process sharing
 the file. Reads use a second connection and never wait for writers (WAL).
 
-The sqlite3 calls run in worker threads; a transaction in flight always runs
-to its end even if the awaiting task is cancelled, so cancellation never
-leaves half an operation behind.
+The sqlite3 calls run in threads; a transaction in flight always runs to its
+end even if the awaiting task is cancelled, so cancellation never leaves half
+an operation behind.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +26,9 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
+from anyio.lowlevel import EventLoopToken
 
 from .._errors import LeaseLost, StoreError, StoreUnavailable, TaskNotFound
 from .._models import (
@@ -71,18 +75,111 @@ def _map_error(exc: sqlite3.Error) -> StoreError:
     return StoreError(f"SQLite: {text}")
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Pending(Generic[T]):
+    """One write operation on its way through the writer thread."""
+
     fn: Op[T]
-    done: bool = False
+    token: EventLoopToken  # the caller's event loop, to wake it from the writer thread
+    done: anyio.Event = field(default_factory=anyio.Event)
     value: Any = None
     error: BaseException | None = None
-    taken: bool = field(default=False)
 
     def result(self) -> T:
         if self.error is not None:
             raise self.error
         return self.value  # type: ignore[no-any-return]
+
+
+class _Writer:
+    """The thread that owns the write connection and group-commits what is queued.
+
+    It takes every queued operation at once, runs them in one transaction and wakes
+    their callers, then takes the next lot at once: no event-loop round trip stands
+    between one commit and the next, which keeps the queue short under load.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self._queue: list[_Pending[Any]] = []
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._serve, name="taskpool-sqlite-writer")
+        self._thread.daemon = True  # never keeps the interpreter alive on its own
+        self._thread.start()
+
+    def submit(self, op: _Pending[Any]) -> None:
+        with self._cond:
+            if self._closing:
+                raise StoreError("the store is closed")
+            self._queue.append(op)
+            self._cond.notify()
+
+    def withdraw(self, op: _Pending[Any]) -> bool:
+        """Take back an operation the thread has not started; False if it has."""
+        with self._cond:
+            if op in self._queue:
+                self._queue.remove(op)
+                return True
+            return False
+
+    def close(self) -> None:
+        """Finish what is queued, stop the thread, close the connection (blocking)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join()
+        self.conn.close()
+
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                batch, self._queue = self._queue, []
+            try:
+                _run_batch(self.conn, batch)
+            except BaseException as exc:  # a bug here must reach the callers, not vanish
+                for op in batch:
+                    op.error = op.error or StoreError(f"SQLite writer failed: {exc!r}")
+            for op in batch:
+                try:
+                    op.token.backend_class.run_sync_soon(op.done.set, (), op.token.native_token)
+                except Exception:  # the caller's event loop has ended: nobody to wake
+                    continue
+
+
+def _run_batch(conn: sqlite3.Connection, batch: list[_Pending[Any]]) -> None:
+    """Run a batch in one transaction: one commit (one fsync) for all of it."""
+    # A savepoint per operation isolates its failure from its neighbours; a batch of
+    # one needs none (its failure rolls the transaction back instead).
+    isolate = len(batch) > 1
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        for op in batch:
+            if isolate:
+                conn.execute("SAVEPOINT op")
+            try:
+                op.value = op.fn(conn)
+                if isolate:
+                    conn.execute("RELEASE op")
+            except Exception as exc:
+                op.error = _map_error(exc) if isinstance(exc, sqlite3.Error) else exc
+                if isolate:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+        if isolate or batch[0].error is None:
+            conn.execute("COMMIT")
+        else:
+            conn.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        err = _map_error(exc)
+        for op in batch:
+            op.error, op.value = err, None
 
 
 class SQLiteStore(Store):
@@ -98,10 +195,8 @@ class SQLiteStore(Store):
             raise ValueError("synchronous must be 'FULL' or 'NORMAL'")
         self.path = Path(path)
         self.synchronous = synchronous
-        self._writer: sqlite3.Connection | None = None
+        self._writer: _Writer | None = None
         self._reader: sqlite3.Connection | None = None
-        self._pending: list[_Pending[Any]] = []
-        self._write_lock = anyio.Lock()
         self._read_lock = anyio.Lock()
 
     def __repr__(self) -> str:
@@ -122,14 +217,14 @@ class SQLiteStore(Store):
 
     def _open_sync(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        writer = self._connect()
+        conn = self._connect()
         try:
-            self._migrate(writer)
+            self._migrate(conn)
             self._reader = self._connect()
         except BaseException:
-            writer.close()
+            conn.close()
             raise
-        self._writer = writer
+        self._writer = _Writer(conn)
 
     @staticmethod
     def _migrate(conn: sqlite3.Connection) -> None:
@@ -163,63 +258,31 @@ class SQLiteStore(Store):
             raise _map_error(exc) from exc
 
     async def close(self) -> None:
-        async with self._write_lock, self._read_lock:
-            for conn in (self._writer, self._reader):
-                if conn is not None:
-                    conn.close()
-            self._writer = self._reader = None
-
-    def _run_batch(self, batch: list[_Pending[Any]]) -> None:
-        conn = self._writer
-        if conn is None:
-            err = StoreError("the store is closed")
-            for op in batch:
-                op.error, op.done = err, True
-            return
-        # A savepoint per operation isolates its failure from its neighbours; a batch of
-        # one needs none (its failure rolls the transaction back instead).
-        isolate = len(batch) > 1
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for op in batch:
-                if isolate:
-                    conn.execute("SAVEPOINT op")
-                try:
-                    op.value = op.fn(conn)
-                    if isolate:
-                        conn.execute("RELEASE op")
-                except Exception as exc:
-                    op.error = _map_error(exc) if isinstance(exc, sqlite3.Error) else exc
-                    if isolate:
-                        conn.execute("ROLLBACK TO op")
-                        conn.execute("RELEASE op")
-            if isolate or batch[0].error is None:
-                conn.execute("COMMIT")
-            else:
-                conn.execute("ROLLBACK")
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            err = _map_error(exc)
-            for op in batch:
-                op.error, op.value = err, None
-        finally:
-            for op in batch:
-                op.done = True
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            await anyio.to_thread.run_sync(writer.close)
+        async with self._read_lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
 
     async def _write(self, fn: Op[T]) -> T:
-        """Run `fn` in a write transaction, group-committed with concurrent callers."""
-        op: _Pending[T] = _Pending(fn)
-        self._pending.append(op)
+        """Run `fn` in a write transaction, group-committed with concurrent callers.
+
+        Cancelled before the writer took it, the operation never runs; cancelled
+        after, it is awaited to its end (shielded) so no caller is told it failed
+        when it committed."""
+        writer = self._writer
+        if writer is None:
+            raise StoreError("the store is closed")
+        op: _Pending[T] = _Pending(fn, anyio.lowlevel.current_token())
+        writer.submit(op)
         try:
-            async with self._write_lock:
-                if not op.done:
-                    batch, self._pending = self._pending, []
-                    await anyio.to_thread.run_sync(self._run_batch, batch)
+            await op.done.wait()
         except BaseException:
-            # Cancelled before our batch started: make sure it never runs later.
-            if not op.done and op in self._pending:
-                self._pending.remove(op)
+            if not writer.withdraw(op):
+                with anyio.CancelScope(shield=True):
+                    await op.done.wait()
             raise
         return op.result()
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 
 import anyio
 import pytest
 
-from taskpool import LeaseLost, Limits, NodeInfo, SQLiteStore, Status, TaskSpec
+from taskpool import LeaseLost, Limits, NodeInfo, SQLiteStore, Status, StoreError, TaskSpec
 from taskpool._models import Outcome, OutcomeKind
 from taskpool.stores.sqlite import CLAIM_WINDOW, migrations
+from tests.helpers import eventually
 
 
 def _node(node_id: str = "n1") -> NodeInfo:
@@ -129,3 +132,65 @@ async def test_reopening_does_not_migrate_twice(db: Path) -> None:
         task = await store.submit(TaskSpec.build(["true"]))
     async with SQLiteStore(db) as store:
         assert (await store.get(task)).status is Status.WAITING
+
+
+async def test_a_write_cancelled_before_it_starts_never_runs(db: Path) -> None:
+    """Cancelling a queued write withdraws it; a write already running completes."""
+    gate = threading.Event()
+    ran: list[str] = []
+
+    def blocking(conn: sqlite3.Connection) -> None:
+        ran.append("first")
+        gate.wait(10)
+
+    def second(conn: sqlite3.Connection) -> None:
+        ran.append("second")
+
+    async with SQLiteStore(db) as store:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(store._write, blocking)
+
+            async def started() -> bool:
+                return ran == ["first"]
+
+            await eventually(started)
+            with anyio.move_on_after(0.1) as scope:
+                await store._write(second)  # queued behind the blocked batch
+            assert scope.cancelled_caught
+            gate.set()
+        await store.submit(TaskSpec.build(["true"]))  # the writer goes on
+    assert ran == ["first"]
+
+
+async def test_a_failing_operation_does_not_fail_its_batch_neighbours(db: Path) -> None:
+    """In one group commit, an operation that raises is rolled back alone."""
+    gate = threading.Event()
+
+    def hold(conn: sqlite3.Connection) -> None:
+        gate.wait(10)
+
+    def broken(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO nodes (id) VALUES ('half-written')")  # violates NOT NULL
+        raise AssertionError("unreachable")
+
+    async with SQLiteStore(db) as store:
+        results: dict[str, object] = {}
+
+        async def run(name: str, coro: Awaitable[object]) -> None:
+            try:
+                results[name] = await coro
+            except Exception as exc:
+                results[name] = exc
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, "hold", store._write(hold))
+            await anyio.sleep(0.05)  # the next three queue up behind it: one batch
+            tg.start_soon(run, "a", store.submit(TaskSpec.build(["echo", "a"])))
+            tg.start_soon(run, "broken", store._write(broken))
+            tg.start_soon(run, "b", store.submit(TaskSpec.build(["echo", "b"])))
+            await anyio.sleep(0.05)
+            gate.set()
+        assert isinstance(results["broken"], StoreError)
+        assert "NOT NULL" in str(results["broken"])
+        assert [t.spec.argv for t in await store.list_tasks()] == [("echo", "b"), ("echo", "a")]
+        assert await store.list_nodes() == []
