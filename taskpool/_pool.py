@@ -137,7 +137,9 @@ class TaskPool:
         self._tg: TaskGroup | None = None
         # Created here, not in the services task: shutdown may cancel it before that task runs.
         self._services = anyio.CancelScope()
-        self._runners: dict[int, tuple[int, RunnerControl]] = {}  # task id -> (fence, control)
+        # Keyed by (task id, fence): a task whose lease this node lost and then claimed
+        # again has two runners for a moment, the old one still killing its process.
+        self._runners: dict[tuple[int, int], RunnerControl] = {}
         self._interrupted: dict[int, int] = {}  # runners cancelled by a crash: task id -> fence
         self._idle = anyio.Event()
         self._wake = anyio.Event()
@@ -229,7 +231,7 @@ class TaskPool:
             with anyio.move_on_after(self.shutdown_drain_s):
                 await self._wait_idle()
         assert self.node is not None
-        for _, control in list(self._runners.values()):
+        for control in list(self._runners.values()):
             control.stop(StopKind.SHUTDOWN, f"interrupted: node {self.node.id} shut down")
         await self._wait_idle()
 
@@ -301,7 +303,7 @@ class TaskPool:
     def _start(self, claims: Sequence[Claim]) -> None:
         assert self._tg is not None
         for claim in claims:
-            self._runners[claim.task.id] = (claim.fence, RunnerControl())
+            self._runners[claim.task.id, claim.fence] = RunnerControl()
             self._tg.start_soon(self._run, claim, name=f"taskpool task {claim.task.id}")
 
     async def _heartbeat_loop(self) -> None:
@@ -311,7 +313,7 @@ class TaskPool:
             renewal = await self._with_store(
                 lambda: self.store.renew_leases(self.node_id, self.lease_ttl_s)
             )
-            for task_id, (fence, control) in before.items():
+            for (task_id, fence), control in before.items():
                 if renewal.held.get(task_id) != fence:
                     control.stop(
                         StopKind.LEASE_LOST, "lease lost: another node owns the task", force=True
@@ -332,7 +334,8 @@ class TaskPool:
 
     async def _run(self, claim: Claim) -> None:
         task = claim.task
-        fence, control = self._runners[task.id]
+        fence = claim.fence
+        control = self._runners[task.id, fence]
         spec = task.spec
         request = RunRequest(
             argv=spec.argv,
@@ -364,7 +367,7 @@ class TaskPool:
         finally:
             if not finished:
                 self._interrupted[task.id] = fence
-            del self._runners[task.id]
+            del self._runners[task.id, fence]
             self._idle.set()
             if not claimed:  # the slot is free and nobody looked for work for it yet
                 self._wake.set()
@@ -442,9 +445,9 @@ class TaskPool:
         period and SIGKILL (`force=True`: SIGKILL at once). Returns the task's state
         after the request; `wait` tells when a running one has ended."""
         info = await self.store.request_cancel(task_id, force=force)
-        entry = self._runners.get(task_id)
-        if entry is not None and info.status is Status.RUNNING:
-            entry[1].stop(StopKind.CANCELLED, "cancelled by request", force=force)
+        control = self._runners.get((task_id, info.fence))
+        if control is not None and info.status is Status.RUNNING:
+            control.stop(StopKind.CANCELLED, "cancelled by request", force=force)
         self._task_changed()
         return info
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
+import psutil
 import pytest
 
 from taskpool import PoolClosed, PoolCrashed, SQLiteStore, Status, StoreUnavailable
@@ -182,3 +184,38 @@ async def test_events_name_every_transition(db: Path) -> None:
             (Status.WAITING, Status.RUNNING),
             (Status.RUNNING, Status.FAILED),
         ]
+
+
+async def test_lease_expired_under_a_live_runner_is_fenced_and_reclaimed(db: Path) -> None:
+    """If a node's own lease expires (its loop was blocked past the TTL), the task is
+    rescued and may be claimed again by the same node: the stale runner kills its process
+    and writes nothing, the new attempt runs, and the pool does not trip over the two."""
+    # The reaper and the claim loop act before the next heartbeat: the two runners overlap.
+    async with fast_pool(db, heartbeat_interval_s=1.0, reaper_interval_s=0.05) as pool:
+        task = await pool.submit(["sh", "-c", "echo start; sleep 600"], max_attempts=2)
+        first = await running(pool, task)
+        old_process = psutil.Process(first.pid)
+        with sqlite3.connect(db) as conn:  # the lease runs out behind the node's back
+            conn.execute("UPDATE tasks SET lease_expires_at = 0 WHERE id = ?", (task,))
+
+        async def reclaimed() -> bool:
+            info = await pool.get(task)
+            return info.status is Status.RUNNING and info.fence == 2 and info.pid is not None
+
+        await eventually(reclaimed)
+
+        async def old_process_gone() -> bool:
+            return not old_process.is_running() or old_process.status() == "zombie"
+
+        await eventually(old_process_gone)
+        events = await pool.events(task)
+        assert [e.to_status for e in events] == [
+            Status.WAITING,
+            Status.RUNNING,
+            Status.WAITING,  # rescued: the lease had expired
+            Status.RUNNING,
+        ]
+        assert events[2].reason.startswith(f"owner node {pool.node_id} stopped heartbeating")
+        await pool.cancel(task, force=True)
+        assert (await pool.wait(task)).status is Status.CANCELLED
+    assert await no_attempt_processes()
