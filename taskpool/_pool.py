@@ -232,7 +232,7 @@ class TaskPool:
                 await self._wait_idle()
         assert self.node is not None
         for control in list(self._runners.values()):
-            control.stop(StopKind.SHUTDOWN, f"interrupted: node {self.node.id} shut down")
+            control.stop(StopKind.SHUTDOWN, self._shutdown_reason())
         await self._wait_idle()
 
     async def _wait_idle(self) -> None:
@@ -243,12 +243,11 @@ class TaskPool:
     async def _write_what_can_be_written(self, failure: BaseException | None) -> None:
         """After the group is gone: release interrupted attempts, mark the node stopped."""
         assert self.node is not None
+        why = f"pool crashed ({failure!r})" if failure else "shutdown did not finish in time"
         for task_id, fence in self._interrupted.items():
             try:
                 await self.store.finish(
-                    task_id,
-                    fence,
-                    Outcome(OutcomeKind.SHUTDOWN, f"interrupted: pool crashed ({failure!r})"),
+                    task_id, fence, Outcome(OutcomeKind.SHUTDOWN, f"interrupted: {why}")
                 )
             except Exception as exc:  # the store may be what failed; boot will reconcile
                 log.warning("could not release task %s after crash: %r", task_id, exc)
@@ -303,8 +302,14 @@ class TaskPool:
     def _start(self, claims: Sequence[Claim]) -> None:
         assert self._tg is not None
         for claim in claims:
-            self._runners[claim.task.id, claim.fence] = RunnerControl()
+            control = RunnerControl()
+            if self._closing:  # claimed while shutdown began: hand it straight back
+                control.stop(StopKind.SHUTDOWN, self._shutdown_reason())
+            self._runners[claim.task.id, claim.fence] = control
             self._tg.start_soon(self._run, claim, name=f"taskpool task {claim.task.id}")
+
+    def _shutdown_reason(self) -> str:
+        return f"interrupted: node {self.node_id} shut down"
 
     async def _heartbeat_loop(self) -> None:
         while True:

@@ -389,6 +389,11 @@ async def run_attempt(
     (`LeaseLost`) kills the group at once and yields an outcome the pool must not
     record.
     """
+    request = control.request
+    if request is not None:
+        # Stopped before it started (shutdown began, a cancel or a lost lease won the
+        # race): nothing to spawn.
+        return Outcome(_OUTCOME_OF_STOP[request.kind], f"{request.reason} before it started")
     try:
         popen = _spawn(req)
     except OSError as exc:
