@@ -385,7 +385,7 @@ class TaskPool:
         if self._closing:
             await self._with_store(lambda: self.store.finish(task_id, fence, outcome))
             return False
-        _, claims = await self._with_store(
+        claims = await self._with_store(
             lambda: self.store.finish_and_claim(
                 task_id,
                 fence,

@@ -117,11 +117,11 @@ class Store(abc.ABC):
         node_id: str,
         limits: Limits,
         lease_ttl_s: float,
-    ) -> tuple[TaskInfo, list[Claim]]:
+    ) -> list[Claim]:
         """`finish`, then `claim` for the slot it freed. Backends that can do both in
         one transaction should: it saves a round trip on every task's hot path."""
-        info = await self.finish(task_id, fence, outcome)
-        return info, await self.claim(node_id, limits, lease_ttl_s)
+        await self.finish(task_id, fence, outcome)
+        return await self.claim(node_id, limits, lease_ttl_s)
 
     @abc.abstractmethod
     async def renew_leases(self, node_id: str, lease_ttl_s: float) -> Renewal:

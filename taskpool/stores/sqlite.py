@@ -415,7 +415,7 @@ class SQLiteStore(Store):
         await self._write(op)
 
     async def finish(self, task_id: int, fence: int, outcome: Outcome) -> TaskInfo:
-        return await self._write(lambda conn: _finish(conn, task_id, fence, outcome))
+        return await self._write(lambda conn: _info(_finish(conn, task_id, fence, outcome)))
 
     async def finish_and_claim(
         self,
@@ -426,10 +426,10 @@ class SQLiteStore(Store):
         node_id: str,
         limits: Limits,
         lease_ttl_s: float,
-    ) -> tuple[TaskInfo, list[Claim]]:
-        def op(conn: sqlite3.Connection) -> tuple[TaskInfo, list[Claim]]:
-            info = _finish(conn, task_id, fence, outcome)
-            return info, _claim(conn, node_id, limits, lease_ttl_s)
+    ) -> list[Claim]:
+        def op(conn: sqlite3.Connection) -> list[Claim]:
+            _finish(conn, task_id, fence, outcome)
+            return _claim(conn, node_id, limits, lease_ttl_s)
 
         return await self._write(op)
 
@@ -474,7 +474,7 @@ class SQLiteStore(Store):
                     reason=reason,
                     cancel_requested=row["cancel_requested"] is not None,
                 )
-                rescued.append(_apply(conn, row, transition, now, "rescued", None))
+                rescued.append(_info(_apply(conn, row, transition, now, "rescued", None)))
             return rescued
 
         return await self._write(op)
@@ -501,7 +501,7 @@ class SQLiteStore(Store):
                 reason=reason,
                 cancel_requested=row["cancel_requested"] is not None,
             )
-            return _apply(conn, row, transition, time.time(), "orphaned", None)
+            return _info(_apply(conn, row, transition, time.time(), "orphaned", None))
 
         return await self._write(op)
 
@@ -513,7 +513,7 @@ class SQLiteStore(Store):
             status = Status(row["status"])
             if status is Status.WAITING:
                 transition = Transition(Status.CANCELLED, False, reason="cancelled while waiting")
-                return _apply(conn, row, transition, now, None, None)
+                return _info(_apply(conn, row, transition, now, None, None))
             if status is Status.RUNNING:
                 mode = "force" if force or row["cancel_requested"] == "force" else "graceful"
                 conn.execute("UPDATE tasks SET cancel_requested = ? WHERE id = ?", (mode, task_id))
@@ -658,8 +658,8 @@ def _apply(
     now: float,
     outcome: str | None,
     exit_code: int | None,
-) -> TaskInfo:
-    """Write the end of an attempt (or of a waiting task) and its event."""
+) -> sqlite3.Row:
+    """Write the end of an attempt (or of a waiting task) and its event; return the row."""
     task_id = row["id"]
     attempts_used = row["attempts_used"] - (0 if transition.consumes_attempt else 1)
     if row["status"] == Status.WAITING:
@@ -693,10 +693,10 @@ def _apply(
         transition.status,
         transition.reason,
     )
-    return _info(updated)
+    return updated  # type: ignore[no-any-return]
 
 
-def _finish(conn: sqlite3.Connection, task_id: int, fence: int, outcome: Outcome) -> TaskInfo:
+def _finish(conn: sqlite3.Connection, task_id: int, fence: int, outcome: Outcome) -> sqlite3.Row:
     now = time.time()
     row = _fenced(conn, task_id, fence, now)
     transition = decide_finish(
@@ -724,18 +724,35 @@ def _slot(row: sqlite3.Row) -> Slot:
     )
 
 
-_CANDIDATES = """
-SELECT id, project, template, template_parallel, locks FROM tasks
-WHERE status = 'waiting' AND not_before <= :now
-  AND project NOT IN (SELECT value FROM json_each(:full_projects))
-  AND (template IS NULL OR template NOT IN (SELECT value FROM json_each(:templates_exclusive)))
-  AND (template IS NULL OR template_parallel
-       OR template NOT IN (SELECT value FROM json_each(:templates_any)))
-  AND NOT EXISTS (SELECT 1 FROM task_locks l WHERE l.task_id = tasks.id
-                  AND l.lock_name IN (SELECT value FROM json_each(:locks_held)))
-ORDER BY priority DESC, id
-LIMIT :window
-"""
+#: Filters that drop waiting tasks certainly blocked by what already runs; each is
+#: added only when its list is non-empty, so the common query stays a plain index walk.
+_CANDIDATE_FILTERS = {
+    "full_projects": "project NOT IN (SELECT value FROM json_each(:full_projects))",
+    "templates_exclusive": "(template IS NULL OR template NOT IN "
+    "(SELECT value FROM json_each(:templates_exclusive)))",
+    "templates_any": "(template IS NULL OR template_parallel "
+    "OR template NOT IN (SELECT value FROM json_each(:templates_any)))",
+    "locks_held": "NOT EXISTS (SELECT 1 FROM task_locks l WHERE l.task_id = tasks.id "
+    "AND l.lock_name IN (SELECT value FROM json_each(:locks_held)))",
+}
+
+
+def _candidates(
+    conn: sqlite3.Connection, now: float, window: int, blocked: dict[str, list[str]]
+) -> list[sqlite3.Row]:
+    """Waiting tasks in queue order, minus those certainly blocked."""
+    where = ["status = 'waiting'", "not_before <= :now"]
+    params: dict[str, object] = {"now": now, "window": window}
+    for name, values in blocked.items():
+        if values:
+            where.append(_CANDIDATE_FILTERS[name])
+            params[name] = json.dumps(values)
+    sql = (
+        "SELECT id, project, template, template_parallel, locks FROM tasks WHERE "
+        + " AND ".join(where)
+        + " ORDER BY priority DESC, id LIMIT :window"
+    )
+    return conn.execute(sql, params).fetchall()
 
 
 def _claim(
@@ -754,17 +771,17 @@ def _claim(
         window = min(CLAIM_WINDOW, 2 * (limits.max_parallel - node_running - len(chosen)) + 2)
         occ = Occupancy.of(running + chosen, node_running=node_running + len(chosen))
         full = [p for p, n in occ.per_project.items() if n >= limits.project_limits.get(p, n + 1)]
-        candidates = conn.execute(
-            _CANDIDATES,
+        candidates = _candidates(
+            conn,
+            now,
+            window,
             {
-                "now": now,
-                "full_projects": json.dumps(full),
-                "templates_exclusive": json.dumps(sorted(occ.templates_exclusive)),
-                "templates_any": json.dumps(sorted(occ.templates_any)),
-                "locks_held": json.dumps(sorted(occ.locks_held)),
-                "window": window,
+                "full_projects": full,
+                "templates_exclusive": sorted(occ.templates_exclusive),
+                "templates_any": sorted(occ.templates_any),
+                "locks_held": sorted(occ.locks_held),
             },
-        ).fetchall()
+        )
         picked = plan_claims(
             [_slot(r) for r in candidates],
             running + chosen,
