@@ -161,7 +161,7 @@ class TaskInfo:
     started_at: float | None
     finished_at: float | None
     exit_code: int | None
-    reason: str | None
+    reason: str | None  # why the task is in its current status, e.g. "killed by SIGKILL"
     cancel_requested: str | None
 
     @property

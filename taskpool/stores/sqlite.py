@@ -353,8 +353,8 @@ class SQLiteStore(Store):
             cur = conn.execute(
                 "INSERT INTO tasks (status, argv, cwd, env, project, template, template_parallel,"
                 " locks, priority, submitted_at, not_before, timeout_s, stall_timeout_s,"
-                " max_attempts, retry_backoff_s) VALUES ('waiting', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-                " ?, ?, ?, ?)",
+                " max_attempts, retry_backoff_s, reason, changed_at) VALUES ('waiting', ?, ?, ?,"
+                " ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'submitted', ?)",
                 (
                     json.dumps(list(spec.argv)),
                     spec.cwd,
@@ -370,6 +370,7 @@ class SQLiteStore(Store):
                     spec.stall_timeout_s,
                     spec.max_attempts,
                     spec.retry_backoff_s,
+                    now,
                 ),
             )
             task_id = cur.lastrowid
@@ -378,7 +379,6 @@ class SQLiteStore(Store):
                 "INSERT INTO task_locks (task_id, lock_name) VALUES (?, ?)",
                 [(task_id, name) for name in spec.locks],
             )
-            _event(conn, task_id, now, None, None, None, Status.WAITING, "submitted")
             return task_id
 
         return await self._write(op)
@@ -668,14 +668,21 @@ def _apply(
         updated = conn.execute(
             "UPDATE tasks SET status = 'waiting', attempts_used = ?, owner_node = NULL,"
             " lease_expires_at = NULL, not_before = ?, exit_code = ?, reason = ?, pid = NULL,"
-            " pid_started_at = NULL WHERE id = ? RETURNING *",
-            (attempts_used, transition.not_before or 0.0, exit_code, transition.reason, task_id),
+            " pid_started_at = NULL, changed_at = ? WHERE id = ? RETURNING *",
+            (
+                attempts_used,
+                transition.not_before or 0.0,
+                exit_code,
+                transition.reason,
+                now,
+                task_id,
+            ),
         ).fetchone()
     else:
         updated = conn.execute(
             "UPDATE tasks SET status = ?, attempts_used = ?, lease_expires_at = NULL,"
-            " finished_at = ?, exit_code = ?, reason = ? WHERE id = ? RETURNING *",
-            (transition.status, attempts_used, now, exit_code, transition.reason, task_id),
+            " finished_at = ?, exit_code = ?, reason = ?, changed_at = ? WHERE id = ? RETURNING *",
+            (transition.status, attempts_used, now, exit_code, transition.reason, now, task_id),
         ).fetchone()
     if row["status"] == Status.RUNNING:
         conn.execute(
@@ -683,16 +690,6 @@ def _apply(
             " WHERE task_id = ? AND fence = ?",
             (now, outcome, exit_code, transition.reason, task_id, row["fence"]),
         )
-    _event(
-        conn,
-        task_id,
-        now,
-        row["fence"] if row["status"] == Status.RUNNING else None,
-        row["owner_node"],
-        Status(row["status"]),
-        transition.status,
-        transition.reason,
-    )
     return updated  # type: ignore[no-any-return]
 
 
@@ -796,26 +793,18 @@ def _claim(
             break
     claims = []
     for slot in chosen:
+        # The trigger logs the event; the reason names the node and the attempt number.
         row = conn.execute(
             "UPDATE tasks SET status = 'running', fence = fence + 1,"
-            " attempts_used = attempts_used + 1, owner_node = ?, lease_expires_at = ?,"
-            " started_at = ?, pid = NULL, pid_started_at = NULL, exit_code = NULL"
-            " WHERE id = ? RETURNING *",
-            (node_id, now + lease_ttl_s, now, slot.task_id),
+            " attempts_used = attempts_used + 1, owner_node = :node, lease_expires_at = :expires,"
+            " started_at = :now, changed_at = :now, pid = NULL, pid_started_at = NULL,"
+            " exit_code = NULL, reason = printf('claimed by node %s (attempt %d of %d)',"
+            " :node, attempts_used + 1, max_attempts) WHERE id = :id RETURNING *",
+            {"node": node_id, "expires": now + lease_ttl_s, "now": now, "id": slot.task_id},
         ).fetchone()
         conn.execute(
             "INSERT INTO attempts (task_id, fence, node_id, claimed_at) VALUES (?, ?, ?, ?)",
             (slot.task_id, row["fence"], node_id, now),
-        )
-        _event(
-            conn,
-            slot.task_id,
-            now,
-            row["fence"],
-            node_id,
-            Status.WAITING,
-            Status.RUNNING,
-            f"claimed by node {node_id} (attempt {row['attempts_used']} of {row['max_attempts']})",
         )
         info = _info(row)
         claims.append(Claim(info, info.fence))

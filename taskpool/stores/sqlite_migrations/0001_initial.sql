@@ -39,7 +39,8 @@ CREATE TABLE tasks (
     started_at        REAL,
     finished_at       REAL,
     exit_code         INTEGER,
-    reason            TEXT,
+    reason            TEXT NOT NULL,              -- why the task is in its current status
+    changed_at        REAL NOT NULL,              -- when it entered its current status
     cancel_requested  TEXT CHECK (cancel_requested IN ('graceful', 'force'))
 );
 
@@ -88,3 +89,27 @@ CREATE TABLE events (
     reason      TEXT NOT NULL
 );
 CREATE INDEX events_task ON events (task_id, id);
+
+-- Every status change is logged by the database itself, in the same statement that
+-- makes it: no code path can change a status and forget the event.
+CREATE TRIGGER tasks_log_submit AFTER INSERT ON tasks
+BEGIN
+    INSERT INTO events (task_id, at, fence, node_id, from_status, to_status, reason)
+    VALUES (NEW.id, NEW.changed_at, NULL, NULL, NULL, NEW.status, NEW.reason);
+END;
+
+CREATE TRIGGER tasks_log_transition AFTER UPDATE OF status, fence ON tasks
+WHEN OLD.status IS NOT NEW.status OR OLD.fence IS NOT NEW.fence
+BEGIN
+    INSERT INTO events (task_id, at, fence, node_id, from_status, to_status, reason)
+    VALUES (
+        NEW.id,
+        NEW.changed_at,
+        CASE WHEN NEW.status = 'running' THEN NEW.fence
+             WHEN OLD.status = 'running' THEN OLD.fence END,
+        CASE WHEN NEW.status = 'running' THEN NEW.owner_node ELSE OLD.owner_node END,
+        OLD.status,
+        NEW.status,
+        NEW.reason
+    );
+END;
