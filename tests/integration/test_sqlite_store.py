@@ -1,4 +1,6 @@
-"""The SQLite store on its own: atomic claims, fencing, leases, rescue, migrations."""
+"""What is particular to the SQLite store: its claim window, migrations, writer thread.
+
+The behaviour every backend shares is in test_store_contract.py."""
 
 from __future__ import annotations
 
@@ -10,10 +12,8 @@ from collections.abc import Awaitable
 from pathlib import Path
 
 import anyio
-import pytest
 
-from taskpool import LeaseLost, Limits, NodeInfo, SQLiteStore, Status, StoreError, TaskSpec
-from taskpool._models import Outcome, OutcomeKind
+from taskpool import Limits, NodeInfo, SQLiteStore, Status, StoreError, TaskSpec
 from taskpool.stores.sqlite import CLAIM_WINDOW, migrations
 from tests.helpers import eventually
 
@@ -34,75 +34,6 @@ async def test_one_claim_looks_past_a_full_window_of_one_template(db: Path) -> N
         late = await store.submit(TaskSpec.build(["true"], template="other"))
         claims = await store.claim("n1", Limits(max_parallel=2), lease_ttl_s=30)
         assert sorted(c.task.id for c in claims) == [burst[0], late]
-
-
-async def test_claims_are_exclusive_across_connections(db: Path) -> None:
-    """Two stores on one file never both claim a task of one non-parallel template."""
-    async with SQLiteStore(db) as one, SQLiteStore(db) as two:
-        for node_id, store in (("a", one), ("b", two)):
-            await store.register_node(_node(node_id))
-        for _ in range(5):
-            await one.submit(TaskSpec.build(["true"], template="deploy"))
-        first = await one.claim("a", Limits(max_parallel=4), lease_ttl_s=30)
-        second = await two.claim("b", Limits(max_parallel=4), lease_ttl_s=30)
-        assert len(first) == 1
-        assert second == []
-
-
-async def test_stale_fence_is_refused(db: Path) -> None:
-    """After a rescue and a new claim, the old owner's writes raise LeaseLost."""
-    async with SQLiteStore(db) as store:
-        await store.register_node(_node("old"))
-        await store.register_node(_node("new"))
-        task = await store.submit(TaskSpec.build(["true"], max_attempts=2))
-        (old,) = await store.claim("old", Limits(), lease_ttl_s=0.01)
-        await anyio.sleep(0.02)  # let the lease expire
-        rescued = await store.rescue_expired()
-        assert [r.status for r in rescued] == [Status.WAITING]
-        assert rescued[0].reason is not None
-        assert rescued[0].reason.startswith("owner node old stopped heartbeating at ")
-        (new,) = await store.claim("new", Limits(), lease_ttl_s=30)
-        assert new.fence > old.fence
-        with pytest.raises(LeaseLost):
-            await store.append_output(task, old.fence, ["stale"])
-        with pytest.raises(LeaseLost):
-            await store.finish(task, old.fence, Outcome(OutcomeKind.EXITED, "exited", 0))
-        renewal = await store.renew_leases("old", 30)
-        assert renewal.held == {}
-        await store.append_output(task, new.fence, ["fresh"])
-        info = await store.finish(task, new.fence, Outcome(OutcomeKind.EXITED, "exited", 0))
-        assert info.status is Status.SUCCEEDED
-        assert [c.text for c in await store.read_output(task)] == ["fresh"]
-
-
-async def test_expired_lease_cannot_be_renewed_or_written(db: Path) -> None:
-    """A lease that expired is lost even before anyone rescues it."""
-    async with SQLiteStore(db) as store:
-        await store.register_node(_node())
-        task = await store.submit(TaskSpec.build(["true"]))
-        (claim,) = await store.claim("n1", Limits(), lease_ttl_s=0.01)
-        await anyio.sleep(0.02)
-        assert (await store.renew_leases("n1", 30)).held == {}
-        with pytest.raises(LeaseLost):
-            await store.finish(task, claim.fence, Outcome(OutcomeKind.EXITED, "exited", 0))
-        (rescued,) = await store.rescue_expired()
-        assert rescued.status is Status.LOST
-        assert rescued.reason is not None
-        assert rescued.reason.endswith("; no attempts left")
-
-
-async def test_submit_is_durable_when_it_returns(db: Path) -> None:
-    """A submitted task is visible to a fresh connection as soon as submit returns."""
-    async with SQLiteStore(db) as store:
-        task = await store.submit(TaskSpec.build(["echo", "hi"], project="p"))
-        other = sqlite3.connect(db)
-        try:
-            row = other.execute(
-                "SELECT status, project FROM tasks WHERE id = ?", (task,)
-            ).fetchone()
-        finally:
-            other.close()
-        assert row == ("waiting", "p")
 
 
 async def test_migrations_produce_the_declared_schema(db: Path, tmp_path: Path) -> None:

@@ -1,0 +1,314 @@
+"""The Store contract: what every backend must do, run against each backend.
+
+A backend joins by adding a factory to `BACKENDS`: a callable that, given a fresh
+temporary directory, returns a function opening a new handle onto one shared
+database (two handles stand for two nodes or two processes).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from taskpool import (
+    LeaseLost,
+    Limits,
+    NodeInfo,
+    SQLiteStore,
+    Status,
+    Store,
+    TaskInfo,
+    TaskNotFound,
+    TaskSpec,
+)
+from taskpool._models import Outcome, OutcomeKind
+from taskpool._rules import Occupancy, Slot, blocked_by
+
+Opener = Callable[[], Store]
+BACKENDS: dict[str, Callable[[Path], Opener]] = {
+    "sqlite": lambda tmp: lambda: SQLiteStore(tmp / "contract.db"),
+}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
+    """Opens handles onto one fresh database of the backend under test."""
+    return BACKENDS[request.param](tmp_path)
+
+
+@asynccontextmanager
+async def handles(opener: Opener, n: int) -> AsyncIterator[list[Store]]:
+    async with AsyncExitStack() as stack:
+        stores = [await stack.enter_async_context(opener()) for _ in range(n)]
+        for i, store in enumerate(stores):
+            await store.register_node(_node(f"node-{i}"))
+        yield stores
+
+
+def _node(node_id: str) -> NodeInfo:
+    now = time.time()
+    return NodeInfo(node_id, "host", os.getpid(), now, now, now, None, 4)
+
+
+EXITED_0 = Outcome(OutcomeKind.EXITED, "exited with code 0", 0)
+
+
+async def test_submit_is_visible_to_another_handle_when_it_returns(opener: Opener) -> None:
+    """A submitted task is durable: another handle sees it waiting at once."""
+    async with handles(opener, 2) as (one, two):
+        task = await one.submit(TaskSpec.build(["echo", "hi"], project="p", locks=["x"]))
+        info = await two.get(task)
+        assert info.status is Status.WAITING
+        assert info.spec.argv == ("echo", "hi")
+        assert info.spec.locks == frozenset({"x"})
+        assert [e.reason for e in await two.events(task)] == ["submitted"]
+
+
+async def test_non_parallel_template_is_exclusive_across_handles(opener: Opener) -> None:
+    """Two nodes never both claim tasks of one non-parallel template."""
+    async with handles(opener, 2) as (one, two):
+        for _ in range(5):
+            await one.submit(TaskSpec.build(["true"], template="deploy"))
+        first = await one.claim("node-0", Limits(max_parallel=4), lease_ttl_s=30)
+        second = await two.claim("node-1", Limits(max_parallel=4), lease_ttl_s=30)
+        assert len(first) == 1
+        assert second == []
+
+
+async def test_concurrent_claims_never_overlap(opener: Opener) -> None:
+    """Claims racing from two handles take each task once and respect every lock."""
+    async with handles(opener, 2) as stores:
+        for i in range(40):
+            await stores[0].submit(TaskSpec.build(["true"], locks=[f"lock-{i % 10}"]))
+        claimed: list[int] = []
+
+        async def claim_all(store: Store, node_id: str) -> None:
+            for _ in range(10):
+                claims = await store.claim(node_id, Limits(max_parallel=20), lease_ttl_s=30)
+                claimed.extend(c.task.id for c in claims)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(claim_all, stores[0], "node-0")
+            tg.start_soon(claim_all, stores[1], "node-1")
+        assert len(claimed) == len(set(claimed)) == 10  # one per lock, no task twice
+        running = await stores[0].list_tasks(statuses=[Status.RUNNING])
+        assert sorted(next(iter(t.spec.locks)) for t in running) == [f"lock-{i}" for i in range(10)]
+
+
+async def test_stale_fence_is_refused_everywhere(opener: Opener) -> None:
+    """After a rescue and a new claim, every write of the old owner raises LeaseLost."""
+    async with handles(opener, 2) as (old_store, new_store):
+        task = await old_store.submit(TaskSpec.build(["true"], max_attempts=2))
+        (old,) = await old_store.claim("node-0", Limits(), lease_ttl_s=0.05)
+        await anyio.sleep(0.1)  # let the lease expire
+        (rescued,) = await new_store.rescue_expired()
+        assert rescued.status is Status.WAITING
+        assert rescued.reason is not None
+        assert rescued.reason.startswith("owner node node-0 stopped heartbeating at ")
+        (new,) = await new_store.claim("node-1", Limits(), lease_ttl_s=30)
+        assert new.fence > old.fence
+        with pytest.raises(LeaseLost):
+            await old_store.append_output(task, old.fence, ["stale"])
+        with pytest.raises(LeaseLost):
+            await old_store.record_spawn(task, old.fence, 1234, 1.0)
+        with pytest.raises(LeaseLost):
+            await old_store.finish(task, old.fence, EXITED_0)
+        assert (await old_store.renew_leases("node-0", 30)).held == {}
+        await new_store.append_output(task, new.fence, ["fresh"])
+        info = await new_store.finish(task, new.fence, EXITED_0)
+        assert info.status is Status.SUCCEEDED
+        assert [c.text for c in await new_store.read_output(task)] == ["fresh"]
+
+
+async def test_an_expired_lease_is_lost_before_anyone_rescues_it(opener: Opener) -> None:
+    """A lease past its expiry can be neither renewed nor written; rescue marks it lost."""
+    async with handles(opener, 1) as (store,):
+        task = await store.submit(TaskSpec.build(["true"]))
+        (claim,) = await store.claim("node-0", Limits(), lease_ttl_s=0.05)
+        await anyio.sleep(0.1)
+        assert (await store.renew_leases("node-0", 30)).held == {}
+        with pytest.raises(LeaseLost):
+            await store.finish(task, claim.fence, EXITED_0)
+        (rescued,) = await store.rescue_expired()
+        assert rescued.status is Status.LOST
+        assert rescued.reason is not None
+        assert rescued.reason.endswith("; no attempts left")
+
+
+async def test_renewal_reports_cancel_requests(opener: Opener) -> None:
+    """A cancel requested through any handle reaches the owner with its renewal."""
+    async with handles(opener, 2) as (owner, operator):
+        task = await owner.submit(TaskSpec.build(["true"], max_attempts=3))
+        (claim,) = await owner.claim("node-0", Limits(), lease_ttl_s=30)
+        await operator.request_cancel(task)
+        renewal = await owner.renew_leases("node-0", 30)
+        assert renewal.held == {task: claim.fence}
+        assert renewal.cancel_requests == {task: "graceful"}
+        await operator.request_cancel(task, force=True)
+        assert (await owner.renew_leases("node-0", 30)).cancel_requests == {task: "force"}
+        info = await owner.finish(
+            task, claim.fence, Outcome(OutcomeKind.EXITED, "exited with code 1", 1)
+        )
+        # It failed on its own with attempts left, but a cancel was asked: never re-queued.
+        assert info.status is Status.CANCELLED
+
+
+async def test_shutdown_release_does_not_use_an_attempt(opener: Opener) -> None:
+    """An attempt ended by shutdown goes back to waiting with its attempt refunded."""
+    async with handles(opener, 1) as (store,):
+        task = await store.submit(TaskSpec.build(["true"]))
+        (claim,) = await store.claim("node-0", Limits(), lease_ttl_s=30)
+        assert claim.task.attempts_used == 1
+        info = await store.finish(
+            task, claim.fence, Outcome(OutcomeKind.SHUTDOWN, "interrupted: node shut down")
+        )
+        assert info.status is Status.WAITING
+        assert info.attempts_used == 0
+
+
+async def test_orphans_are_settled_without_waiting_for_expiry(opener: Opener) -> None:
+    """A dead owner's attempt is settled at once, and settling twice is harmless."""
+    async with handles(opener, 1) as (store,):
+        task = await store.submit(TaskSpec.build(["true"], max_attempts=2))
+        (claim,) = await store.claim("node-0", Limits(), lease_ttl_s=600)
+        await store.record_spawn(task, claim.fence, 4321, 99.5)
+        (orphan,) = await store.orphans_of("node-0")
+        assert (orphan.task_id, orphan.fence, orphan.pid) == (task, claim.fence, 4321)
+        info = await store.settle_orphan(task, claim.fence, "owner died")
+        assert info.status is Status.WAITING
+        assert info.reason == "owner died; re-queued (attempt 2 of 2)"
+        again = await store.settle_orphan(task, claim.fence, "owner died")
+        assert again.status is Status.WAITING
+        assert await store.orphans_of("node-0") == []
+
+
+async def test_unknown_task(opener: Opener) -> None:
+    """Every per-task call on a missing id raises TaskNotFound."""
+    async with handles(opener, 1) as (store,):
+        with pytest.raises(TaskNotFound):
+            await store.get(99)
+        with pytest.raises(TaskNotFound):
+            await store.request_cancel(99)
+
+
+async def test_output_reads_in_order_across_attempts(opener: Opener) -> None:
+    """Output chunks come back in (attempt, sequence) order, resumable from a cursor."""
+    async with handles(opener, 1) as (store,):
+        task = await store.submit(TaskSpec.build(["true"], max_attempts=2, retry_backoff_s=0))
+        (first,) = await store.claim("node-0", Limits(), lease_ttl_s=30)
+        await store.append_output(task, first.fence, ["a", "b"])
+        await store.finish(task, first.fence, Outcome(OutcomeKind.EXITED, "exited with code 1", 1))
+        (second,) = await store.claim("node-0", Limits(), lease_ttl_s=30)
+        await store.append_output(task, second.fence, ["c"])
+        chunks = await store.read_output(task)
+        assert [c.text for c in chunks] == ["a", "b", "c"]
+        after = (chunks[1].fence, chunks[1].seq)
+        assert [c.text for c in await store.read_output(task, after=after)] == ["c"]
+
+
+ROUTING = st.tuples(
+    st.sampled_from(["p1", "p2"]),
+    st.one_of(st.none(), st.sampled_from(["t1", "t2"])),
+    st.booleans(),
+    st.frozensets(st.sampled_from(["l1", "l2", "l3"]), max_size=2),
+    st.integers(0, 2),
+)
+
+
+@settings(
+    max_examples=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    tasks=st.lists(ROUTING, min_size=1, max_size=25),
+    capacities=st.lists(st.integers(1, 4), min_size=1, max_size=6),
+    project_limit=st.integers(1, 3),
+)
+def test_claimed_sets_always_satisfy_the_rules(
+    backend: str,
+    tasks: list[tuple[str, str | None, bool, frozenset[str], int]],
+    capacities: list[int],
+    project_limit: int,
+) -> None:
+    """Whatever is queued and however nodes claim, what runs obeys every rule at once."""
+    with tempfile.TemporaryDirectory() as tmp:
+        opener = BACKENDS[backend](Path(tmp))
+        anyio.run(_claim_and_check, opener, tasks, capacities, project_limit)
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+async def _claim_and_check(
+    opener: Opener,
+    tasks: list[tuple[str, str | None, bool, frozenset[str], int]],
+    capacities: list[int],
+    project_limit: int,
+) -> None:
+    limits = {"p1": project_limit}
+    async with handles(opener, 2) as stores:
+        for project, template, parallel, locks, priority in tasks:
+            await stores[0].submit(
+                TaskSpec.build(
+                    ["true"],
+                    project=project,
+                    template=template,
+                    template_parallel=parallel,
+                    locks=sorted(locks),
+                    priority=priority,
+                )
+            )
+        for i, capacity in enumerate(capacities):
+            node, store = f"node-{i % 2}", stores[i % 2]
+            before = await _running_on(store, node)
+            claims = await store.claim(
+                node, Limits(max_parallel=capacity, project_limits=limits), lease_ttl_s=30
+            )
+            assert len(claims) <= max(0, capacity - before)
+        # A last claim with room to spare must take everything the rules allow.
+        await stores[0].claim(
+            "node-0", Limits(max_parallel=100, project_limits=limits), lease_ttl_s=30
+        )
+        running = await stores[0].list_tasks(statuses=[Status.RUNNING], limit=1000)
+        waiting = await stores[0].list_tasks(statuses=[Status.WAITING], limit=1000)
+    assert Counter(t.spec.project for t in running)["p1"] <= project_limit
+    locks_held = [lock for t in running for lock in t.spec.locks]
+    assert len(locks_held) == len(set(locks_held))
+    for template in ("t1", "t2"):
+        of_template = [t for t in running if t.spec.template == template]
+        if any(not t.spec.template_parallel for t in of_template):
+            assert len(of_template) == 1
+    # That claim left nothing runnable behind (no head-of-line blocking): every task
+    # still waiting is blocked by the pure rules.
+    occupancy = Occupancy.of(
+        [_slot(t) for t in running],
+        node_running=sum(1 for t in running if t.owner_node == "node-0"),
+    )
+    for task in waiting:
+        assert blocked_by(_slot(task), occupancy, max_parallel=100, project_limits=limits), (
+            f"task {task.id} was runnable but left waiting"
+        )
+    assert len(running) + len(waiting) == len(tasks)  # nothing lost
+
+
+async def _running_on(store: Store, node: str) -> int:
+    running = await store.list_tasks(statuses=[Status.RUNNING], limit=1000)
+    return sum(1 for t in running if t.owner_node == node)
+
+
+def _slot(task: TaskInfo) -> Slot:
+    spec = task.spec
+    return Slot(task.id, spec.project, spec.template, spec.template_parallel, spec.locks)
