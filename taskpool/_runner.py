@@ -409,8 +409,9 @@ async def run_attempt(
             proc.kill_all(scan=False)  # leftovers of a leader that exited die with it
             proc.reap()
             # An escaped descendant may hold the pipe open: drain for a bounded time.
-            with anyio.move_on_after(DRAIN_TIMEOUT_S):
-                await attempt.output_done.wait()
+            if not attempt.output_done.is_set():
+                with anyio.move_on_after(DRAIN_TIMEOUT_S):
+                    await attempt.output_done.wait()
             attempt.pump_scope.cancel()
             # The watchdog ends by itself once it sees the exit, after recording how.
         tail = attempt.decoder.finish()
@@ -420,8 +421,12 @@ async def run_attempt(
         with contextlib.suppress(LeaseLost):
             await sink.flush()
     finally:
-        with anyio.CancelScope(shield=True):
-            await _ensure_dead(proc)
+        try:
+            if proc.exit_code is None:  # not reaped: kill and wait, whatever cancels us
+                with anyio.CancelScope(shield=True):
+                    await _ensure_dead(proc)
+        finally:
+            proc.close()
     request = control.request
     if request is not None and request.kind is StopKind.LEASE_LOST:
         return Outcome(OutcomeKind.LEASE_LOST, request.reason, proc.exit_code)
@@ -433,13 +438,9 @@ async def run_attempt(
 
 
 async def _ensure_dead(proc: _Process) -> None:
-    """The cleanup on every path: kill the group, reap the leader, close the fds."""
-    try:
-        if proc.exit_code is None:
-            proc.kill_all()
-            with anyio.move_on_after(KILL_WAIT_S):
-                await proc.wait_exited()
-            if proc.exited.is_set():
-                proc.reap()
-    finally:
-        proc.close()
+    """The cleanup of every path that did not reap: kill the group, reap the leader."""
+    proc.kill_all()
+    with anyio.move_on_after(KILL_WAIT_S):
+        await proc.wait_exited()
+    if proc.exited.is_set():
+        proc.reap()

@@ -12,6 +12,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 
 import anyio
+import pytest
 
 from taskpool import Limits, NodeInfo, SQLiteStore, Status, StoreError, TaskSpec
 from taskpool.stores.sqlite import CLAIM_WINDOW, migrations
@@ -125,3 +126,40 @@ async def test_a_failing_operation_does_not_fail_its_batch_neighbours(db: Path) 
         assert "NOT NULL" in str(results["broken"])
         assert [t.spec.argv for t in await store.list_tasks()] == [("echo", "b"), ("echo", "a")]
         assert await store.list_nodes() == []
+
+
+async def test_submits_are_fsynced_before_they_return(db: Path) -> None:
+    """A submit's batch commits with synchronous=FULL; a claim's batch need not."""
+    async with SQLiteStore(db, fsync_interval_s=3600) as store:
+        assert store._writer is not None
+        await store.register_node(_node())
+        await store.submit(TaskSpec.build(["true"]))
+        assert store._writer._full  # the commit that stored the task was fsynced
+        await store.claim("n1", Limits(), lease_ttl_s=30)
+        assert not store._writer._full  # within the interval: no fsync for the claim
+
+
+async def test_the_pools_writes_are_fsynced_within_the_interval(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A non-durable commit is made durable within fsync_interval_s even if the writer
+    then goes idle: it fsyncs the WAL itself."""
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    async with SQLiteStore(db, fsync_interval_s=0.2) as store:
+        await store.register_node(_node())
+        await store.submit(TaskSpec.build(["true"]))
+        monkeypatch.setattr(os, "fsync", spy)
+        await store.claim("n1", Limits(), lease_ttl_s=30)  # not durable on its own
+
+        async def fsynced() -> bool:
+            return bool(synced)
+
+        await eventually(fsynced)
+        assert store._writer is not None
+        assert not store._writer._unsynced
