@@ -47,14 +47,17 @@ from .._models import (
 )
 from .._rules import Occupancy, Slot, plan_claims
 from .._store import Orphan, OutputChunk, Renewal, Store
+from ._common import (
+    blocked_lists,
+    claim_window,
+    ended_columns,
+    rescue_reason,
+    task_info,
+)
 
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], T]
 
-#: At most how many waiting tasks one claim query looks at; blocked ones are filtered
-#: in SQL, so the first candidate of a window is always runnable and a window of a
-#: few per free slot suffices (the loop in `_claim` looks again if it was full).
-CLAIM_WINDOW = 64
 
 _TRANSIENT = ("locked", "busy", "disk i/o", "unable to open", "readonly", "full")
 
@@ -522,12 +525,9 @@ class SQLiteStore(Store):
             ).fetchall()
             rescued = []
             for row in rows:
-                beat = row["node_heartbeat_at"]
-                reason = (
-                    f"owner node {row['owner_node']} stopped heartbeating at {_iso(beat)}"
-                    if beat is not None
-                    else f"owner node {row['owner_node']} is unknown"
-                ) + f" (lease expired at {_iso(row['lease_expires_at'])})"
+                reason = rescue_reason(
+                    row["owner_node"], row["node_heartbeat_at"], row["lease_expires_at"]
+                )
                 transition = decide_orphan(
                     attempts_used=row["attempts_used"],
                     max_attempts=row["max_attempts"],
@@ -668,12 +668,6 @@ def _split_sql(script: str) -> list[str]:
     return statements
 
 
-def _iso(ts: float | None) -> str:
-    if ts is None:
-        return "never"
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
 def _row(conn: sqlite3.Connection, task_id: int) -> sqlite3.Row:
     row = conn.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
     if row is None:
@@ -719,36 +713,17 @@ def _apply(
     outcome: str | None,
     exit_code: int | None,
 ) -> sqlite3.Row:
-    """Write the end of an attempt (or of a waiting task) and its event; return the row."""
-    task_id = row["id"]
-    attempts_used = row["attempts_used"] - (0 if transition.consumes_attempt else 1)
-    if row["status"] == Status.WAITING:
-        attempts_used = row["attempts_used"]
-    if transition.status is Status.WAITING:
-        updated = conn.execute(
-            "UPDATE tasks SET status = 'waiting', attempts_used = ?, owner_node = NULL,"
-            " lease_expires_at = NULL, not_before = ?, exit_code = ?, reason = ?, pid = NULL,"
-            " pid_started_at = NULL, changed_at = ? WHERE id = ? RETURNING *",
-            (
-                attempts_used,
-                transition.not_before or 0.0,
-                exit_code,
-                transition.reason,
-                now,
-                task_id,
-            ),
-        ).fetchone()
-    else:
-        updated = conn.execute(
-            "UPDATE tasks SET status = ?, attempts_used = ?, lease_expires_at = NULL,"
-            " finished_at = ?, exit_code = ?, reason = ?, changed_at = ? WHERE id = ? RETURNING *",
-            (transition.status, attempts_used, now, exit_code, transition.reason, now, task_id),
-        ).fetchone()
+    """Write the end of an attempt (or of a waiting task); the trigger logs the event."""
+    columns = ended_columns(row, transition, now, exit_code)
+    assignments = ", ".join(f"{name} = :{name}" for name in columns)
+    updated = conn.execute(
+        f"UPDATE tasks SET {assignments} WHERE id = :id RETURNING *", {**columns, "id": row["id"]}
+    ).fetchone()
     if row["status"] == Status.RUNNING:
         conn.execute(
             "UPDATE attempts SET finished_at = ?, outcome = ?, exit_code = ?, reason = ?"
             " WHERE task_id = ? AND fence = ?",
-            (now, outcome, exit_code, transition.reason, task_id, row["fence"]),
+            (now, outcome, exit_code, transition.reason, row["id"], row["fence"]),
         )
     return updated  # type: ignore[no-any-return]
 
@@ -825,20 +800,9 @@ def _claim(
     node_running = sum(1 for r in rows if r["owner_node"] == node_id)
     chosen: list[Slot] = []
     while node_running + len(chosen) < limits.max_parallel:
-        window = min(CLAIM_WINDOW, 2 * (limits.max_parallel - node_running - len(chosen)) + 2)
+        window = claim_window(limits.max_parallel - node_running - len(chosen))
         occ = Occupancy.of(running + chosen, node_running=node_running + len(chosen))
-        full = [p for p, n in occ.per_project.items() if n >= limits.project_limits.get(p, n + 1)]
-        candidates = _candidates(
-            conn,
-            now,
-            window,
-            {
-                "full_projects": full,
-                "templates_exclusive": sorted(occ.templates_exclusive),
-                "templates_any": sorted(occ.templates_any),
-                "locks_held": sorted(occ.locks_held),
-            },
-        )
+        candidates = _candidates(conn, now, window, blocked_lists(occ, limits))
         picked = plan_claims(
             [_slot(r) for r in candidates],
             running + chosen,
@@ -886,34 +850,9 @@ def _node(r: sqlite3.Row) -> NodeInfo:
 
 def _info(r: sqlite3.Row) -> TaskInfo:
     env = r["env"]
-    spec = TaskSpec(
-        argv=tuple(json.loads(r["argv"])),
-        cwd=r["cwd"],
+    return task_info(
+        r,
+        argv=json.loads(r["argv"]),
         env=json.loads(env) if env is not None else None,
-        project=r["project"],
-        template=r["template"],
-        template_parallel=bool(r["template_parallel"]),
-        locks=_locks(r["locks"]),
-        priority=r["priority"],
-        not_before=r["not_before"] or None,
-        timeout_s=r["timeout_s"],
-        stall_timeout_s=r["stall_timeout_s"],
-        max_attempts=r["max_attempts"],
-        retry_backoff_s=r["retry_backoff_s"],
-    )
-    return TaskInfo(
-        id=r["id"],
-        spec=spec,
-        status=Status(r["status"]),
-        submitted_at=r["submitted_at"],
-        attempts_used=r["attempts_used"],
-        fence=r["fence"],
-        owner_node=r["owner_node"],
-        lease_expires_at=r["lease_expires_at"],
-        pid=r["pid"],
-        started_at=r["started_at"],
-        finished_at=r["finished_at"],
-        exit_code=r["exit_code"],
-        reason=r["reason"],
-        cancel_requested=r["cancel_requested"],
+        locks=sorted(_locks(r["locks"])),
     )

@@ -15,7 +15,8 @@ import anyio
 import pytest
 
 from taskpool import Limits, NodeInfo, SQLiteStore, Status, StoreError, TaskSpec
-from taskpool.stores.sqlite import CLAIM_WINDOW, migrations
+from taskpool.stores._common import CLAIM_WINDOW
+from taskpool.stores.sqlite import migrations
 from tests.helpers import eventually
 
 
