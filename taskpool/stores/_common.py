@@ -18,6 +18,7 @@ class Row(Protocol):
 
     def __getitem__(self, key: str, /) -> Any: ...
 
+
 #: At most how many waiting tasks one claim query looks at. Blocked ones are filtered
 #: in SQL, so the first candidate of a window is always runnable and a few per free
 #: slot suffice (the claim loop looks again when a window came back full).

@@ -1,8 +1,8 @@
 """The Store contract: what every backend must do, run against each backend.
 
-A backend joins by adding a factory to `BACKENDS`: a callable that, given a fresh
-temporary directory, returns a function opening a new handle onto one shared
-database (two handles stand for two nodes or two processes).
+A backend joins by adding to `BACKENDS` an async context manager that, given a
+temporary directory, makes a fresh empty database and yields a function opening
+a new handle onto it (two handles stand for two nodes or two processes).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -33,17 +33,34 @@ from taskpool import (
 )
 from taskpool._models import Outcome, OutcomeKind
 from taskpool._rules import Occupancy, Slot, blocked_by
+from taskpool.stores.postgres import PostgresStore
+from tests.postgres import fresh_postgres_database
 
 Opener = Callable[[], Store]
-BACKENDS: dict[str, Callable[[Path], Opener]] = {
-    "sqlite": lambda tmp: lambda: SQLiteStore(tmp / "contract.db"),
+
+
+@asynccontextmanager
+async def sqlite_database(tmp: Path) -> AsyncIterator[Opener]:
+    yield lambda: SQLiteStore(tmp / "contract.db")
+
+
+@asynccontextmanager
+async def postgres_database(tmp: Path) -> AsyncIterator[Opener]:
+    async with fresh_postgres_database() as dsn:
+        yield lambda: PostgresStore(dsn, max_size=4)
+
+
+BACKENDS: dict[str, Callable[[Path], AbstractAsyncContextManager[Opener]]] = {
+    "sqlite": sqlite_database,
+    "postgres": postgres_database,
 }
 
 
 @pytest.fixture(params=sorted(BACKENDS))
-def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
+async def opener(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opener]:
     """Opens handles onto one fresh database of the backend under test."""
-    return BACKENDS[request.param](tmp_path)
+    async with BACKENDS[request.param](tmp_path) as open_handle:
+        yield open_handle
 
 
 @asynccontextmanager
@@ -242,9 +259,13 @@ def test_claimed_sets_always_satisfy_the_rules(
     project_limit: int,
 ) -> None:
     """Whatever is queued and however nodes claim, what runs obeys every rule at once."""
-    with tempfile.TemporaryDirectory() as tmp:
-        opener = BACKENDS[backend](Path(tmp))
-        anyio.run(_claim_and_check, opener, tasks, capacities, project_limit)
+
+    async def run() -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            async with BACKENDS[backend](Path(tmp)) as opener:
+                await _claim_and_check(opener, tasks, capacities, project_limit)
+
+    anyio.run(run)
 
 
 @pytest.fixture(params=sorted(BACKENDS))

@@ -1,0 +1,640 @@
+"""The multi-node store: PostgreSQL through asyncpg (imported only when used).
+
+Every operation is one transaction. Claims take a transaction-level advisory
+lock first, so two nodes never decide on overlapping snapshots: the database,
+not a check in Python, makes template and lock exclusivity hold cluster-wide.
+Fenced writes lock their task row (`FOR UPDATE`) and compare fence, status and
+lease expiry against the database's own clock, the one clock every node shares.
+Rescues skip rows another transaction holds (`SKIP LOCKED`).
+
+Driver errors become `StoreUnavailable` when retrying may help (connection lost,
+server shutting down, serialization failure) and `StoreError` otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from importlib import resources
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .._errors import LeaseLost, StoreError, StoreUnavailable, TaskNotFound
+from .._models import (
+    Claim,
+    Limits,
+    NodeInfo,
+    Outcome,
+    Status,
+    TaskEvent,
+    TaskInfo,
+    TaskSpec,
+    Transition,
+    decide_finish,
+    decide_orphan,
+)
+from .._rules import Occupancy, Slot, plan_claims
+from .._store import Orphan, OutputChunk, Renewal, Store
+from ._common import blocked_lists, claim_window, ended_columns, rescue_reason, task_info
+
+if TYPE_CHECKING:
+    import asyncpg
+
+T = TypeVar("T")
+
+#: Key of the advisory lock that serializes claims (and migrations, with +1).
+CLAIM_LOCK = 0x7A5C_9001
+MIGRATION_LOCK = CLAIM_LOCK + 1
+
+_NOW = "SELECT extract(epoch FROM clock_timestamp())::float8"
+
+#: SQLSTATE classes worth retrying: connection exceptions, insufficient resources,
+#: operator intervention (shutdown), and serialization failures or deadlocks.
+_TRANSIENT_SQLSTATE_PREFIXES = ("08", "53", "57", "40")
+
+
+def migrations() -> list[tuple[int, str]]:
+    """The numbered migrations shipped with the package, in order."""
+    folder = resources.files(__package__).joinpath("postgres_migrations")
+    found = [
+        (int(entry.name.split("_", 1)[0]), entry.read_text("utf-8"))
+        for entry in folder.iterdir()
+        if entry.name.endswith(".sql")
+    ]
+    return sorted(found)
+
+
+def _map_error(exc: BaseException) -> StoreError:
+    import asyncpg
+
+    if isinstance(exc, asyncpg.PostgresError):
+        state = getattr(exc, "sqlstate", None) or ""
+        if state.startswith(_TRANSIENT_SQLSTATE_PREFIXES):
+            return StoreUnavailable(f"PostgreSQL {state}: {exc}")
+        return StoreError(f"PostgreSQL {state}: {exc}")
+    return StoreUnavailable(f"PostgreSQL connection: {exc!r}")
+
+
+class PostgresStore(Store):
+    """A store in a PostgreSQL database shared by every node.
+
+    `dsn` is a libpq connection string or URL; tables are prefixed `taskpool_`
+    so they can live beside an application's own. Connections come from one
+    asyncpg pool of `min_size`..`max_size` per store.
+    """
+
+    def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 10) -> None:
+        self.dsn = dsn
+        self.min_size = min_size
+        self.max_size = max_size
+        self._pool: asyncpg.Pool | None = None
+
+    def __repr__(self) -> str:
+        state = "open" if self._pool is not None else "closed"
+        return f"<PostgresStore {state} max_size={self.max_size}>"
+
+    # -- plumbing ----------------------------------------------------------
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        import asyncpg
+
+        try:
+            pool = await asyncpg.create_pool(
+                self.dsn, min_size=self.min_size, max_size=self.max_size
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise _map_error(exc) from exc
+        try:
+            async with pool.acquire() as conn:
+                await self._migrate(conn)
+        except BaseException:
+            await pool.close()
+            raise
+        self._pool = pool
+
+    @staticmethod
+    async def _migrate(conn: asyncpg.Connection) -> None:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS taskpool_schema_version"
+                " (version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
+            )
+            done = {r[0] for r in await conn.fetch("SELECT version FROM taskpool_schema_version")}
+            for version, sql in migrations():
+                if version in done:
+                    continue
+                await conn.execute(sql)
+                await conn.execute(
+                    "INSERT INTO taskpool_schema_version (version, applied_at)"
+                    f" VALUES ($1, ({_NOW}))",
+                    version,
+                )
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    async def _tx(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """Run `fn` in one transaction on a pooled connection, mapping driver errors."""
+        import asyncpg
+
+        pool = self._pool
+        if pool is None:
+            raise StoreError("the store is closed")
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                return await fn(conn)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise _map_error(exc) from exc
+
+    # -- nodes -------------------------------------------------------------
+    async def register_node(self, node: NodeInfo) -> None:
+        async def op(conn: asyncpg.Connection) -> None:
+            await conn.execute(
+                "INSERT INTO taskpool_nodes (id, host, pid, pid_started_at, started_at,"
+                " heartbeat_at, max_parallel) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                node.id,
+                node.host,
+                node.pid,
+                node.pid_started_at,
+                node.started_at,
+                node.heartbeat_at,
+                node.max_parallel,
+            )
+
+        await self._tx(op)
+
+    async def stop_node(self, node_id: str, reason: str) -> None:
+        async def op(conn: asyncpg.Connection) -> None:
+            await conn.execute(
+                f"UPDATE taskpool_nodes SET stopped_at = ({_NOW}), stop_reason = $2"
+                " WHERE id = $1 AND stopped_at IS NULL",
+                node_id,
+                reason,
+            )
+
+        await self._tx(op)
+
+    async def list_nodes(
+        self, *, host: str | None = None, alive: bool | None = None
+    ) -> list[NodeInfo]:
+        async def op(conn: asyncpg.Connection) -> list[NodeInfo]:
+            sql = "SELECT * FROM taskpool_nodes WHERE ($1::text IS NULL OR host = $1)"
+            if alive is True:
+                sql += " AND stopped_at IS NULL"
+            elif alive is False:
+                sql += " AND stopped_at IS NOT NULL"
+            rows = await conn.fetch(sql + " ORDER BY started_at", host)
+            return [
+                NodeInfo(
+                    id=r["id"],
+                    host=r["host"],
+                    pid=r["pid"],
+                    pid_started_at=r["pid_started_at"],
+                    started_at=r["started_at"],
+                    heartbeat_at=r["heartbeat_at"],
+                    stopped_at=r["stopped_at"],
+                    max_parallel=r["max_parallel"],
+                )
+                for r in rows
+            ]
+
+        return await self._tx(op)
+
+    # -- the queue ---------------------------------------------------------
+    async def submit(self, spec: TaskSpec) -> int:
+        async def op(conn: asyncpg.Connection) -> int:
+            task_id: int = await conn.fetchval(
+                "INSERT INTO taskpool_tasks (status, argv, cwd, env, project, template,"
+                " template_parallel, locks, priority, submitted_at, not_before, timeout_s,"
+                " stall_timeout_s, max_attempts, retry_backoff_s, reason, changed_at)"
+                f" SELECT 'waiting', $1, $2, $3::jsonb, $4, $5, $6, $7, $8, now.t, $9, $10,"
+                f" $11, $12, $13, 'submitted', now.t FROM ({_NOW}) AS now(t) RETURNING id",
+                list(spec.argv),
+                spec.cwd,
+                json.dumps(dict(spec.env)) if spec.env is not None else None,
+                spec.project,
+                spec.template,
+                spec.template_parallel,
+                sorted(spec.locks),
+                spec.priority,
+                spec.not_before or 0.0,
+                spec.timeout_s,
+                spec.stall_timeout_s,
+                spec.max_attempts,
+                spec.retry_backoff_s,
+            )
+            await conn.execute("NOTIFY taskpool_work")
+            return task_id
+
+        return await self._tx(op)
+
+    async def claim(self, node_id: str, limits: Limits, lease_ttl_s: float) -> list[Claim]:
+        return await self._tx(lambda conn: _claim(conn, node_id, limits, lease_ttl_s))
+
+    async def record_spawn(self, task_id: int, fence: int, pid: int, pid_started_at: float) -> None:
+        async def op(conn: asyncpg.Connection) -> None:
+            await _fenced(conn, task_id, fence)
+            await conn.execute(
+                "UPDATE taskpool_tasks SET pid = $2, pid_started_at = $3 WHERE id = $1",
+                task_id,
+                pid,
+                pid_started_at,
+            )
+            await conn.execute(
+                "UPDATE taskpool_attempts SET pid = $3, pid_started_at = $4"
+                " WHERE task_id = $1 AND fence = $2",
+                task_id,
+                fence,
+                pid,
+                pid_started_at,
+            )
+
+        await self._tx(op)
+
+    async def append_output(self, task_id: int, fence: int, texts: Sequence[str]) -> None:
+        async def op(conn: asyncpg.Connection) -> None:
+            await _fenced(conn, task_id, fence)
+            last: int = await conn.fetchval(
+                "SELECT COALESCE(MAX(seq), 0) FROM taskpool_output"
+                " WHERE task_id = $1 AND fence = $2",
+                task_id,
+                fence,
+            )
+            await conn.executemany(
+                "INSERT INTO taskpool_output (task_id, fence, seq, text) VALUES ($1, $2, $3, $4)",
+                [(task_id, fence, last + i, text) for i, text in enumerate(texts, 1)],
+            )
+
+        await self._tx(op)
+
+    async def finish(self, task_id: int, fence: int, outcome: Outcome) -> TaskInfo:
+        async def op(conn: asyncpg.Connection) -> TaskInfo:
+            return _info(await _finish(conn, task_id, fence, outcome))
+
+        return await self._tx(op)
+
+    async def finish_and_claim(
+        self,
+        task_id: int,
+        fence: int,
+        outcome: Outcome,
+        *,
+        node_id: str,
+        limits: Limits,
+        lease_ttl_s: float,
+    ) -> list[Claim]:
+        async def op(conn: asyncpg.Connection) -> list[Claim]:
+            await _finish(conn, task_id, fence, outcome)
+            return await _claim(conn, node_id, limits, lease_ttl_s)
+
+        return await self._tx(op)
+
+    async def renew_leases(self, node_id: str, lease_ttl_s: float) -> Renewal:
+        async def op(conn: asyncpg.Connection) -> Renewal:
+            now: float = await conn.fetchval(_NOW)
+            rows = await conn.fetch(
+                "UPDATE taskpool_tasks SET lease_expires_at = $3 WHERE owner_node = $1"
+                " AND status = 'running' AND lease_expires_at >= $2"
+                " RETURNING id, fence, cancel_requested",
+                node_id,
+                now,
+                now + lease_ttl_s,
+            )
+            await conn.execute(
+                "UPDATE taskpool_nodes SET heartbeat_at = $2 WHERE id = $1", node_id, now
+            )
+            return Renewal(
+                held={r["id"]: r["fence"] for r in rows},
+                cancel_requests={
+                    r["id"]: r["cancel_requested"] for r in rows if r["cancel_requested"]
+                },
+            )
+
+        return await self._tx(op)
+
+    async def rescue_expired(self) -> list[TaskInfo]:
+        async def op(conn: asyncpg.Connection) -> list[TaskInfo]:
+            now: float = await conn.fetchval(_NOW)
+            rows = await conn.fetch(
+                "SELECT t.*, n.heartbeat_at AS node_heartbeat_at FROM taskpool_tasks t"
+                " LEFT JOIN taskpool_nodes n ON n.id = t.owner_node"
+                " WHERE t.status = 'running' AND t.lease_expires_at < $1"
+                " FOR UPDATE OF t SKIP LOCKED",
+                now,
+            )
+            rescued = []
+            for row in rows:
+                reason = rescue_reason(
+                    row["owner_node"], row["node_heartbeat_at"], row["lease_expires_at"]
+                )
+                transition = decide_orphan(
+                    attempts_used=row["attempts_used"],
+                    max_attempts=row["max_attempts"],
+                    reason=reason,
+                    cancel_requested=row["cancel_requested"] is not None,
+                )
+                rescued.append(_info(await _apply(conn, row, transition, now, "rescued", None)))
+            if rescued:
+                await conn.execute("NOTIFY taskpool_work")
+            return rescued
+
+        return await self._tx(op)
+
+    async def orphans_of(self, node_id: str) -> list[Orphan]:
+        async def op(conn: asyncpg.Connection) -> list[Orphan]:
+            rows = await conn.fetch(
+                "SELECT id, fence, owner_node, pid, pid_started_at FROM taskpool_tasks"
+                " WHERE status = 'running' AND owner_node = $1 ORDER BY id",
+                node_id,
+            )
+            return [Orphan(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+        return await self._tx(op)
+
+    async def settle_orphan(self, task_id: int, fence: int, reason: str) -> TaskInfo:
+        async def op(conn: asyncpg.Connection) -> TaskInfo:
+            row = await _row(conn, task_id, lock=True)
+            if row["status"] != Status.RUNNING or row["fence"] != fence:
+                return _info(row)  # someone settled it already
+            transition = decide_orphan(
+                attempts_used=row["attempts_used"],
+                max_attempts=row["max_attempts"],
+                reason=reason,
+                cancel_requested=row["cancel_requested"] is not None,
+            )
+            now: float = await conn.fetchval(_NOW)
+            return _info(await _apply(conn, row, transition, now, "orphaned", None))
+
+        return await self._tx(op)
+
+    # -- operator actions --------------------------------------------------
+    async def request_cancel(self, task_id: int, *, force: bool = False) -> TaskInfo:
+        async def op(conn: asyncpg.Connection) -> TaskInfo:
+            row = await _row(conn, task_id, lock=True)
+            status = Status(row["status"])
+            now: float = await conn.fetchval(_NOW)
+            if status is Status.WAITING:
+                transition = Transition(Status.CANCELLED, False, reason="cancelled while waiting")
+                return _info(await _apply(conn, row, transition, now, None, None))
+            if status is Status.RUNNING:
+                mode = "force" if force or row["cancel_requested"] == "force" else "graceful"
+                updated = await conn.fetchrow(
+                    "UPDATE taskpool_tasks SET cancel_requested = $2 WHERE id = $1 RETURNING *",
+                    task_id,
+                    mode,
+                )
+                await conn.execute(
+                    "INSERT INTO taskpool_events (task_id, at, fence, node_id, from_status,"
+                    " to_status, reason) VALUES ($1, $2, $3, $4, 'running', 'running', $5)",
+                    task_id,
+                    now,
+                    row["fence"],
+                    row["owner_node"],
+                    f"cancel requested ({mode})",
+                )
+                return _info(updated)
+            return _info(row)
+
+        return await self._tx(op)
+
+    # -- reads -------------------------------------------------------------
+    async def get(self, task_id: int) -> TaskInfo:
+        async def op(conn: asyncpg.Connection) -> TaskInfo:
+            return _info(await _row(conn, task_id))
+
+        return await self._tx(op)
+
+    async def list_tasks(
+        self,
+        *,
+        statuses: Sequence[Status] | None = None,
+        project: str | None = None,
+        limit: int = 100,
+    ) -> list[TaskInfo]:
+        async def op(conn: asyncpg.Connection) -> list[TaskInfo]:
+            rows = await conn.fetch(
+                "SELECT * FROM taskpool_tasks WHERE ($1::text[] IS NULL OR status = ANY($1))"
+                " AND ($2::text IS NULL OR project = $2) ORDER BY id DESC LIMIT $3",
+                [str(s) for s in statuses] if statuses is not None else None,
+                project,
+                limit,
+            )
+            return [_info(r) for r in rows]
+
+        return await self._tx(op)
+
+    async def events(self, task_id: int) -> list[TaskEvent]:
+        async def op(conn: asyncpg.Connection) -> list[TaskEvent]:
+            rows = await conn.fetch(
+                "SELECT * FROM taskpool_events WHERE task_id = $1 ORDER BY id", task_id
+            )
+            return [
+                TaskEvent(
+                    id=r["id"],
+                    task_id=r["task_id"],
+                    at=r["at"],
+                    fence=r["fence"],
+                    node_id=r["node_id"],
+                    from_status=Status(r["from_status"]) if r["from_status"] else None,
+                    to_status=Status(r["to_status"]),
+                    reason=r["reason"],
+                )
+                for r in rows
+            ]
+
+        return await self._tx(op)
+
+    async def read_output(
+        self, task_id: int, *, after: tuple[int, int] = (0, 0), limit: int = 1000
+    ) -> list[OutputChunk]:
+        async def op(conn: asyncpg.Connection) -> list[OutputChunk]:
+            rows = await conn.fetch(
+                "SELECT fence, seq, text FROM taskpool_output WHERE task_id = $1"
+                " AND (fence, seq) > ($2, $3) ORDER BY fence, seq LIMIT $4",
+                task_id,
+                after[0],
+                after[1],
+                limit,
+            )
+            return [OutputChunk(r[0], r[1], r[2]) for r in rows]
+
+        return await self._tx(op)
+
+
+# -- operations, run inside a transaction ------------------------------------
+
+
+async def _row(conn: asyncpg.Connection, task_id: int, *, lock: bool = False) -> Any:
+    sql = "SELECT * FROM taskpool_tasks WHERE id = $1" + (" FOR UPDATE" if lock else "")
+    row = await conn.fetchrow(sql, task_id)
+    if row is None:
+        raise TaskNotFound(f"no task {task_id}")
+    return row
+
+
+async def _fenced(conn: asyncpg.Connection, task_id: int, fence: int) -> Any:
+    """The locked task row if `fence` still owns a live lease on it, else `LeaseLost`."""
+    row = await conn.fetchrow(
+        f"SELECT t.*, ({_NOW}) AS now FROM taskpool_tasks t WHERE id = $1 FOR UPDATE", task_id
+    )
+    if row is None:
+        raise TaskNotFound(f"no task {task_id}")
+    if row["status"] != Status.RUNNING or row["fence"] != fence:
+        raise LeaseLost(
+            f"task {task_id}: fence {fence} is stale"
+            f" (task is {row['status']}, fence {row['fence']})"
+        )
+    if row["lease_expires_at"] < row["now"]:
+        raise LeaseLost(f"task {task_id}: the lease of fence {fence} expired")
+    return row
+
+
+async def _finish(conn: asyncpg.Connection, task_id: int, fence: int, outcome: Outcome) -> Any:
+    row = await _fenced(conn, task_id, fence)
+    transition = decide_finish(
+        outcome,
+        attempts_used=row["attempts_used"],
+        max_attempts=row["max_attempts"],
+        backoff_s=row["retry_backoff_s"],
+        now=row["now"],
+        cancel_requested=row["cancel_requested"] is not None,
+    )
+    updated = await _apply(conn, row, transition, row["now"], outcome.kind.value, outcome.exit_code)
+    if transition.status is Status.WAITING:
+        await conn.execute("NOTIFY taskpool_work")
+    return updated
+
+
+async def _apply(
+    conn: asyncpg.Connection,
+    row: Any,
+    transition: Transition,
+    now: float,
+    outcome: str | None,
+    exit_code: int | None,
+) -> Any:
+    """Write the end of an attempt (or of a waiting task); the trigger logs the event."""
+    columns = ended_columns(row, transition, now, exit_code)
+    names = list(columns)
+    assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(names, 2))
+    updated = await conn.fetchrow(
+        f"UPDATE taskpool_tasks SET {assignments} WHERE id = $1 RETURNING *",
+        row["id"],
+        *(columns[name] for name in names),
+    )
+    if row["status"] == Status.RUNNING:
+        await conn.execute(
+            "UPDATE taskpool_attempts SET finished_at = $3, outcome = $4, exit_code = $5,"
+            " reason = $6 WHERE task_id = $1 AND fence = $2",
+            row["id"],
+            row["fence"],
+            now,
+            outcome,
+            exit_code,
+            transition.reason,
+        )
+    return updated
+
+
+def _slot(row: Any) -> Slot:
+    return Slot(
+        task_id=row["id"],
+        project=row["project"],
+        template=row["template"],
+        template_parallel=row["template_parallel"],
+        locks=frozenset(row["locks"]),
+    )
+
+
+#: Filters that drop waiting tasks certainly blocked by what already runs, each added
+#: only when its list is non-empty so the common query stays a plain index walk.
+_CANDIDATE_FILTERS = {
+    "full_projects": "project <> ALL({})",
+    "templates_exclusive": "(template IS NULL OR template <> ALL({}))",
+    "templates_any": "(template IS NULL OR template_parallel OR template <> ALL({}))",
+    "locks_held": "NOT (locks && {})",
+}
+
+
+async def _candidates(
+    conn: asyncpg.Connection, now: float, window: int, blocked: dict[str, list[str]]
+) -> list[Any]:
+    where = ["status = 'waiting'", "not_before <= $1"]
+    args: list[Any] = [now, window]
+    for name, values in blocked.items():
+        if values:
+            args.append(values)
+            where.append(_CANDIDATE_FILTERS[name].format(f"${len(args)}::text[]"))
+    sql = (
+        "SELECT id, project, template, template_parallel, locks FROM taskpool_tasks WHERE "
+        + " AND ".join(where)
+        + " ORDER BY priority DESC, id LIMIT $2"
+    )
+    return list(await conn.fetch(sql, *args))
+
+
+async def _claim(
+    conn: asyncpg.Connection, node_id: str, limits: Limits, lease_ttl_s: float
+) -> list[Claim]:
+    # One claim at a time across the cluster: each decides on what the last committed.
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", CLAIM_LOCK)
+    now: float = await conn.fetchval(_NOW)
+    rows = await conn.fetch(
+        "SELECT id, project, template, template_parallel, locks, owner_node FROM taskpool_tasks"
+        " WHERE status = 'running' AND lease_expires_at >= $1",
+        now,
+    )
+    running = [_slot(r) for r in rows]
+    node_running = sum(1 for r in rows if r["owner_node"] == node_id)
+    chosen: list[Slot] = []
+    while node_running + len(chosen) < limits.max_parallel:
+        window = claim_window(limits.max_parallel - node_running - len(chosen))
+        occ = Occupancy.of(running + chosen, node_running=node_running + len(chosen))
+        candidates = await _candidates(conn, now, window, blocked_lists(occ, limits))
+        picked = plan_claims(
+            [_slot(r) for r in candidates],
+            running + chosen,
+            node_running=node_running + len(chosen),
+            max_parallel=limits.max_parallel,
+            project_limits=limits.project_limits,
+        )
+        chosen.extend(picked)
+        if not picked or len(candidates) < window:
+            break
+    claims = []
+    for slot in chosen:
+        row = await conn.fetchrow(
+            "UPDATE taskpool_tasks SET status = 'running', fence = fence + 1,"
+            " attempts_used = attempts_used + 1, owner_node = $2, lease_expires_at = $3,"
+            " started_at = $4, changed_at = $4, pid = NULL, pid_started_at = NULL,"
+            " exit_code = NULL, reason = format('claimed by node %s (attempt %s of %s)',"
+            " $2::text, attempts_used + 1, max_attempts) WHERE id = $1 RETURNING *",
+            slot.task_id,
+            node_id,
+            now + lease_ttl_s,
+            now,
+        )
+        await conn.execute(
+            "INSERT INTO taskpool_attempts (task_id, fence, node_id, claimed_at)"
+            " VALUES ($1, $2, $3, $4)",
+            slot.task_id,
+            row["fence"],
+            node_id,
+            now,
+        )
+        info = _info(row)
+        claims.append(Claim(info, info.fence))
+    return claims
+
+
+def _info(r: Any) -> TaskInfo:
+    env = r["env"]
+    return task_info(
+        r,
+        argv=list(r["argv"]),
+        env=json.loads(env) if env is not None else None,
+        locks=list(r["locks"]),
+    )
