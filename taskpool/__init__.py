@@ -18,6 +18,7 @@ from ._errors import (
 from ._models import Limits, NodeInfo, Status, TaskEvent, TaskInfo, TaskSpec
 from ._pool import TaskPool
 from ._store import OutputChunk, Store
+from .stores.postgres import PostgresStore
 from .stores.sqlite import SQLiteStore
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "OutputChunk",
     "PoolClosed",
     "PoolCrashed",
+    "PostgresStore",
     "SQLiteStore",
     "Status",
     "Store",

@@ -90,7 +90,8 @@ class TaskPool:
     to finish, then are stopped (SIGTERM, `kill_grace_s`, SIGKILL) and put back
     to waiting without using up an attempt, for the next pool to resume.
 
-    `store` is a `Store` or a path to an SQLite file (created if missing).
+    `store` is a `Store`, a `postgresql://` URL (the multi-node store), or a path
+    to an SQLite file (created if missing).
     `max_parallel` caps running tasks on this node; `project_limits` caps
     running tasks per project across every node sharing the store.
     A store that stays unavailable for longer than `store_outage_tolerance_s`
@@ -115,6 +116,11 @@ class TaskPool:
         if isinstance(store, Store):
             self.store = store
             self._owns_store = False
+        elif isinstance(store, str) and store.startswith(("postgresql://", "postgres://")):
+            from .stores.postgres import PostgresStore
+
+            self.store = PostgresStore(store)
+            self._owns_store = True
         else:
             from .stores.sqlite import SQLiteStore
 
@@ -263,11 +269,23 @@ class TaskPool:
                 tg.start_soon(self._claim_loop, name="taskpool claim loop")
                 tg.start_soon(self._heartbeat_loop, name="taskpool heartbeat")
                 tg.start_soon(self._reaper_loop, name="taskpool reaper")
+                tg.start_soon(
+                    self.store.watch_for_work, self._work_arrived, name="taskpool work watcher"
+                )
 
     # -- recovery ----------------------------------------------------------
     async def _reconcile_predecessors(self) -> None:
-        """Settle what dead pools on this host left running: kill leftovers, re-queue or fail."""
+        """Settle what dead pools on this host left running: kill leftovers, re-queue or fail.
+
+        Run at boot before any claim, and again by the reaper: a sibling pool on this
+        host that dies is settled within a reaper interval, leftovers killed, without
+        waiting for its leases to expire."""
         assert self.node is not None
+        how_found = (
+            f"found by node {self.node.id}"
+            if self._tg is not None
+            else f"found at boot of node {self.node.id}"
+        )
         for node in await self.store.list_nodes(host=self.node.host, alive=True):
             if node.id == self.node.id or _procs.is_same_process(node.pid, node.pid_started_at):
                 continue  # a live pool (maybe stopped with SIGSTOP): its leases will tell
@@ -277,13 +295,10 @@ class TaskPool:
                     _procs.kill_leftovers, orphan.pid, orphan.pid_started_at, marker
                 )
                 found = f"killed leftover {', '.join(killed)}" if killed else "no process was left"
-                reason = (
-                    f"owner node {node.id} (pid {node.pid}) died; found at boot of node "
-                    f"{self.node.id}; {found}"
-                )
+                reason = f"owner node {node.id} (pid {node.pid}) died; {how_found}; {found}"
                 info = await self.store.settle_orphan(orphan.task_id, orphan.fence, reason)
                 log.warning("task %s: %s -> %s", orphan.task_id, reason, info.status)
-            await self.store.stop_node(node.id, f"found dead at boot of node {self.node.id}")
+            await self.store.stop_node(node.id, f"{how_found}: its process is gone")
 
     # -- the loops ---------------------------------------------------------
     async def _claim_loop(self) -> None:
@@ -329,6 +344,7 @@ class TaskPool:
 
     async def _reaper_loop(self) -> None:
         while True:
+            await self._with_store(self._reconcile_predecessors)
             rescued = await self._with_store(self.store.rescue_expired)
             for info in rescued:
                 log.warning("task %s rescued -> %s: %s", info.id, info.status, info.reason)
@@ -414,6 +430,10 @@ class TaskPool:
                     raise
                 await anyio.sleep(min(delay, deadline - now))
                 delay = min(delay * 2, 1.0)
+
+    def _work_arrived(self) -> None:
+        self._wake.set()
+        self._task_changed()  # a waiter may be waiting on another node's work too
 
     def _task_changed(self) -> None:
         self._changed.set()

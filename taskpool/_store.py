@@ -9,9 +9,11 @@ worth retrying) or `StoreError` at this boundary.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Self
+
+import anyio
 
 from ._models import (
     Claim,
@@ -138,6 +140,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def settle_orphan(self, task_id: int, fence: int, reason: str) -> TaskInfo:
         """Re-queue or mark lost an orphaned attempt, without waiting for its lease to expire."""
+
+    async def watch_for_work(self, on_work: Callable[[], None]) -> None:
+        """Call `on_work` whenever another node or process may have made work claimable
+        (a submit, a retry coming due, a rescue). Runs until cancelled and rides out
+        outages by itself: the pool's polling is the fallback. Stores without push
+        notifications keep this default, which never calls."""
+        del on_work
+        await anyio.sleep_forever()
 
     # -- operator actions --------------------------------------------------
     @abc.abstractmethod

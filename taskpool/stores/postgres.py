@@ -14,9 +14,12 @@ server shutting down, serialization failure) and `StoreError` otherwise.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
 
 from .._errors import LeaseLost, StoreError, StoreUnavailable, TaskNotFound
 from .._models import (
@@ -40,6 +43,10 @@ if TYPE_CHECKING:
     import asyncpg
 
 T = TypeVar("T")
+log = logging.getLogger("taskpool")
+
+#: The channel NOTIFYed, at commit, whenever work may have become claimable.
+WORK_CHANNEL = "taskpool_work"
 
 #: Key of the advisory lock that serializes claims (and migrations, with +1).
 CLAIM_LOCK = 0x7A5C_9001
@@ -226,7 +233,7 @@ class PostgresStore(Store):
                 spec.max_attempts,
                 spec.retry_backoff_s,
             )
-            await conn.execute("NOTIFY taskpool_work")
+            await conn.execute(f"NOTIFY {WORK_CHANNEL}")
             return task_id
 
         return await self._tx(op)
@@ -338,7 +345,7 @@ class PostgresStore(Store):
                 )
                 rescued.append(_info(await _apply(conn, row, transition, now, "rescued", None)))
             if rescued:
-                await conn.execute("NOTIFY taskpool_work")
+                await conn.execute(f"NOTIFY {WORK_CHANNEL}")
             return rescued
 
         return await self._tx(op)
@@ -369,6 +376,34 @@ class PostgresStore(Store):
             return _info(await _apply(conn, row, transition, now, "orphaned", None))
 
         return await self._tx(op)
+
+    async def watch_for_work(self, on_work: Callable[[], None]) -> None:
+        """LISTEN on `taskpool_work` (NOTIFYed by submits, retries and rescues) on a
+        connection of its own, reconnecting with backoff when it drops."""
+        import asyncpg
+
+        delay = 0.1
+        while True:
+            try:
+                conn = await asyncpg.connect(self.dsn)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("LISTEN connection failed, retrying in %.1f s: %r", delay, exc)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            delay = 0.1
+            lost = anyio.Event()
+            conn.add_termination_listener(lambda _, lost=lost: lost.set())
+            try:
+                await conn.add_listener(WORK_CHANNEL, lambda *_: on_work())
+                on_work()  # work may have come while nobody listened
+                while not conn.is_closed():  # checked too, should the listener not fire
+                    with anyio.move_on_after(1.0):
+                        await lost.wait()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("LISTEN connection lost: %r", exc)
+            finally:
+                conn.terminate()
 
     # -- operator actions --------------------------------------------------
     async def request_cancel(self, task_id: int, *, force: bool = False) -> TaskInfo:
@@ -504,7 +539,7 @@ async def _finish(conn: asyncpg.Connection, task_id: int, fence: int, outcome: O
     )
     updated = await _apply(conn, row, transition, row["now"], outcome.kind.value, outcome.exit_code)
     if transition.status is Status.WAITING:
-        await conn.execute("NOTIFY taskpool_work")
+        await conn.execute(f"NOTIFY {WORK_CHANNEL}")
     return updated
 
 

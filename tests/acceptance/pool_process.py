@@ -1,6 +1,7 @@
 """A pool in a process of its own, for tests that kill or stop the pool's process.
 
 Usage: python -m tests.acceptance.pool_process DB [MAX_PARALLEL] [LEASE_TTL_S]
+DB is an SQLite path or a postgresql:// URL.
 Prints "ready <node id>" once the pool runs, then serves until killed.
 """
 

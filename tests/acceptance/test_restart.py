@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @contextmanager
-def pool_process(db: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+def pool_process(db: Path | str, *args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """Run a pool in a child process; yield it and its node id once it serves."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.acceptance.pool_process", str(db), *args],
