@@ -88,3 +88,14 @@ def fast_pool(db: Path | str | Store, **overrides: Any) -> TaskPool:
 
 async def reasons(pool: TaskPool, task_id: int) -> list[str]:
     return [event.reason for event in await pool.events(task_id)]
+
+
+def open_store(database: str) -> Store:
+    """A store handle onto a test database named as TaskPool accepts it (path or URL)."""
+    if database.startswith("postgresql://"):
+        from taskpool import PostgresStore
+
+        return PostgresStore(database, max_size=2)
+    from taskpool import SQLiteStore
+
+    return SQLiteStore(database)

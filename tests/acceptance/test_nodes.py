@@ -5,32 +5,14 @@ from __future__ import annotations
 
 import itertools
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import psutil
-import pytest
 
-from taskpool import PostgresStore, SQLiteStore, Status, Store, TaskSpec
+from taskpool import PostgresStore, Status, TaskSpec
 from tests.acceptance.test_restart import pool_process
-from tests.helpers import eventually, fast_pool, no_attempt_processes
+from tests.helpers import eventually, fast_pool, no_attempt_processes, open_store
 from tests.postgres import fresh_postgres_database
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """An empty database of each backend, named the way TaskPool accepts it."""
-    if request.param == "sqlite":
-        yield str(tmp_path / "tasks.db")
-    else:
-        async with fresh_postgres_database() as dsn:
-            yield dsn
-
-
-def open_store(database: str) -> Store:
-    if database.startswith("postgresql://"):
-        return PostgresStore(database, max_size=2)
-    return SQLiteStore(database)
 
 
 async def test_two_nodes_never_overlap_on_a_template(database: str) -> None:

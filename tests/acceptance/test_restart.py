@@ -15,8 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from taskpool import Limits, NodeInfo, SQLiteStore, Status, TaskSpec
-from tests.helpers import eventually, fast_pool, no_attempt_processes
+from taskpool import Limits, NodeInfo, Status, TaskSpec
+from tests.helpers import eventually, fast_pool, no_attempt_processes, open_store
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,14 +44,14 @@ def pool_process(db: Path | str, *args: str) -> Iterator[tuple[subprocess.Popen[
             proc.stdout.close()
 
 
-async def _submit_all(db: Path, specs: list[TaskSpec]) -> list[int]:
-    async with SQLiteStore(db) as store:
+async def _submit_all(database: str, specs: list[TaskSpec]) -> list[int]:
+    async with open_store(database) as store:
         return [await store.submit(spec) for spec in specs]
 
 
-async def _pid_of(db: Path, task_id: int) -> int:
+async def _pid_of(database: str, task_id: int) -> int:
     async def check() -> int | None:
-        async with SQLiteStore(db) as store:
+        async with open_store(database) as store:
             info = await store.get(task_id)
         return info.pid if info.status is Status.RUNNING else None
 
@@ -60,7 +60,7 @@ async def _pid_of(db: Path, task_id: int) -> int:
 
 @pytest.mark.parametrize("max_attempts", [1, 2])
 async def test_sigkilled_pool_is_reconciled_at_the_next_boot(
-    db: Path, tmp_path: Path, max_attempts: int
+    database: str, tmp_path: Path, max_attempts: int
 ) -> None:
     """Five tasks, max parallel 1, pool SIGKILLed mid-run: the leftover sleep is killed,
     the attempt is settled per its policy, and the other four run."""
@@ -69,16 +69,18 @@ async def test_sigkilled_pool_is_reconciled_at_the_next_boot(
         ["sh", "-c", f"if [ -e {marker} ]; then exit 0; fi; touch {marker}; sleep 600"],
         max_attempts=max_attempts,
     )
-    ids = await _submit_all(db, [first] + [TaskSpec.build(["echo", str(i)]) for i in range(4)])
-    with pool_process(db, "1") as (proc, dead_node):
-        pid = await _pid_of(db, ids[0])
+    ids = await _submit_all(
+        database, [first] + [TaskSpec.build(["echo", str(i)]) for i in range(4)]
+    )
+    with pool_process(database, "1") as (proc, dead_node):
+        pid = await _pid_of(database, ids[0])
         leftover = psutil.Process(pid)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert leftover.is_running()  # the orphan survived its pool: the incident to fix
     assert leftover.status() != psutil.STATUS_ZOMBIE
 
-    async with fast_pool(db, max_parallel=1) as pool:
+    async with fast_pool(database, max_parallel=1) as pool:
         results = [await pool.wait(task_id) for task_id in ids]
         new_node = pool.node_id
         first_events = await pool.events(ids[0])
@@ -107,7 +109,7 @@ async def test_sigkilled_pool_is_reconciled_at_the_next_boot(
     assert await no_attempt_processes()
 
 
-async def test_a_recycled_pid_is_never_killed(db: Path) -> None:
+async def test_a_recycled_pid_is_never_killed(database: str) -> None:
     """A recorded pid now used by an unrelated process (other start time) is left alone."""
     unrelated = subprocess.Popen(["sleep", "600"])
     try:
@@ -115,14 +117,14 @@ async def test_a_recycled_pid_is_never_killed(db: Path) -> None:
         gone.wait()  # a pid that belonged to the dead pool
         now = time.time()
         dead = NodeInfo("dead-node", os.uname().nodename, gone.pid, now - 50, now, now, None, 1)
-        (task_id,) = await _submit_all(db, [TaskSpec.build(["sleep", "600"])])
-        async with SQLiteStore(db) as store:
+        (task_id,) = await _submit_all(database, [TaskSpec.build(["sleep", "600"])])
+        async with open_store(database) as store:
             await store.register_node(dead)
             (claim,) = await store.claim(dead.id, Limits(max_parallel=1), lease_ttl_s=600)
             real_start = psutil.Process(unrelated.pid).create_time()
             await store.record_spawn(task_id, claim.fence, unrelated.pid, real_start - 1000)
 
-        async with fast_pool(db) as pool:
+        async with fast_pool(database) as pool:
             info = await pool.get(task_id)
             assert info.status is Status.LOST
             assert info.reason is not None
@@ -133,17 +135,17 @@ async def test_a_recycled_pid_is_never_killed(db: Path) -> None:
         unrelated.wait()
 
 
-async def test_frozen_pool_is_rescued_and_fenced(db: Path) -> None:
+async def test_frozen_pool_is_rescued_and_fenced(database: str) -> None:
     """A SIGSTOPped pool's task is rescued after its lease expires and runs elsewhere; when
     the frozen pool wakes, its stale lease is refused and it kills its own copy at once."""
     (task_id,) = await _submit_all(
-        db, [TaskSpec.build(["sh", "-c", "echo start; sleep 600"], max_attempts=2)]
+        database, [TaskSpec.build(["sh", "-c", "echo start; sleep 600"], max_attempts=2)]
     )
-    with pool_process(db, "1", "1.0") as (proc, frozen_node):
-        old_pid = await _pid_of(db, task_id)
+    with pool_process(database, "1", "1.0") as (proc, frozen_node):
+        old_pid = await _pid_of(database, task_id)
         old = psutil.Process(old_pid)
         proc.send_signal(signal.SIGSTOP)
-        async with fast_pool(db, lease_ttl_s=5.0) as pool:
+        async with fast_pool(database, lease_ttl_s=5.0) as pool:
 
             async def rescued_and_running() -> bool:
                 info = await pool.get(task_id)
