@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from taskpool import InvalidTask, SQLiteStore, Status, TaskNotFound
-from tests.helpers import eventually, fast_pool, no_attempt_processes, running
+from taskpool import InvalidTask, Status, TaskNotFound
+from tests.helpers import eventually, fast_pool, no_attempt_processes, open_store, running
 
 
-async def test_bad_input_is_refused_and_nothing_is_stored(db: Path) -> None:
+async def test_bad_input_is_refused_and_nothing_is_stored(database: str) -> None:
     """Invalid submissions raise InvalidTask, store nothing, and the pool goes on."""
-    async with fast_pool(db) as pool:
+    async with fast_pool(database) as pool:
         with pytest.raises(InvalidTask, match="argv must be a list of strings"):
             await pool.submit("echo hi")
         with pytest.raises(InvalidTask, match="contains a NUL byte"):
@@ -24,10 +22,10 @@ async def test_bad_input_is_refused_and_nothing_is_stored(db: Path) -> None:
         assert (await pool.wait(task)).status is Status.SUCCEEDED
 
 
-async def test_follow_streams_output_until_the_task_ends(db: Path) -> None:
+async def test_follow_streams_output_until_the_task_ends(database: str) -> None:
     """follow() yields output while the task runs and stops when it is terminal."""
     script = "echo one; sleep 0.4; echo two; sleep 0.4; echo three"
-    async with fast_pool(db) as pool:
+    async with fast_pool(database) as pool:
         task = await pool.submit(["sh", "-c", script])
         seen = []
         async for text in pool.follow(task):
@@ -38,9 +36,9 @@ async def test_follow_streams_output_until_the_task_ends(db: Path) -> None:
         assert (await pool.get(task)).status is Status.SUCCEEDED
 
 
-async def test_list_filters_by_status_and_project(db: Path) -> None:
+async def test_list_filters_by_status_and_project(database: str) -> None:
     """list_tasks filters by status and project, newest first."""
-    async with fast_pool(db, max_parallel=1) as pool:
+    async with fast_pool(database, max_parallel=1) as pool:
         a = await pool.submit(["true"], project="a")
         await pool.wait(a)
         blocker = await pool.submit(["sleep", "600"], project="b")
@@ -53,9 +51,9 @@ async def test_list_filters_by_status_and_project(db: Path) -> None:
         await pool.wait(c)
 
 
-async def test_wait_with_a_timeout_raises(db: Path) -> None:
+async def test_wait_with_a_timeout_raises(database: str) -> None:
     """wait(timeout_s=...) raises TimeoutError and leaves the task alone."""
-    async with fast_pool(db) as pool:
+    async with fast_pool(database) as pool:
         task = await pool.submit(["sleep", "600"])
         with pytest.raises(TimeoutError):
             await pool.wait(task, timeout_s=0.2)
@@ -63,22 +61,22 @@ async def test_wait_with_a_timeout_raises(db: Path) -> None:
         await pool.cancel(task, force=True)
 
 
-async def test_unknown_task_is_a_clear_error(db: Path) -> None:
+async def test_unknown_task_is_a_clear_error(database: str) -> None:
     """Asking about a task that does not exist raises TaskNotFound."""
-    async with fast_pool(db) as pool:
+    async with fast_pool(database) as pool:
         with pytest.raises(TaskNotFound, match="no task 42"):
             await pool.get(42)
         with pytest.raises(TaskNotFound):
             await pool.cancel(42)
 
 
-async def test_cancel_requested_from_another_process_reaches_the_owner(db: Path) -> None:
+async def test_cancel_requested_from_another_process_reaches_the_owner(database: str) -> None:
     """A cancel written to the store by someone else (an operator's CLI) stops the task
     at the owner's next heartbeat."""
-    async with fast_pool(db, heartbeat_interval_s=0.1) as pool:
+    async with fast_pool(database, heartbeat_interval_s=0.1) as pool:
         task = await pool.submit(["sleep", "600"])
         await running(pool, task)
-        async with SQLiteStore(db) as operator:
+        async with open_store(database) as operator:
             info = await operator.request_cancel(task)
             assert info.cancel_requested == "graceful"
         done = await pool.wait(task)
@@ -88,10 +86,10 @@ async def test_cancel_requested_from_another_process_reaches_the_owner(db: Path)
 
 
 async def test_retried_task_that_is_cancelled_between_attempts_stays_cancelled(
-    db: Path,
+    database: str,
 ) -> None:
     """A task waiting for its retry can be cancelled; it never runs again."""
-    async with fast_pool(db) as pool:
+    async with fast_pool(database) as pool:
         task = await pool.submit(["sh", "-c", "exit 1"], max_attempts=5, retry_backoff_s=600)
 
         async def waiting_for_retry() -> bool:

@@ -3,8 +3,6 @@ attempts, blocked tasks never hold up unrelated ones, order is priority then FIF
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from taskpool import Status, TaskPool
 from tests.helpers import eventually, fast_pool, running
 
@@ -31,9 +29,9 @@ async def _start_order(pool: TaskPool, ids: list[int]) -> list[int]:
     return [task_id for _, task_id in sorted(started)]
 
 
-async def test_node_max_parallel(db: Path) -> None:
+async def test_node_max_parallel(database: str) -> None:
     """No more than max_parallel tasks run at once on a node."""
-    async with fast_pool(db, max_parallel=2) as pool:
+    async with fast_pool(database, max_parallel=2) as pool:
         ids = [await pool.submit(["sleep", "600"]) for _ in range(3)]
         await _settle(pool, ids, [Status.RUNNING, Status.RUNNING, Status.WAITING])
         await pool.cancel(ids[0], force=True)
@@ -42,9 +40,9 @@ async def test_node_max_parallel(db: Path) -> None:
             await pool.cancel(task_id, force=True)
 
 
-async def test_project_limit_does_not_block_other_projects(db: Path) -> None:
+async def test_project_limit_does_not_block_other_projects(database: str) -> None:
     """A project at its limit waits while a later task of another project starts."""
-    async with fast_pool(db, max_parallel=4, project_limits={"infra": 1}) as pool:
+    async with fast_pool(database, max_parallel=4, project_limits={"infra": 1}) as pool:
         a = await pool.submit(["sleep", "600"], project="infra")
         await running(pool, a)
         b = await pool.submit(["sleep", "600"], project="infra")
@@ -57,9 +55,9 @@ async def test_project_limit_does_not_block_other_projects(db: Path) -> None:
             await pool.cancel(task_id, force=True)
 
 
-async def test_non_parallel_template_without_head_of_line_blocking(db: Path) -> None:
+async def test_non_parallel_template_without_head_of_line_blocking(database: str) -> None:
     """Tasks of a busy template wait; a later task of another template starts meanwhile."""
-    async with fast_pool(db, max_parallel=4) as pool:
+    async with fast_pool(database, max_parallel=4) as pool:
         first = await pool.submit(["sleep", "600"], template="deploy")
         await running(pool, first)
         second = await pool.submit(["sleep", "600"], template="deploy")
@@ -72,9 +70,9 @@ async def test_non_parallel_template_without_head_of_line_blocking(db: Path) -> 
             await pool.cancel(task_id, force=True)
 
 
-async def test_parallel_template_runs_side_by_side(db: Path) -> None:
+async def test_parallel_template_runs_side_by_side(database: str) -> None:
     """Tasks of a template that allows parallel runs run together."""
-    async with fast_pool(db, max_parallel=4) as pool:
+    async with fast_pool(database, max_parallel=4) as pool:
         ids = [
             await pool.submit(["sleep", "600"], template="lint", template_parallel=True)
             for _ in range(3)
@@ -84,9 +82,9 @@ async def test_parallel_template_runs_side_by_side(db: Path) -> None:
             await pool.cancel(task_id, force=True)
 
 
-async def test_resource_lock_blocks_every_task_naming_it(db: Path) -> None:
+async def test_resource_lock_blocks_every_task_naming_it(database: str) -> None:
     """A lock held by a running task blocks every other task that names it, and only those."""
-    async with fast_pool(db, max_parallel=4) as pool:
+    async with fast_pool(database, max_parallel=4) as pool:
         holder = await pool.submit(["sleep", "600"], locks=["prod-db"])
         await running(pool, holder)
         blocked_a = await pool.submit(["sleep", "600"], locks=["prod-db"], project="a")
@@ -103,9 +101,9 @@ async def test_resource_lock_blocks_every_task_naming_it(db: Path) -> None:
             await pool.cancel(task_id, force=True)
 
 
-async def test_priority_then_submit_order_within_a_blocking_group(db: Path) -> None:
+async def test_priority_then_submit_order_within_a_blocking_group(database: str) -> None:
     """Within one template, higher priority starts first, then submit order."""
-    async with fast_pool(db, max_parallel=1) as pool:
+    async with fast_pool(database, max_parallel=1) as pool:
         gate = await pool.submit(["sleep", "600"], template="t")
         await running(pool, gate)
         low_1 = await pool.submit(["true"], template="t", priority=0)
@@ -117,9 +115,9 @@ async def test_priority_then_submit_order_within_a_blocking_group(db: Path) -> N
         assert await _start_order(pool, [low_1, low_2, high]) == [high, low_1, low_2]
 
 
-async def test_many_blocked_tasks_do_not_hide_a_runnable_one(db: Path) -> None:
+async def test_many_blocked_tasks_do_not_hide_a_runnable_one(database: str) -> None:
     """More blocked tasks than one claim window looks at still cannot hide a runnable task."""
-    async with fast_pool(db, max_parallel=2) as pool:
+    async with fast_pool(database, max_parallel=2) as pool:
         gate = await pool.submit(["sleep", "600"], template="busy")
         await running(pool, gate)
         blocked = [await pool.submit(["true"], template="busy") for _ in range(200)]

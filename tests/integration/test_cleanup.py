@@ -23,9 +23,9 @@ from tests.helpers import (
 GRANDCHILDREN = ["sh", "-c", "sleep 600 & sleep 600 & wait"]
 
 
-async def test_subprocess_killed_from_outside_frees_its_template(db: Path) -> None:
+async def test_subprocess_killed_from_outside_frees_its_template(database: str) -> None:
     """The Semaphore incident: a SIGKILLed process ends its task and its template runs again."""
-    async with fast_pool(db) as pool:
+    async with fast_pool(database) as pool:
         first = await pool.submit(["sleep", "600"], template="deploy")
         info = await running(pool, first)
         second = await pool.submit(["echo", "second"], template="deploy")
@@ -45,9 +45,9 @@ async def test_subprocess_killed_from_outside_frees_its_template(db: Path) -> No
     assert await no_attempt_processes()
 
 
-async def test_cancel_of_a_process_that_ignores_sigterm_escalates_to_sigkill(db: Path) -> None:
+async def test_cancel_of_a_process_that_ignores_sigterm_escalates_to_sigkill(database: str) -> None:
     """Cancel sends SIGTERM, waits the grace period, then SIGKILLs; the slot frees."""
-    async with fast_pool(db, max_parallel=1, kill_grace_s=0.5) as pool:
+    async with fast_pool(database, max_parallel=1, kill_grace_s=0.5) as pool:
         stubborn = await pool.submit(
             ["sh", "-c", "trap '' TERM; echo ready; while true; do sleep 0.05; done"]
         )
@@ -66,9 +66,9 @@ async def test_cancel_of_a_process_that_ignores_sigterm_escalates_to_sigkill(db:
     assert await no_attempt_processes(stubborn)
 
 
-async def test_forced_cancel_kills_at_once(db: Path) -> None:
+async def test_forced_cancel_kills_at_once(database: str) -> None:
     """A forced cancel skips SIGTERM and the grace period."""
-    async with fast_pool(db, kill_grace_s=60) as pool:
+    async with fast_pool(database, kill_grace_s=60) as pool:
         task = await pool.submit(["sh", "-c", "trap '' TERM; sleep 600"])
         await running(pool, task)
         await pool.cancel(task, force=True)
@@ -78,9 +78,9 @@ async def test_forced_cancel_kills_at_once(db: Path) -> None:
     assert await no_attempt_processes(task)
 
 
-async def test_cancel_of_a_waiting_task_is_immediate(db: Path) -> None:
+async def test_cancel_of_a_waiting_task_is_immediate(database: str) -> None:
     """A waiting task is cancelled without ever running."""
-    async with fast_pool(db, max_parallel=1) as pool:
+    async with fast_pool(database, max_parallel=1) as pool:
         blocker = await pool.submit(["sleep", "600"])
         await running(pool, blocker)
         waiting = await pool.submit(["echo", "never"])
@@ -94,14 +94,14 @@ async def test_cancel_of_a_waiting_task_is_immediate(db: Path) -> None:
 
 
 @pytest.mark.parametrize("how", ["cancel", "timeout", "stall"])
-async def test_grandchildren_die_with_their_task(db: Path, how: str) -> None:
+async def test_grandchildren_die_with_their_task(database: str, how: str) -> None:
     """`sh -c 'sleep 600 & sleep 600 & wait'` leaves no sleep behind, however it ends."""
     options: dict[str, float] = {}
     if how == "timeout":
         options["timeout_s"] = 0.5
     elif how == "stall":
         options["stall_timeout_s"] = 0.5
-    async with fast_pool(db) as pool:
+    async with fast_pool(database) as pool:
         task = await pool.submit(GRANDCHILDREN, **options)
         await running(pool, task)
         await eventually(lambda: _count_processes(task, 3))
@@ -119,9 +119,9 @@ async def test_grandchildren_die_with_their_task(db: Path, how: str) -> None:
     assert await no_attempt_processes(task)
 
 
-async def test_background_children_of_an_exited_leader_are_killed(db: Path) -> None:
+async def test_background_children_of_an_exited_leader_are_killed(database: str) -> None:
     """A leader that exits leaving a daemon behind in its group does not leak it."""
-    async with fast_pool(db) as pool:
+    async with fast_pool(database) as pool:
         task = await pool.submit(["sh", "-c", "sleep 600 & echo started"])
         done = await pool.wait(task)
         assert done.status is Status.SUCCEEDED
@@ -129,9 +129,9 @@ async def test_background_children_of_an_exited_leader_are_killed(db: Path) -> N
     assert await no_attempt_processes(task)
 
 
-async def test_escaped_setsid_descendant_is_killed_on_cancel(db: Path) -> None:
+async def test_escaped_setsid_descendant_is_killed_on_cancel(database: str) -> None:
     """A grandchild that left the process group with setsid is still killed on cancel."""
-    async with fast_pool(db) as pool:
+    async with fast_pool(database) as pool:
         task = await pool.submit(["sh", "-c", "setsid sleep 600 & sleep 600"])
         await running(pool, task)
         await eventually(lambda: _count_processes(task, 3))
@@ -140,9 +140,9 @@ async def test_escaped_setsid_descendant_is_killed_on_cancel(db: Path) -> None:
     assert await no_attempt_processes(task)
 
 
-async def test_timeout(db: Path) -> None:
+async def test_timeout(database: str) -> None:
     """A task running past its timeout ends `timed_out`, with the reason recorded."""
-    async with fast_pool(db) as pool:
+    async with fast_pool(database) as pool:
         task = await pool.submit(["sleep", "600"], timeout_s=0.3)
         done = await pool.wait(task)
         assert done.status is Status.TIMED_OUT
@@ -151,9 +151,9 @@ async def test_timeout(db: Path) -> None:
     assert await no_attempt_processes(task)
 
 
-async def test_stall(db: Path) -> None:
+async def test_stall(database: str) -> None:
     """A task silent for its stall timeout ends `stalled`."""
-    async with fast_pool(db) as pool:
+    async with fast_pool(database) as pool:
         task = await pool.submit(["sh", "-c", "echo hi; sleep 600"], stall_timeout_s=0.5)
         done = await pool.wait(task)
         assert done.status is Status.STALLED
@@ -162,10 +162,10 @@ async def test_stall(db: Path) -> None:
     assert await no_attempt_processes(task)
 
 
-async def test_steady_output_outlives_its_stall_timeout(db: Path) -> None:
+async def test_steady_output_outlives_its_stall_timeout(database: str) -> None:
     """A task that prints steadily for longer than its stall timeout succeeds."""
     script = "for i in $(seq 1 15); do echo tick $i; sleep 0.1; done"
-    async with fast_pool(db) as pool:
+    async with fast_pool(database) as pool:
         task = await pool.submit(["sh", "-c", script], stall_timeout_s=0.6)
         done = await pool.wait(task)
         assert done.status is Status.SUCCEEDED, done.reason
@@ -174,7 +174,7 @@ async def test_steady_output_outlives_its_stall_timeout(db: Path) -> None:
 
 @pytest.mark.parametrize("case", ["missing program", "not executable", "missing cwd"])
 async def test_spawn_failures_fail_clearly_and_the_pool_goes_on(
-    db: Path, tmp_path: Path, case: str
+    database: str, tmp_path: Path, case: str
 ) -> None:
     """A task that cannot start fails with a clear message; the next task still runs."""
     script = tmp_path / "script.sh"
@@ -198,7 +198,7 @@ async def test_spawn_failures_fail_clearly_and_the_pool_goes_on(
             "No such file or directory",
         ),
     }[case]
-    async with fast_pool(db, max_parallel=1) as pool:
+    async with fast_pool(database, max_parallel=1) as pool:
         bad = await pool.submit(argv, cwd=cwd, max_attempts=3)
         good = await pool.submit(["echo", "next"])
         done = await pool.wait(bad)
@@ -208,9 +208,9 @@ async def test_spawn_failures_fail_clearly_and_the_pool_goes_on(
         assert (await pool.wait(good)).status is Status.SUCCEEDED
 
 
-async def test_failed_task_is_retried_with_backoff(db: Path) -> None:
+async def test_failed_task_is_retried_with_backoff(database: str) -> None:
     """A failing task is re-queued while attempts remain, then fails for good."""
-    async with fast_pool(db) as pool:
+    async with fast_pool(database) as pool:
         task = await pool.submit(
             ["sh", "-c", "echo try; exit 3"], max_attempts=3, retry_backoff_s=0.05
         )

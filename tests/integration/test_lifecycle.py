@@ -12,35 +12,35 @@ import pytest
 
 from taskpool import PoolClosed, PoolCrashed, SQLiteStore, Status, StoreUnavailable
 from taskpool._store import Renewal
-from tests.helpers import eventually, fast_pool, no_attempt_processes, reasons, running
+from tests.helpers import eventually, fast_pool, no_attempt_processes, open_store, reasons, running
 
 RESUMABLE = (
     "if [ -e {marker} ]; then echo resumed; exit 0; fi; touch {marker}; echo first; sleep 600"
 )
 
 
-async def test_shutdown_lets_running_tasks_finish_within_the_drain_time(db: Path) -> None:
+async def test_shutdown_lets_running_tasks_finish_within_the_drain_time(database: str) -> None:
     """Leaving the context waits up to shutdown_drain_s for running tasks to finish."""
-    async with fast_pool(db, shutdown_drain_s=30) as pool:
+    async with fast_pool(database, shutdown_drain_s=30) as pool:
         task = await pool.submit(["sh", "-c", "sleep 0.3; echo done"])
         await running(pool, task)
-    async with SQLiteStore(db) as store:
+    async with open_store(database) as store:
         info = await store.get(task)
         assert info.status is Status.SUCCEEDED
         assert [c.text for c in await store.read_output(task)] == ["done\n"]
 
 
-async def test_shutdown_interrupts_and_the_next_boot_resumes(db: Path, tmp_path: Path) -> None:
+async def test_shutdown_interrupts_and_the_next_boot_resumes(database: str, tmp_path: Path) -> None:
     """Past the drain time, tasks are stopped and re-queued without using an attempt."""
     script = RESUMABLE.format(marker=tmp_path / "ran-once")
-    async with fast_pool(db, shutdown_drain_s=0.2) as pool:
+    async with fast_pool(database, shutdown_drain_s=0.2) as pool:
         first_node = pool.node_id
         task = await pool.submit(["sh", "-c", script], max_attempts=1)
         await running(pool, task)
         stubborn = await pool.submit(["sh", "-c", "trap '' TERM; sleep 600"], max_attempts=1)
         await running(pool, stubborn)
     assert await no_attempt_processes()
-    async with SQLiteStore(db) as store:
+    async with open_store(database) as store:
         info = await store.get(task)
         assert info.status is Status.WAITING
         assert info.attempts_used == 0  # shutdown is not the task's fault
@@ -54,7 +54,7 @@ async def test_shutdown_interrupts_and_the_next_boot_resumes(db: Path, tmp_path:
         )
         nodes = {n.id: n for n in await store.list_nodes()}
         assert nodes[first_node].stopped_at is not None
-    async with fast_pool(db) as pool:
+    async with fast_pool(database) as pool:
         assert pool.node_id != first_node  # a fresh identity per start
         done = await pool.wait(task)
         assert done.status is Status.SUCCEEDED
@@ -63,15 +63,15 @@ async def test_shutdown_interrupts_and_the_next_boot_resumes(db: Path, tmp_path:
         await pool.cancel(stubborn, force=True)
 
 
-async def test_cancellation_from_outside_still_shuts_down_cleanly(db: Path) -> None:
+async def test_cancellation_from_outside_still_shuts_down_cleanly(database: str) -> None:
     """When the host cancels the pool's context, tasks are still stopped and re-queued."""
     with anyio.move_on_after(1):
-        async with fast_pool(db) as pool:
+        async with fast_pool(database) as pool:
             task = await pool.submit(["sleep", "600"])
             await running(pool, task)
             await anyio.sleep(600)
     assert await no_attempt_processes()
-    async with SQLiteStore(db) as store:
+    async with open_store(database) as store:
         info = await store.get(task)
         assert info.status is Status.WAITING
         assert info.attempts_used == 0
