@@ -1,0 +1,364 @@
+"""The operator's command line: a thin layer over the public API.
+
+Every option can also be set by an environment variable, named on its help line
+(`TASKPOOL_DB`, `TASKPOOL_MAX_PARALLEL`, ...). Errors print their cause chain and
+exit non-zero; so does a worker whose pool crashed, so a supervisor restarts it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+
+from ._errors import TaskpoolError
+from ._models import Status, TaskInfo, TaskSpec
+from ._pool import TaskPool
+from ._store import Store
+
+#: Exit codes: 1 for an error (a crashed worker included), 2 for bad usage.
+EXIT_ERROR = 1
+
+
+def open_store(db: str) -> Store:
+    """The store a `--db` value names: a postgresql:// URL or an SQLite path."""
+    if db.startswith(("postgresql://", "postgres://")):
+        from .stores.postgres import PostgresStore
+
+        return PostgresStore(db, max_size=2)
+    from .stores.sqlite import SQLiteStore
+
+    return SQLiteStore(db)
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"TASKPOOL_{name}", default)
+
+
+def _option(parser: argparse.ArgumentParser, flag: str, env: str, help: str, **kwargs: Any) -> None:
+    """An option whose default comes from TASKPOOL_<env> when that is set."""
+    default = _env(env)
+    if default is not None:
+        kwargs["default"] = kwargs.get("type", str)(default)
+    parser.add_argument(flag, help=f"{help} [env TASKPOOL_{env}]", **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="taskpool", description="Run and inspect taskpool tasks.")
+    _option(
+        parser,
+        "--db",
+        "DB",
+        "SQLite file or postgresql:// URL (default: taskpool.db)",
+        default="taskpool.db",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    worker = commands.add_parser("worker", help="run a pool until SIGINT/SIGTERM")
+    _option(worker, "--max-parallel", "MAX_PARALLEL", "tasks at once", type=int, default=4)
+    worker.add_argument(
+        "--project-limit",
+        action="append",
+        default=[],
+        metavar="PROJECT=N",
+        help="cap running tasks of a project across nodes (repeatable)",
+    )
+    _option(worker, "--lease-ttl", "LEASE_TTL_S", "lease time to live, s", type=float, default=30)
+    _option(
+        worker,
+        "--shutdown-drain",
+        "SHUTDOWN_DRAIN_S",
+        "drain time at exit, s",
+        type=float,
+        default=10,
+    )
+    _option(worker, "--kill-grace", "KILL_GRACE_S", "SIGTERM to SIGKILL, s", type=float, default=5)
+    _option(
+        worker,
+        "--outage-tolerance",
+        "STORE_OUTAGE_TOLERANCE_S",
+        "store outage ridden out before the worker crashes, s",
+        type=float,
+        default=30,
+    )
+
+    submit = commands.add_parser("submit", help="queue a task; prints its id")
+    submit.add_argument("argv", nargs=argparse.REMAINDER, help="the command (after --)")
+    submit.add_argument("--project", default="default")
+    submit.add_argument("--template")
+    submit.add_argument("--parallel", action="store_true", help="the template allows parallel runs")
+    submit.add_argument("--lock", action="append", default=[], help="a named resource lock")
+    submit.add_argument("--priority", type=int, default=0)
+    submit.add_argument("--timeout", type=float, help="seconds")
+    submit.add_argument("--stall-timeout", type=float, help="seconds without output")
+    submit.add_argument("--max-attempts", type=int, default=1)
+    submit.add_argument("--backoff", type=float, default=1.0, help="first retry delay, s")
+    submit.add_argument("--cwd")
+    submit.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+
+    ls = commands.add_parser("ls", help="list tasks, newest first")
+    ls.add_argument("--status", action="append", choices=[s.value for s in Status])
+    ls.add_argument("--project")
+    ls.add_argument("--limit", type=int, default=50)
+
+    show = commands.add_parser("show", help="one task and its events")
+    show.add_argument("id", type=int)
+
+    logs = commands.add_parser("logs", help="a task's output")
+    logs.add_argument("id", type=int)
+    logs.add_argument("-f", "--follow", action="store_true", help="until the task ends")
+
+    cancel = commands.add_parser("cancel", help="cancel a task")
+    cancel.add_argument("id", type=int)
+    cancel.add_argument("--force", action="store_true", help="SIGKILL at once")
+
+    retry = commands.add_parser("retry", help="queue a finished task again, as a new task")
+    retry.add_argument("id", type=int)
+
+    commands.add_parser("nodes", help="pools that have registered, newest last")
+
+    stale = commands.add_parser("stale", help="what looks stuck: expired leases, silent nodes")
+    stale.add_argument(
+        "--older-than", type=float, default=60.0, help="heartbeat age that counts as silent, s"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `taskpool` and `python -m taskpool`; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    command: Callable[[argparse.Namespace], Any] = COMMANDS[args.command]
+    try:
+        anyio.run(command, args)
+    except KeyboardInterrupt:
+        return 130
+    except (TaskpoolError, OSError, ValueError) as exc:
+        _print_error(exc)
+        return EXIT_ERROR
+    return 0
+
+
+def _print_error(exc: BaseException) -> None:
+    chain = []
+    current: BaseException | None = exc
+    while current is not None:
+        chain.append(f"{type(current).__name__}: {current}")
+        current = current.__cause__ or current.__context__
+    print("taskpool: error: " + "\n  caused by ".join(chain), file=sys.stderr)
+
+
+# -- output ------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | frozenset | set):
+        items = [_plain(v) for v in value]
+        return sorted(items) if isinstance(value, frozenset | set) else items
+    return value
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(_plain(data), indent=2) if args.json else text)
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _task_line(t: TaskInfo) -> str:
+    command = " ".join(t.spec.argv)
+    if len(command) > 50:
+        command = command[:47] + "..."
+    return f"{t.id:>6}  {t.status.value:<10} {t.spec.project:<12} {command}  ({t.reason})"
+
+
+# -- commands ----------------------------------------------------------------
+
+
+async def cmd_worker(args: argparse.Namespace) -> None:
+    limits = {}
+    for item in args.project_limit:
+        project, _, n = item.partition("=")
+        if not project or not n.isdigit():
+            raise ValueError(f"--project-limit wants PROJECT=N, got {item!r}")
+        limits[project] = int(n)
+    pool = TaskPool(
+        open_store(args.db),
+        max_parallel=args.max_parallel,
+        project_limits=limits,
+        lease_ttl_s=args.lease_ttl,
+        shutdown_drain_s=args.shutdown_drain,
+        kill_grace_s=args.kill_grace,
+        store_outage_tolerance_s=args.outage_tolerance,
+    )
+    async with pool.store, pool:
+        print(f"taskpool worker: node {pool.node_id} on {args.db}", file=sys.stderr, flush=True)
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                print(
+                    f"taskpool worker: {signal.Signals(signum).name}, shutting down",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                break
+
+
+async def cmd_submit(args: argparse.Namespace) -> None:
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    env = None
+    if args.env:
+        env = dict(os.environ)
+        for item in args.env:
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"--env wants NAME=VALUE, got {item!r}")
+            env[name] = value
+    spec = TaskSpec.build(
+        argv,
+        cwd=args.cwd,
+        env=env,
+        project=args.project,
+        template=args.template,
+        template_parallel=args.parallel,
+        locks=args.lock,
+        priority=args.priority,
+        timeout_s=args.timeout,
+        stall_timeout_s=args.stall_timeout,
+        max_attempts=args.max_attempts,
+        retry_backoff_s=args.backoff,
+    )
+    async with open_store(args.db) as store:
+        task_id = await store.submit(spec)
+    _emit(args, {"id": task_id}, str(task_id))
+
+
+async def cmd_ls(args: argparse.Namespace) -> None:
+    statuses = [Status(s) for s in args.status] if args.status else None
+    async with open_store(args.db) as store:
+        tasks = await store.list_tasks(statuses=statuses, project=args.project, limit=args.limit)
+    _emit(args, tasks, "\n".join(_task_line(t) for t in tasks) or "no tasks")
+
+
+async def cmd_show(args: argparse.Namespace) -> None:
+    async with open_store(args.db) as store:
+        task = await store.get(args.id)
+        events = await store.events(args.id)
+    lines = [
+        _task_line(task),
+        f"  command: {list(task.spec.argv)}  cwd: {task.spec.cwd or '-'}",
+        f"  attempts: {task.attempts_used}/{task.spec.max_attempts}  owner: "
+        f"{task.owner_node or '-'}  pid: {task.pid or '-'}  exit code: {task.exit_code}",
+        "  events:",
+        *(
+            f"    {_when(e.at)}  {e.from_status or '-'} -> {e.to_status}: {e.reason}"
+            for e in events
+        ),
+    ]
+    _emit(args, {"task": task, "events": events}, "\n".join(lines))
+
+
+async def cmd_logs(args: argparse.Namespace) -> None:
+    cursor = (0, 0)
+    async with open_store(args.db) as store:
+        while True:
+            done = args.follow and (await store.get(args.id)).is_terminal
+            chunks = await store.read_output(args.id, after=cursor)
+            for chunk in chunks:
+                sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+            if chunks:
+                cursor = (chunks[-1].fence, chunks[-1].seq)
+                continue
+            if not args.follow or done:
+                return
+            await anyio.sleep(0.2)
+
+
+async def cmd_cancel(args: argparse.Namespace) -> None:
+    async with open_store(args.db) as store:
+        task = await store.request_cancel(args.id, force=args.force)
+    text = (
+        f"task {task.id}: {task.status.value}"
+        if task.status is not Status.RUNNING
+        else f"task {task.id}: cancel requested ({task.cancel_requested}); its node stops it"
+    )
+    _emit(args, task, text)
+
+
+async def cmd_retry(args: argparse.Namespace) -> None:
+    async with open_store(args.db) as store:
+        task = await store.get(args.id)
+        if not task.is_terminal:
+            raise ValueError(
+                f"task {task.id} is {task.status.value}; only a finished task is retried"
+            )
+        new_id = await store.submit(task.spec)
+    _emit(args, {"id": new_id, "retry_of": task.id}, str(new_id))
+
+
+async def cmd_nodes(args: argparse.Namespace) -> None:
+    async with open_store(args.db) as store:
+        nodes = await store.list_nodes()
+    now = time.time()
+    lines = [
+        f"{n.id}  {n.host}:{n.pid}  max {n.max_parallel}  "
+        + (
+            f"stopped {_when(n.stopped_at)}"
+            if n.stopped_at is not None
+            else f"heartbeat {now - n.heartbeat_at:.0f} s ago"
+        )
+        for n in nodes
+    ]
+    _emit(args, nodes, "\n".join(lines) or "no nodes")
+
+
+async def cmd_stale(args: argparse.Namespace) -> None:
+    now = time.time()
+    async with open_store(args.db) as store:
+        running = await store.list_tasks(statuses=[Status.RUNNING], limit=10_000)
+        nodes = await store.list_nodes(alive=True)
+    expired = [t for t in running if t.lease_expires_at is not None and t.lease_expires_at < now]
+    silent = [n for n in nodes if now - n.heartbeat_at > args.older_than]
+    lines = [
+        f"task {t.id}: lease expired {now - (t.lease_expires_at or now):.0f} s ago, owner "
+        f"{t.owner_node}"
+        for t in expired
+    ]
+    lines += [
+        f"node {n.id} ({n.host}:{n.pid}): no heartbeat for {now - n.heartbeat_at:.0f} s"
+        for n in silent
+    ]
+    _emit(
+        args,
+        {"expired_leases": expired, "silent_nodes": silent},
+        "\n".join(lines) or "nothing stale",
+    )
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
+    "worker": cmd_worker,
+    "submit": cmd_submit,
+    "ls": cmd_ls,
+    "show": cmd_show,
+    "logs": cmd_logs,
+    "cancel": cmd_cancel,
+    "retry": cmd_retry,
+    "nodes": cmd_nodes,
+    "stale": cmd_stale,
+}
