@@ -1,0 +1,121 @@
+"""A pool embedded in an ASGI web app: the pool lives exactly as long as the app.
+
+The pool is entered in the ASGI lifespan, so it starts with the server, shuts down
+gracefully with it, and if it crashes the lifespan fails and the server exits
+(crash, never hang) for its supervisor to restart it. Plain ASGI, no framework:
+
+    pip install uvicorn && uvicorn examples.asgi_app:app
+    curl -XPOST localhost:8000/tasks -d '{"argv": ["sh", "-c", "echo hi"]}'
+    curl localhost:8000/tasks/1
+    curl localhost:8000/tasks/1/output
+    curl -XPOST localhost:8000/tasks/1/cancel
+
+TASKPOOL_DB names the store (default: taskpool-web.db).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from taskpool import InvalidTask, TaskInfo, TaskNotFound, TaskPool
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+SUBMIT_OPTIONS = {
+    "cwd",
+    "project",
+    "template",
+    "locks",
+    "priority",
+    "timeout_s",
+    "stall_timeout_s",
+    "max_attempts",
+    "retry_backoff_s",
+}
+
+
+class App:
+    def __init__(self, db: str) -> None:
+        self.db = db
+        self.pool: TaskPool | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.lifespan(receive, send)
+        elif scope["type"] == "http":
+            status, body = await self.route(scope, receive)
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
+            await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+
+    async def lifespan(self, receive: Receive, send: Send) -> None:
+        await receive()  # lifespan.startup
+        try:
+            async with TaskPool(self.db) as pool:
+                self.pool = pool
+                await send({"type": "lifespan.startup.complete"})
+                await receive()  # lifespan.shutdown: leaving the block drains the pool
+        except BaseException as exc:
+            self.pool = None
+            await send({"type": "lifespan.shutdown.failed", "message": repr(exc)})
+            raise
+        self.pool = None
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def route(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
+        pool = self.pool
+        if pool is None:
+            return 503, {"error": "the task pool is not running"}
+        method, path = scope["method"], scope["path"]
+        try:
+            if method == "POST" and path == "/tasks":
+                request = json.loads(await _body(receive) or b"{}")
+                options = {k: v for k, v in request.items() if k in SUBMIT_OPTIONS}
+                return 201, {"id": await pool.submit(request.get("argv"), **options)}
+            if match := re.fullmatch(r"/tasks/(\d+)(/output|/cancel)?", path):
+                task_id, action = int(match[1]), match[2]
+                if method == "GET" and action is None:
+                    return 200, _task(await pool.get(task_id))
+                if method == "GET" and action == "/output":
+                    return 200, {"output": await pool.output(task_id)}
+                if method == "POST" and action == "/cancel":
+                    return 200, _task(await pool.cancel(task_id))
+        except (InvalidTask, json.JSONDecodeError, TypeError) as exc:
+            return 400, {"error": str(exc)}
+        except TaskNotFound as exc:
+            return 404, {"error": str(exc)}
+        return 404, {"error": f"no route for {method} {path}"}
+
+
+async def _body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def _task(info: TaskInfo) -> dict[str, Any]:
+    return {
+        "id": info.id,
+        "status": info.status.value,
+        "reason": info.reason,
+        "exit_code": info.exit_code,
+        "argv": list(info.spec.argv),
+    }
+
+
+app = App(os.environ.get("TASKPOOL_DB", "taskpool-web.db"))
