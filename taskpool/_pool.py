@@ -48,8 +48,8 @@ from ._models import (
 )
 from ._runner import RunnerControl, RunRequest, StopKind, run_attempt
 from ._store import Store
+from ._telemetry import Metrics, Telemetry
 
-log = logging.getLogger("taskpool")
 T = TypeVar("T")
 
 #: Output is sent to the store once this much is buffered (or every flush interval).
@@ -112,6 +112,7 @@ class TaskPool:
         shutdown_drain_s: float = 10.0,
         max_log_bytes: int = 10 * 1024 * 1024,
         store_outage_tolerance_s: float = 30.0,
+        metrics: Metrics | None = None,
     ) -> None:
         if isinstance(store, Store):
             self.store = store
@@ -139,6 +140,8 @@ class TaskPool:
         self.shutdown_drain_s = shutdown_drain_s
         self.max_log_bytes = max_log_bytes
         self.store_outage_tolerance_s = store_outage_tolerance_s
+        self.metrics = metrics
+        self._telemetry = Telemetry("-", metrics)
         self.node: NodeInfo | None = None
         self._tg: TaskGroup | None = None
         # Created here, not in the services task: shutdown may cancel it before that task runs.
@@ -182,6 +185,7 @@ class TaskPool:
                 stopped_at=None,
                 max_parallel=self.limits.max_parallel,
             )
+            self._telemetry = Telemetry(self.node.id, self.metrics)
             await self.store.register_node(self.node)
             # Recovery before work: nothing is claimed until predecessors are settled.
             await self._reconcile_predecessors()
@@ -193,7 +197,7 @@ class TaskPool:
                     await self.store.close()
             raise
         self._tg.start_soon(self._run_services, name="taskpool services")
-        log.info("taskpool node %s started", self.node.id)
+        self._telemetry.node_started()
         return self
 
     async def __aexit__(
@@ -228,7 +232,7 @@ class TaskPool:
             with anyio.CancelScope(shield=True):
                 await self.store.close()
         if failure is not None:
-            log.error("taskpool node %s crashed: %r", self.node.id, failure)
+            self._telemetry.crashed(failure)
             raise PoolCrashed(f"taskpool node {self.node.id} crashed: {failure!r}") from failure
         return exc is None and exc_type is not None
 
@@ -256,12 +260,21 @@ class TaskPool:
                     task_id, fence, Outcome(OutcomeKind.SHUTDOWN, f"interrupted: {why}")
                 )
             except Exception as exc:  # the store may be what failed; boot will reconcile
-                log.warning("could not release task %s after crash: %r", task_id, exc)
+                self._telemetry.note(
+                    logging.WARNING,
+                    "release_failed",
+                    "could not release task %s after crash: %r",
+                    task_id,
+                    exc,
+                    task_id=task_id,
+                )
         try:
             reason = "stopped" if failure is None else f"crashed: {failure!r}"
             await self.store.stop_node(self.node.id, reason)
         except Exception as exc:
-            log.warning("could not mark node %s stopped: %r", self.node.id, exc)
+            self._telemetry.note(
+                logging.WARNING, "stop_failed", "could not mark the node stopped: %r", exc
+            )
 
     async def _run_services(self) -> None:
         with self._services:
@@ -297,7 +310,7 @@ class TaskPool:
                 found = f"killed leftover {', '.join(killed)}" if killed else "no process was left"
                 reason = f"owner node {node.id} (pid {node.pid}) died; {how_found}; {found}"
                 info = await self.store.settle_orphan(orphan.task_id, orphan.fence, reason)
-                log.warning("task %s: %s -> %s", orphan.task_id, reason, info.status)
+                self._telemetry.settled(info, "reconciled")
             await self.store.stop_node(node.id, f"{how_found}: its process is gone")
 
     # -- the loops ---------------------------------------------------------
@@ -347,7 +360,7 @@ class TaskPool:
             await self._with_store(self._reconcile_predecessors)
             rescued = await self._with_store(self.store.rescue_expired)
             for info in rescued:
-                log.warning("task %s rescued -> %s: %s", info.id, info.status, info.reason)
+                self._telemetry.settled(info, "rescued")
             if rescued:
                 self._wake.set()
                 self._task_changed()
@@ -373,19 +386,29 @@ class TaskPool:
             await self._with_store(lambda: self.store.record_spawn(task.id, fence, pid, started_at))
 
         finished = claimed = False
+        started = anyio.current_time()
+        self._telemetry.attempt_started(task)
+        outcome = Outcome(OutcomeKind.SHUTDOWN, "interrupted: the pool stopped its task group")
         try:
             outcome = await run_attempt(
                 request, _StoreSink(self, task.id, fence), control, on_spawn
             )
-            if outcome.kind is OutcomeKind.LEASE_LOST:
-                log.warning("task %s: %s; its process group was killed", task.id, outcome.reason)
-            else:
+            if outcome.kind is not OutcomeKind.LEASE_LOST:
                 try:
                     claimed = await self._finish(task.id, fence, outcome)
                 except LeaseLost as exc:
-                    log.warning("task %s: result not recorded: %s", task.id, exc)
+                    self._telemetry.note(
+                        logging.WARNING,
+                        "result_refused",
+                        "task %s: result not recorded: %s",
+                        task.id,
+                        exc,
+                        task_id=task.id,
+                        fence=fence,
+                    )
             finished = True
         finally:
+            self._telemetry.attempt_ended(task, outcome, anyio.current_time() - started)
             if not finished:
                 self._interrupted[task.id] = fence
             del self._runners[task.id, fence]
@@ -423,9 +446,9 @@ class TaskPool:
                 return await call()
             except StoreUnavailable as exc:
                 now = anyio.current_time()
+                self._telemetry.store_retry(exc, first=deadline is None)
                 if deadline is None:
                     deadline = now + self.store_outage_tolerance_s
-                    log.warning("store unavailable, retrying: %s", exc)
                 if now >= deadline:
                     raise
                 await anyio.sleep(min(delay, deadline - now))

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import enum
 import json
+import logging
 import os
 import signal
 import sys
@@ -83,6 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=10,
     )
     _option(worker, "--kill-grace", "KILL_GRACE_S", "SIGTERM to SIGKILL, s", type=float, default=5)
+    _option(
+        worker,
+        "--metrics-port",
+        "METRICS_PORT",
+        "serve Prometheus metrics on this port (needs prometheus-client)",
+        type=int,
+    )
+    _option(
+        worker,
+        "--log-format",
+        "LOG_FORMAT",
+        "text, or json: one object per line with the record's fields",
+        choices=["text", "json"],
+        default="text",
+    )
     _option(
         worker,
         "--outage-tolerance",
@@ -198,8 +214,18 @@ async def cmd_worker(args: argparse.Namespace) -> None:
         if not project or not n.isdigit():
             raise ValueError(f"--project-limit wants PROJECT=N, got {item!r}")
         limits[project] = int(n)
+    _configure_logging(args.log_format)
+    metrics = None
+    if args.metrics_port is not None:
+        import prometheus_client
+
+        from .metrics import PrometheusMetrics
+
+        metrics = PrometheusMetrics()
+        prometheus_client.start_http_server(args.metrics_port, addr="127.0.0.1")
     pool = TaskPool(
         open_store(args.db),
+        metrics=metrics,
         max_parallel=args.max_parallel,
         project_limits=limits,
         lease_ttl_s=args.lease_ttl,
@@ -217,6 +243,33 @@ async def cmd_worker(args: argparse.Namespace) -> None:
                     flush=True,
                 )
                 break
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, message and the pool's own fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            **getattr(record, "taskpool", {}),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def _configure_logging(log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("taskpool")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
 
 
 async def cmd_submit(args: argparse.Namespace) -> None:

@@ -48,7 +48,11 @@ def worker(database: str, *args: str) -> Iterator[subprocess.Popen[str]]:
     )
     try:
         assert proc.stderr is not None
-        assert "taskpool worker: node" in proc.stderr.readline()
+        for _ in range(20):  # log records may come first
+            line = proc.stderr.readline()
+            if "taskpool worker: node" in line or not line:
+                break
+        assert "taskpool worker: node" in line, line
         yield proc
     finally:
         if proc.poll() is None:
