@@ -45,7 +45,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 log = logging.getLogger("taskpool")
 
-#: The channel NOTIFYed, at commit, whenever work may have become claimable.
+#: The channel NOTIFYed, at commit, whenever work may have become claimable or a
+#: task has ended (submits, finishes, rescues).
 WORK_CHANNEL = "taskpool_work"
 
 #: Key of the advisory lock that serializes claims (and migrations, with +1).
@@ -538,8 +539,9 @@ async def _finish(conn: asyncpg.Connection, task_id: int, fence: int, outcome: O
         cancel_requested=row["cancel_requested"] is not None,
     )
     updated = await _apply(conn, row, transition, row["now"], outcome.kind.value, outcome.exit_code)
-    if transition.status is Status.WAITING:
-        await conn.execute(f"NOTIFY {WORK_CHANNEL}")
+    # Every end is news: a retry is claimable work, a freed template or lock may unblock
+    # tasks that other nodes hold back, and waiters elsewhere want the final status.
+    await conn.execute(f"NOTIFY {WORK_CHANNEL}")
     return updated
 
 
