@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any, Protocol
 
-from .._models import Limits, Status, TaskInfo, TaskSpec, Transition
+from .._models import Limits, NodeInfo, Status, TaskEvent, TaskInfo, TaskSpec, Transition
 from .._rules import Occupancy
 
 
@@ -118,4 +118,30 @@ def task_info(
         exit_code=r["exit_code"],
         reason=r["reason"],
         cancel_requested=r["cancel_requested"],
+    )
+
+
+def event_from_row(r: Row) -> TaskEvent:
+    return TaskEvent(
+        id=r["id"],
+        task_id=r["task_id"],
+        at=r["at"],
+        fence=r["fence"],
+        node_id=r["node_id"],
+        from_status=Status(r["from_status"]) if r["from_status"] else None,
+        to_status=Status(r["to_status"]),
+        reason=r["reason"],
+    )
+
+
+def node_from_row(r: Row) -> NodeInfo:
+    return NodeInfo(
+        id=r["id"],
+        host=r["host"],
+        pid=r["pid"],
+        pid_started_at=r["pid_started_at"],
+        started_at=r["started_at"],
+        heartbeat_at=r["heartbeat_at"],
+        stopped_at=r["stopped_at"],
+        max_parallel=r["max_parallel"],
     )

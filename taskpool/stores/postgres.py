@@ -37,7 +37,15 @@ from .._models import (
 )
 from .._rules import Occupancy, Slot, plan_claims
 from .._store import Orphan, OutputChunk, Renewal, Store
-from ._common import blocked_lists, claim_window, ended_columns, rescue_reason, task_info
+from ._common import (
+    blocked_lists,
+    claim_window,
+    ended_columns,
+    event_from_row,
+    node_from_row,
+    rescue_reason,
+    task_info,
+)
 
 if TYPE_CHECKING:
     import asyncpg
@@ -195,19 +203,7 @@ class PostgresStore(Store):
             elif alive is False:
                 sql += " AND stopped_at IS NOT NULL"
             rows = await conn.fetch(sql + " ORDER BY started_at", host)
-            return [
-                NodeInfo(
-                    id=r["id"],
-                    host=r["host"],
-                    pid=r["pid"],
-                    pid_started_at=r["pid_started_at"],
-                    started_at=r["started_at"],
-                    heartbeat_at=r["heartbeat_at"],
-                    stopped_at=r["stopped_at"],
-                    max_parallel=r["max_parallel"],
-                )
-                for r in rows
-            ]
+            return [node_from_row(r) for r in rows]
 
         return await self._tx(op)
 
@@ -467,19 +463,7 @@ class PostgresStore(Store):
             rows = await conn.fetch(
                 "SELECT * FROM taskpool_events WHERE task_id = $1 ORDER BY id", task_id
             )
-            return [
-                TaskEvent(
-                    id=r["id"],
-                    task_id=r["task_id"],
-                    at=r["at"],
-                    fence=r["fence"],
-                    node_id=r["node_id"],
-                    from_status=Status(r["from_status"]) if r["from_status"] else None,
-                    to_status=Status(r["to_status"]),
-                    reason=r["reason"],
-                )
-                for r in rows
-            ]
+            return [event_from_row(r) for r in rows]
 
         return await self._tx(op)
 

@@ -51,6 +51,8 @@ from ._common import (
     blocked_lists,
     claim_window,
     ended_columns,
+    event_from_row,
+    node_from_row,
     rescue_reason,
     task_info,
 )
@@ -405,7 +407,7 @@ class SQLiteStore(Store):
             elif alive is False:
                 sql += " AND stopped_at IS NOT NULL"
             rows = conn.execute(sql + " ORDER BY started_at", (host, host)).fetchall()
-            return [_node(r) for r in rows]
+            return [node_from_row(r) for r in rows]
 
         return await self._read(op)
 
@@ -620,19 +622,7 @@ class SQLiteStore(Store):
             rows = conn.execute(
                 "SELECT * FROM events WHERE task_id = ? ORDER BY id", (task_id,)
             ).fetchall()
-            return [
-                TaskEvent(
-                    id=r["id"],
-                    task_id=r["task_id"],
-                    at=r["at"],
-                    fence=r["fence"],
-                    node_id=r["node_id"],
-                    from_status=Status(r["from_status"]) if r["from_status"] else None,
-                    to_status=Status(r["to_status"]),
-                    reason=r["reason"],
-                )
-                for r in rows
-            ]
+            return [event_from_row(r) for r in rows]
 
         return await self._read(op)
 
@@ -833,19 +823,6 @@ def _claim(
         info = _info(row)
         claims.append(Claim(info, info.fence))
     return claims
-
-
-def _node(r: sqlite3.Row) -> NodeInfo:
-    return NodeInfo(
-        id=r["id"],
-        host=r["host"],
-        pid=r["pid"],
-        pid_started_at=r["pid_started_at"],
-        started_at=r["started_at"],
-        heartbeat_at=r["heartbeat_at"],
-        stopped_at=r["stopped_at"],
-        max_parallel=r["max_parallel"],
-    )
 
 
 def _info(r: sqlite3.Row) -> TaskInfo:
