@@ -13,6 +13,11 @@ Sections (`--only` takes one of these names):
   the next queued task's process starts, vs the same with bare asyncio.
 - `first_start_with_backlog`: boot to first process start with 100,000 waiting
   tasks vs 1,000, and the pool process's RSS growth while doing it.
+- `postgres`: the PostgreSQL store (server from `--pg-dsn`), each measurement on a
+  fresh throwaway database: a raw asyncpg INSERT transaction loop vs
+  `PostgresStore.submit` (sequential and concurrent); `true` tasks through
+  `TaskPool(PostgresStore(dsn), max_parallel=4)` vs the bare asyncio loop; and the
+  same tasks through two pools (nodes) sharing one database.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,7 +51,13 @@ from taskpool import SQLiteStore, Status, TaskPool, TaskSpec
 Json = dict[str, Any]
 T = TypeVar("T")
 
-SECTIONS = ("store_commit", "throughput", "kill_to_slot_free", "first_start_with_backlog")
+SECTIONS = (
+    "store_commit",
+    "throughput",
+    "kill_to_slot_free",
+    "first_start_with_backlog",
+    "postgres",
+)
 #: Store durability settings compared: the default (submits fsynced at once, the pool's
 #: own writes within 0.1 s) and an fsync on every commit. A submit is fsynced in both,
 #: so the raw sqlite3 baseline of `store_commit` is synchronous=FULL in both.
@@ -55,6 +68,15 @@ TERMINAL = tuple(str(s) for s in Status if s.is_terminal)
 #: Nothing in a benchmark round should take this long; hitting it is a failure.
 SAFETY_TIMEOUT_S = 60.0
 SCRIPT = str(Path(__file__).resolve())
+#: The PostgreSQL server of the `postgres` section: a DSN of a database to connect to
+#: for CREATE/DROP DATABASE (each measurement gets a fresh throwaway database).
+DEFAULT_PG_DSN = os.environ.get(
+    "TASKPOOL_BENCH_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+#: `max_parallel` of the single pool in `postgres.throughput` (and the baseline's
+#: semaphore), and of each of the two pools in `postgres.two_nodes` (4 slots in all).
+PG_CONCURRENCY = 4
+PG_NODE_PARALLEL = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,10 +91,15 @@ class Config:
     backlog_repeats: int
     commit_loop_n: int
     submit_concurrent_n: int
+    pg_tasks: int
+    pg_repeats: int
+    pg_dsn: str
     workdir: str | None
 
     @classmethod
-    def make(cls, *, quick: bool, concurrency: int, workdir: str | None) -> Config:
+    def make(
+        cls, *, quick: bool, concurrency: int, workdir: str | None, pg_dsn: str = DEFAULT_PG_DSN
+    ) -> Config:
         return cls(
             quick=quick,
             concurrency=concurrency,
@@ -84,6 +111,9 @@ class Config:
             backlog_repeats=1 if quick else 3,
             commit_loop_n=200 if quick else 500,
             submit_concurrent_n=500 if quick else 2000,
+            pg_tasks=300 if quick else 1000,
+            pg_repeats=1 if quick else 2,
+            pg_dsn=pg_dsn,
             workdir=workdir,
         )
 
@@ -605,6 +635,277 @@ async def bench_first_start_with_backlog(cfg: Config, workdir: Path) -> Json:
     return out
 
 
+# -- postgres ----------------------------------------------------------------------------
+
+
+def pg_dsn_for(admin_dsn: str, database: str) -> str:
+    """`admin_dsn` (a postgresql:// URL) pointed at another database, query string kept."""
+    base, sep, query = admin_dsn.partition("?")
+    head, _, _ = base.rpartition("/")
+    return f"{head}/{database}{sep}{query}"
+
+
+@asynccontextmanager
+async def fresh_pg_database(admin_dsn: str) -> AsyncIterator[str]:
+    """Create an empty database, yield its DSN, drop it (and its connections) after."""
+    import asyncpg
+
+    name = f"taskpool_bench_{uuid.uuid4().hex[:16]}"
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield pg_dsn_for(admin_dsn, name)
+        finally:
+            await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def pg_server_info(admin_dsn: str) -> Json:
+    """The server's version and the settings that decide what a commit costs."""
+    import asyncpg
+
+    try:
+        conn = await asyncpg.connect(admin_dsn)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise RuntimeError(
+            f"the postgres section needs a PostgreSQL server (--pg-dsn): {exc!r}"
+        ) from exc
+    try:
+        info: Json = {"server_version": await conn.fetchval("SHOW server_version")}
+        for setting in ("fsync", "synchronous_commit", "wal_sync_method"):
+            info[setting] = await conn.fetchval(f"SHOW {setting}")
+        return info
+    finally:
+        await conn.close()
+
+
+async def pg_raw_commit_loop(dsn: str, n: int) -> float:
+    """Seconds for `n` transactions of one INSERT each, on one asyncpg connection."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("CREATE TABLE scratch (id BIGSERIAL PRIMARY KEY, v TEXT NOT NULL)")
+        start = time.perf_counter()
+        for i in range(n):
+            async with conn.transaction():
+                await conn.execute("INSERT INTO scratch (v) VALUES ($1)", f"row {i}")
+        return time.perf_counter() - start
+    finally:
+        await conn.close()
+
+
+async def pg_store_submits(dsn: str, n: int, *, concurrent: bool) -> float:
+    """Seconds for `n` PostgresStore.submit calls, awaited one by one or all at once."""
+    from taskpool.stores.postgres import PostgresStore
+
+    spec = TaskSpec.build(["true"])
+    store = PostgresStore(dsn)
+    await store.open()  # creates the schema, untimed
+    try:
+        start = time.perf_counter()
+        if concurrent:
+            await asyncio.gather(*(store.submit(spec) for _ in range(n)))
+        else:
+            for _ in range(n):
+                await store.submit(spec)
+        return time.perf_counter() - start
+    finally:
+        await store.close()
+
+
+async def bench_pg_store_commit(cfg: Config) -> Json:
+    n, conc_n = cfg.commit_loop_n, cfg.submit_concurrent_n
+    progress(f"postgres store_commit: raw asyncpg loop of {n} INSERT transactions")
+    async with fresh_pg_database(cfg.pg_dsn) as dsn:
+        raw_s = await pg_raw_commit_loop(dsn, n)
+    progress(f"postgres store_commit: {n} sequential PostgresStore.submit")
+    async with fresh_pg_database(cfg.pg_dsn) as dsn:
+        seq_s = await pg_store_submits(dsn, n, concurrent=False)
+    progress(f"postgres store_commit: {conc_n} concurrent PostgresStore.submit")
+    async with fresh_pg_database(cfg.pg_dsn) as dsn:
+        conc_s = await pg_store_submits(dsn, conc_n, concurrent=True)
+    raw_rate, seq_rate = per_s(n, raw_s), per_s(n, seq_s)
+    conc_rate = per_s(conc_n, conc_s)
+    return {
+        "what": (
+            "raw: one asyncpg connection, `async with conn.transaction()` around one INSERT"
+            " into a scratch table, in a loop (BEGIN, INSERT, COMMIT: three round trips);"
+            " store_sequential: PostgresStore.submit awaited one at a time (one transaction"
+            " each: task row, its event row by trigger, NOTIFY; a connection from the store's"
+            " asyncpg pool); store_concurrent: that many submits started at once with"
+            " asyncio.gather (no group commit: one transaction each, up to max_size=10"
+            " connections, so up to 10 in flight). Each on a fresh database."
+        ),
+        "raw_commits_per_s": raw_rate,
+        "raw_commit_ms": round(raw_s / n * 1000, 3),
+        "store_sequential_submits_per_s": seq_rate,
+        "store_sequential_submit_ms": round(seq_s / n * 1000, 3),
+        "store_sequential_vs_raw": round(seq_rate / raw_rate, 3),
+        "store_concurrent_submits_per_s": conc_rate,
+        "store_concurrent_vs_raw": round(conc_rate / raw_rate, 3),
+        "store_concurrent_n": conc_n,
+    }
+
+
+async def pg_pool_run(dsn: str, n: int, parallel: Sequence[int]) -> Json:
+    """Submit n `true` tasks, then run them through one pool per entry of `parallel`
+    (that entry its max_parallel), each pool with a PostgresStore of its own, all in
+    this process and on the database `dsn`; return timings and claims per node."""
+    import asyncpg
+
+    from taskpool.stores.postgres import PostgresStore
+
+    spec = TaskSpec.build(["true"])
+    not_done = [Status.WAITING, Status.RUNNING]
+    stores = [PostgresStore(dsn) for _ in parallel]
+    node_ids: list[str] = []
+    try:
+        for store in stores:
+            await store.open()
+        start = time.perf_counter()
+        await asyncio.gather(*(stores[0].submit(spec) for _ in range(n)))
+        submit_s = time.perf_counter() - start
+
+        boot = time.time()
+        async with AsyncExitStack() as stack:
+            pools = [
+                await stack.enter_async_context(TaskPool(store, max_parallel=p))
+                for store, p in zip(stores, parallel, strict=True)
+            ]
+            node_ids = [pool.node_id for pool in pools]
+
+            async def all_done() -> bool | None:
+                return True if not await pools[0].list_tasks(statuses=not_done, limit=1) else None
+
+            await poll_until(all_done, interval_s=0.01, what="all tasks terminal")
+            seen_done = time.time()
+    finally:
+        for store in stores:
+            await store.close()
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        first_claim: float = await conn.fetchval(
+            "SELECT MIN(at) FROM taskpool_events WHERE to_status = 'running'"
+        )
+        last_end: float = await conn.fetchval(
+            "SELECT MAX(at) FROM taskpool_events WHERE to_status = ANY($1::text[])",
+            list(TERMINAL),
+        )
+        succeeded: int = await conn.fetchval(
+            "SELECT COUNT(*) FROM taskpool_tasks WHERE status = 'succeeded'"
+        )
+        claims = dict(
+            await conn.fetch(
+                "SELECT node_id, COUNT(*) FROM taskpool_events WHERE to_status = 'running'"
+                " GROUP BY node_id"
+            )
+        )
+    finally:
+        await conn.close()
+    if succeeded != n:
+        raise RuntimeError(f"only {succeeded} of {n} tasks succeeded")
+    return {
+        "submit_s": submit_s,
+        "boot_to_first_claim_s": first_claim - boot,
+        "run_s": last_end - first_claim,
+        "wall_s": seen_done - boot,
+        "claims_per_node": [int(claims.get(node_id, 0)) for node_id in node_ids],
+        "node_ids": node_ids,
+    }
+
+
+async def bench_pg_throughput(cfg: Config) -> tuple[Json, float]:
+    """The `throughput` part; also returns the best baseline rate, for `two_nodes`."""
+    n, c, reps = cfg.pg_tasks, PG_CONCURRENCY, cfg.pg_repeats
+    base_rates: list[float] = []
+    runs: list[Json] = []
+    for rep in range(reps):
+        progress(f"postgres throughput #{rep + 1}: bare asyncio baseline, {n} x true at {c}")
+        base_rates.append(per_s(n, await bare_asyncio_run(n, c)))
+        progress(f"postgres throughput #{rep + 1}: pool on PostgresStore, {n} x true at {c}")
+        async with fresh_pg_database(cfg.pg_dsn) as dsn:
+            runs.append(await pg_pool_run(dsn, n, [c]))
+        progress(
+            f"postgres throughput #{rep + 1}: pool {per_s(n, runs[-1]['run_s'])}/s,"
+            f" baseline {base_rates[-1]}/s"
+        )
+    pool_rates = [per_s(n, r["run_s"]) for r in runs]
+    out: Json = {
+        "tasks": n,
+        "concurrency": c,
+        "repeats": reps,
+        "what": (
+            "As the sqlite `throughput` section, with TaskPool(PostgresStore(dsn),"
+            f" max_parallel={c}) on a fresh database per pool run: tasks submitted first"
+            " (concurrently), pool_tasks_per_s = tasks / (last terminal event .at - first"
+            " 'running' event .at) from taskpool_events (.at is the server's clock),"
+            " pool_wall_tasks_per_s = tasks / (entering `async with TaskPool` to a 10 ms"
+            " list_tasks poll finding nothing waiting or running). baseline = the bare asyncio"
+            f" loop (create_subprocess_exec('true') + communicate(), Semaphore({c})). Runs"
+            " alternate baseline, pool; rates are best-of, ratio = best pool / best baseline,"
+            " paired_ratios = each pool run / the baseline run just before it."
+        ),
+        "submit_s": round(min(r["submit_s"] for r in runs), 3),
+        "submits_per_s": max(per_s(n, r["submit_s"]) for r in runs),
+        "boot_to_first_claim_ms": round(min(r["boot_to_first_claim_s"] for r in runs) * 1e3, 1),
+        "pool_tasks_per_s": max(pool_rates),
+        "pool_wall_tasks_per_s": max(per_s(n, r["wall_s"]) for r in runs),
+        "baseline_tasks_per_s": max(base_rates),
+        "ratio": round(max(pool_rates) / max(base_rates), 3),
+        "all_pool_tasks_per_s": pool_rates,
+        "all_baseline_tasks_per_s": base_rates,
+        "paired_ratios": [round(p / b, 3) for p, b in zip(pool_rates, base_rates, strict=True)],
+    }
+    return out, max(base_rates)
+
+
+async def bench_pg_two_nodes(cfg: Config, one_pool_rate: float, baseline_rate: float) -> Json:
+    n, p = cfg.pg_tasks, PG_NODE_PARALLEL
+    progress(f"postgres two_nodes: {n} x true through two pools (max_parallel={p} each)")
+    async with fresh_pg_database(cfg.pg_dsn) as dsn:
+        run = await pg_pool_run(dsn, n, [p, p])
+    rate = per_s(n, run["run_s"])
+    per_node: list[int] = run["claims_per_node"]
+    if sum(per_node) != n:
+        raise RuntimeError(f"claim events per node {per_node} do not add up to {n}")
+    progress(f"postgres two_nodes: {rate}/s, tasks per node {per_node}")
+    return {
+        "tasks": n,
+        "nodes": 2,
+        "max_parallel_per_node": p,
+        "what": (
+            f"The same {n} tasks (submitted first) through two TaskPools in this process, each"
+            f" with its own PostgresStore on one fresh database, max_parallel={p} each (so"
+            f" {2 * p} slots, as the single pool). tasks_per_s as pool_tasks_per_s of"
+            " `throughput` (first claim to last terminal, from the events table); wall_tasks_per_s"
+            " from entering the first pool; tasks_per_node = 'running' (claim) events per"
+            " node_id, in the order the pools were entered (the first boots a few ms earlier)."
+            " vs_one_pool = tasks_per_s / best single-pool rate of `throughput`; vs_baseline ="
+            f" tasks_per_s / its best bare asyncio rate at {2 * p}."
+        ),
+        "tasks_per_s": rate,
+        "wall_tasks_per_s": per_s(n, run["wall_s"]),
+        "tasks_per_node": per_node,
+        "vs_one_pool": round(rate / one_pool_rate, 3),
+        "vs_baseline": round(rate / baseline_rate, 3),
+    }
+
+
+async def bench_postgres(cfg: Config, workdir: Path) -> Json:
+    del workdir  # everything lives in throwaway databases on the server
+    out: Json = {"server": await pg_server_info(cfg.pg_dsn)}
+    out["store_commit"] = await bench_pg_store_commit(cfg)
+    out["throughput"], baseline_rate = await bench_pg_throughput(cfg)
+    out["two_nodes"] = await bench_pg_two_nodes(
+        cfg, out["throughput"]["pool_tasks_per_s"], baseline_rate
+    )
+    return out
+
+
 # -- main --------------------------------------------------------------------------------
 
 
@@ -613,6 +914,7 @@ BENCHES: dict[str, Callable[[Config, Path], Awaitable[Json]]] = {
     "throughput": bench_throughput,
     "kill_to_slot_free": bench_kill_to_slot_free,
     "first_start_with_backlog": bench_first_start_with_backlog,
+    "postgres": bench_postgres,
 }
 
 
@@ -647,12 +949,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", choices=SECTIONS, help="run one section")
     parser.add_argument("--concurrency", type=int, default=4, help="C for throughput (4)")
     parser.add_argument("--dir", help="where temporary databases go (default: system temp)")
+    parser.add_argument(
+        "--pg-dsn",
+        default=DEFAULT_PG_DSN,
+        help="PostgreSQL server for the postgres section: a DSN of a database to connect to"
+        " for CREATE/DROP DATABASE (default: $TASKPOOL_BENCH_PG_DSN, else the local server)",
+    )
     parser.add_argument("--backlog-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.backlog_child:
         print(json.dumps(asyncio.run(backlog_child(Path(args.backlog_child)))))
         return 0
-    cfg = Config.make(quick=args.quick, concurrency=args.concurrency, workdir=args.dir)
+    cfg = Config.make(
+        quick=args.quick, concurrency=args.concurrency, workdir=args.dir, pg_dsn=args.pg_dsn
+    )
     result = asyncio.run(run_all(cfg, args.only))
     print(json.dumps(result, indent=2))
     return 0
