@@ -88,7 +88,9 @@ CREATE TABLE taskpool_events (
 CREATE INDEX taskpool_events_task ON taskpool_events (task_id, id);
 
 -- Every status change is logged by the database itself, in the statement that makes
--- it: no code path can change a status and forget the event.
+-- it: no code path can change a status and forget the event. Every change but a claim
+-- also wakes the nodes (delivered at commit): a new or re-queued task is work, an
+-- ended one frees its template and locks and ends someone's wait.
 CREATE FUNCTION taskpool_log_transition() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'INSERT' THEN
@@ -106,6 +108,11 @@ BEGIN
             NEW.status,
             NEW.reason
         );
+    ELSE
+        RETURN NULL;
+    END IF;
+    IF NEW.status <> 'running' THEN
+        PERFORM pg_notify('taskpool_work', '');
     END IF;
     RETURN NULL;
 END;
