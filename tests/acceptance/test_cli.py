@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 import anyio
 
-from taskpool import Status
+from taskpool import Limits, NodeInfo, Status, TaskSpec
 from tests.helpers import eventually, no_attempt_processes, open_store
 from tests.pg_cluster import private_cluster
 
@@ -172,3 +173,24 @@ async def test_a_worker_whose_database_vanishes_exits_non_zero() -> None:
         assert "PoolCrashed" in stderr
         assert "caused by StoreUnavailable" in stderr
     assert await no_attempt_processes()
+
+
+async def test_stale_reports_expired_leases_and_silent_nodes(database: str) -> None:
+    """`stale` names a running task whose lease ran out and a node that went quiet."""
+    async with open_store(database) as store:
+        now = time.time()
+        await store.register_node(
+            NodeInfo("quiet-node", "h", 1, now, now - 600, now - 600, None, 1)
+        )
+        task = await store.submit(TaskSpec.build(["true"]))
+        await store.claim("quiet-node", Limits(), lease_ttl_s=0.01)
+    await anyio.sleep(0.05)
+    report = cli_json(database, "stale", "--older-than", "60")
+    assert [t["id"] for t in report["expired_leases"]] == [task]
+    assert [n["id"] for n in report["silent_nodes"]] == ["quiet-node"]
+    text = cli(database, "stale").stdout
+    assert f"task {task}: lease expired" in text
+    assert "node quiet-node (h:1): no heartbeat for" in text
+    busy = cli(database, "retry", str(task), check=False)
+    assert busy.returncode == 1
+    assert "only a finished task is retried" in busy.stderr
