@@ -17,7 +17,7 @@ import pytest
 from taskpool import Limits, NodeInfo, SQLiteStore, Status, StoreError, TaskSpec
 from taskpool.stores._common import CLAIM_WINDOW
 from taskpool.stores.sqlite import migrations
-from tests.helpers import eventually
+from tests.helpers import eventually, fast_pool, running
 
 
 def _node(node_id: str = "n1") -> NodeInfo:
@@ -164,3 +164,32 @@ async def test_the_pools_writes_are_fsynced_within_the_interval(
         await eventually(fsynced)
         assert store._writer is not None
         assert not store._writer._unsynced
+
+
+async def test_a_database_locked_by_another_process_is_ridden_out(db: Path) -> None:
+    """Another process holds SQLite's write lock while a task ends: the pool waits and
+    writes the result once the lock is released."""
+    async with fast_pool(db) as pool:
+        task = await pool.submit(["sh", "-c", "sleep 0.3; echo done"])
+        await running(pool, task)
+        other = sqlite3.connect(db, isolation_level=None)
+        try:
+            other.execute("BEGIN EXCLUSIVE")  # nobody else may write now
+            await anyio.sleep(1.0)  # the task ends meanwhile; its result must wait
+            assert other.execute("SELECT status FROM tasks WHERE id = ?", (task,)).fetchone() == (
+                "running",
+            )
+            other.execute("COMMIT")
+        finally:
+            other.close()
+        done = await pool.wait(task)
+        assert done.status is Status.SUCCEEDED
+        assert await pool.output(task) == "done\n"
+
+
+async def test_a_corrupt_database_file_is_a_clear_error(db: Path) -> None:
+    """A file that is not a database makes the pool refuse to start, loudly, at once."""
+    db.write_bytes(b"this is not an SQLite database\x00" * 100)
+    with pytest.raises(StoreError, match="file is not a database"):
+        async with fast_pool(db):
+            pass
