@@ -35,11 +35,9 @@ from .._models import (
     decide_finish,
     decide_orphan,
 )
-from .._rules import Occupancy, Slot, plan_claims
+from .._rules import Slot
 from .._store import Orphan, OutputChunk, Renewal, Store
 from ._common import (
-    blocked_lists,
-    claim_window,
     ended_columns,
     event_from_row,
     node_from_row,
@@ -619,52 +617,15 @@ async def _candidates(
 async def _claim(
     conn: asyncpg.Connection, node_id: str, limits: Limits, lease_ttl_s: float
 ) -> list[Claim]:
-    # One claim at a time across the cluster: each decides on what the last committed.
-    # The clock is read once the lock is ours, in the same round trip.
-    now: float = await conn.fetchval(
-        "SELECT extract(epoch FROM clock_timestamp())::float8 FROM pg_advisory_xact_lock($1)",
+    """One claim at a time across the cluster (an advisory lock), decided and written by
+    `taskpool_claim` (migration 0002) in one round trip."""
+    rows = await conn.fetch(
+        "SELECT * FROM taskpool_claim($1, $2, $3, $4::jsonb, $5)",
         CLAIM_LOCK,
-    )
-    rows = await conn.fetch(
-        "SELECT id, project, template, template_parallel, locks, owner_node FROM taskpool_tasks"
-        " WHERE status = 'running' AND lease_expires_at >= $1",
-        now,
-    )
-    running = [_slot(r) for r in rows]
-    node_running = sum(1 for r in rows if r["owner_node"] == node_id)
-    chosen: list[Slot] = []
-    while node_running + len(chosen) < limits.max_parallel:
-        window = claim_window(limits.max_parallel - node_running - len(chosen))
-        occ = Occupancy.of(running + chosen, node_running=node_running + len(chosen))
-        candidates = await _candidates(conn, now, window, blocked_lists(occ, limits))
-        picked = plan_claims(
-            [_slot(r) for r in candidates],
-            running + chosen,
-            node_running=node_running + len(chosen),
-            max_parallel=limits.max_parallel,
-            project_limits=limits.project_limits,
-        )
-        chosen.extend(picked)
-        if not picked or len(candidates) < window:
-            break
-    if not chosen:
-        return []
-    # All chosen tasks and their attempts in one statement: the lock is held for as
-    # few round trips as possible.
-    rows = await conn.fetch(
-        "WITH claimed AS (UPDATE taskpool_tasks SET status = 'running', fence = fence + 1,"
-        " attempts_used = attempts_used + 1, owner_node = $2, lease_expires_at = $3,"
-        " started_at = $4, changed_at = $4, pid = NULL, pid_started_at = NULL,"
-        " exit_code = NULL, reason = format('claimed by node %s (attempt %s of %s)',"
-        " $2::text, attempts_used + 1, max_attempts) WHERE id = ANY($1::bigint[])"
-        " RETURNING *),"
-        " attempt AS (INSERT INTO taskpool_attempts (task_id, fence, node_id, claimed_at)"
-        " SELECT id, fence, $2, $4 FROM claimed)"
-        " SELECT * FROM claimed ORDER BY array_position($1::bigint[], id)",
-        [slot.task_id for slot in chosen],
         node_id,
-        now + lease_ttl_s,
-        now,
+        limits.max_parallel,
+        json.dumps(dict(limits.project_limits)),
+        lease_ttl_s,
     )
     claims = []
     for row in rows:
