@@ -16,6 +16,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 from pathlib import Path
 
 import anyio
+import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -34,6 +35,7 @@ from taskpool import (
 from taskpool._models import Outcome, OutcomeKind
 from taskpool._rules import Occupancy, Slot, blocked_by
 from taskpool.stores.postgres import PostgresStore
+from taskpool.stores.postgres import migrations as postgres_migrations
 from tests.postgres import fresh_postgres_database
 
 Opener = Callable[[], Store]
@@ -333,3 +335,29 @@ async def _running_on(store: Store, node: str) -> int:
 def _slot(task: TaskInfo) -> Slot:
     spec = task.spec
     return Slot(task.id, spec.project, spec.template, spec.template_parallel, spec.locks)
+
+
+async def test_postgres_migrations_apply_once_even_when_nodes_start_together() -> None:
+    """Nodes booting at once on an empty database migrate it exactly once, in order."""
+    async with fresh_postgres_database() as dsn:
+        stores = [PostgresStore(dsn, max_size=1) for _ in range(3)]
+        async with anyio.create_task_group() as tg:
+            for store in stores:
+                tg.start_soon(store.open)
+        try:
+            conn = await asyncpg.connect(dsn)
+            try:
+                versions = [
+                    r[0]
+                    for r in await conn.fetch(
+                        "SELECT version FROM taskpool_schema_version ORDER BY version"
+                    )
+                ]
+            finally:
+                await conn.close()
+            assert versions == [v for v, _ in postgres_migrations()]
+            task = await stores[0].submit(TaskSpec.build(["true"]))
+            assert (await stores[2].get(task)).status is Status.WAITING
+        finally:
+            for store in stores:
+                await store.close()
