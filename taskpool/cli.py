@@ -30,12 +30,13 @@ from ._store import Store
 EXIT_ERROR = 1
 
 
-def open_store(db: str) -> Store:
-    """The store a `--db` value names: a postgresql:// URL or an SQLite path."""
+def open_store(db: str, *, connections: int = 2) -> Store:
+    """The store a `--db` value names: a postgresql:// URL (with at most `connections`
+    connections) or an SQLite path."""
     if db.startswith(("postgresql://", "postgres://")):
         from .stores.postgres import PostgresStore
 
-        return PostgresStore(db, max_size=2)
+        return PostgresStore(db, max_size=connections)
     from .stores.sqlite import SQLiteStore
 
     return SQLiteStore(db)
@@ -224,7 +225,8 @@ async def cmd_worker(args: argparse.Namespace) -> None:
         metrics = PrometheusMetrics()
         prometheus_client.start_http_server(args.metrics_port, addr="127.0.0.1")
     pool = TaskPool(
-        open_store(args.db),
+        # A connection per running task's writes, plus the loops' own.
+        open_store(args.db, connections=args.max_parallel + 4),
         metrics=metrics,
         max_parallel=args.max_parallel,
         project_limits=limits,
