@@ -120,7 +120,8 @@ class TaskPool:
         elif isinstance(store, str) and store.startswith(("postgresql://", "postgres://")):
             from .stores.postgres import PostgresStore
 
-            self.store = PostgresStore(store)
+            # A connection per running task's writes, plus the loops' own.
+            self.store = PostgresStore(store, max_size=max(max_parallel, 1) + 4)
             self._owns_store = True
         else:
             from .stores.sqlite import SQLiteStore
