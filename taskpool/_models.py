@@ -28,9 +28,6 @@ class Status(enum.StrEnum):
         return self not in (Status.WAITING, Status.RUNNING)
 
 
-TERMINAL_STATUSES = frozenset(s for s in Status if s.is_terminal)
-
-
 @dataclass(frozen=True, slots=True)
 class TaskSpec:
     """What to run and under which rules: everything `submit` stores.
