@@ -303,12 +303,16 @@ class TaskPool:
         for node in await self.store.list_nodes(host=self.node.host, alive=True):
             if node.id == self.node.id or _procs.is_same_process(node.pid, node.pid_started_at):
                 continue  # a live pool (maybe stopped with SIGSTOP): its leases will tell
-            for orphan in await self.store.orphans_of(node.id):
-                marker = _procs.attempt_marker(orphan.task_id, orphan.fence)
-                killed = await anyio.to_thread.run_sync(
-                    _procs.kill_leftovers, orphan.pid, orphan.pid_started_at, marker
-                )
-                found = f"killed leftover {', '.join(killed)}" if killed else "no process was left"
+            orphans = await self.store.orphans_of(node.id)
+            leftovers = [
+                _procs.Leftover(o.pid, o.pid_started_at, _procs.attempt_marker(o.task_id, o.fence))
+                for o in orphans
+            ]
+            # One scan of the process table for all of them, off the event loop.
+            killed = await anyio.to_thread.run_sync(_procs.kill_leftovers, leftovers)
+            for orphan, leftover in zip(orphans, leftovers, strict=True):
+                kills = killed[leftover.marker]
+                found = f"killed leftover {', '.join(kills)}" if kills else "no process was left"
                 reason = f"owner node {node.id} (pid {node.pid}) died; {how_found}; {found}"
                 info = await self.store.settle_orphan(orphan.task_id, orphan.fence, reason)
                 self._telemetry.settled(info, "reconciled")

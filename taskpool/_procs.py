@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+from collections.abc import Sequence, Set
+from dataclasses import dataclass
 
 import psutil
 
@@ -88,31 +90,44 @@ def kill_processes(procs: list[psutil.Process]) -> None:
             proc.kill()
 
 
-def kill_leftovers(pid: int | None, started_at: float | None, marker: str) -> list[str]:
-    """Kill what remains of an orphaned attempt; return a description of each kill.
+@dataclass(frozen=True, slots=True)
+class Leftover:
+    """What is known of an orphaned attempt's processes."""
 
-    The recorded leader is killed with its group only if pid *and* start time
-    match: a recycled pid belongs to someone else. Any other process carrying
-    the attempt's marker in its environment is killed too (it escaped the group).
+    pid: int | None  # the recorded leader, if its spawn was recorded
+    started_at: float | None
+    marker: str  # its ATTEMPT_ENV value
+
+
+def kill_leftovers(leftovers: Sequence[Leftover]) -> dict[str, list[str]]:
+    """Kill what remains of orphaned attempts; say, per marker, what was killed.
+
+    A recorded leader is killed with its group only if pid *and* start time match:
+    a recycled pid belongs to someone else. Any other process carrying an attempt's
+    marker in its environment is killed too (it escaped the group). The process
+    table is scanned once for all markers.
     """
-    killed: list[str] = []
-    group_killed: set[int] = set()
-    # pid <= 0 would make killpg hit our own group: only ever a real recorded pid.
-    if pid is not None and pid > 0 and started_at and is_same_process(pid, started_at):
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            group = [psutil.Process(pid), *descendants(pid)]
-            signal_group(pid, signal.SIGKILL)
-            kill_processes(group)
-            group_killed = {p.pid for p in group}
-            killed.append(f"process group {pid}")
-    for proc in find_marked(marker):
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            if proc.pid in group_killed or (group_killed and _pgid(proc.pid) == pid):
-                continue  # already sent SIGKILL with the group, maybe not dead yet
-            name = proc.name()
-            proc.kill()
-            killed.append(f"pid {proc.pid} ({name})")
-    return killed
+    marked = find_marked({leftover.marker for leftover in leftovers})
+    report: dict[str, list[str]] = {}
+    for leftover in leftovers:
+        pid, killed = leftover.pid, report.setdefault(leftover.marker, [])
+        group_killed: set[int] = set()
+        # pid <= 0 would make killpg hit our own group: only ever a real recorded pid.
+        if pid and pid > 0 and leftover.started_at and is_same_process(pid, leftover.started_at):
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                group = [psutil.Process(pid), *descendants(pid)]
+                signal_group(pid, signal.SIGKILL)
+                kill_processes(group)
+                group_killed = {p.pid for p in group}
+                killed.append(f"process group {pid}")
+        for proc in marked.get(leftover.marker, []):
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                if proc.pid in group_killed or (group_killed and _pgid(proc.pid) == pid):
+                    continue  # already sent SIGKILL with the group, maybe not dead yet
+                name = proc.name()
+                proc.kill()
+                killed.append(f"pid {proc.pid} ({name})")
+    return report
 
 
 def _pgid(pid: int) -> int | None:
@@ -122,16 +137,19 @@ def _pgid(pid: int) -> int | None:
         return None
 
 
-def find_marked(marker: str) -> list[psutil.Process]:
-    """Live processes whose environment carries `ATTEMPT_ENV=marker`."""
-    found: list[psutil.Process] = []
+def find_marked(markers: Set[str]) -> dict[str, list[psutil.Process]]:
+    """Live processes whose environment carries `ATTEMPT_ENV` set to one of `markers`."""
+    found: dict[str, list[psutil.Process]] = {}
+    if not markers:
+        return found
     me = os.getpid()
     for proc in psutil.process_iter():
         if proc.pid == me:
             continue
         try:
-            if proc.environ().get(ATTEMPT_ENV) == marker:
-                found.append(proc)
+            marker = proc.environ().get(ATTEMPT_ENV)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
             continue
+        if marker in markers:
+            found.setdefault(marker, []).append(proc)
     return found
