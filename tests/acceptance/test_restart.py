@@ -141,7 +141,7 @@ async def test_frozen_pool_is_rescued_and_fenced(database: str) -> None:
     (task_id,) = await _submit_all(
         database, [TaskSpec.build(["sh", "-c", "echo start; sleep 600"], max_attempts=2)]
     )
-    with pool_process(database, "1", "1.0") as (proc, frozen_node):
+    with pool_process(database, "1", "2.0") as (proc, frozen_node):
         old_pid = await _pid_of(database, task_id)
         old = psutil.Process(old_pid)
         proc.send_signal(signal.SIGSTOP)
