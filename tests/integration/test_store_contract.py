@@ -36,6 +36,7 @@ from taskpool._models import Outcome, OutcomeKind
 from taskpool._rules import Occupancy, Slot, blocked_by
 from taskpool.stores.postgres import PostgresStore
 from taskpool.stores.postgres import migrations as postgres_migrations
+from taskpool.testing import MemoryStore
 from tests.postgres import fresh_postgres_database
 
 Opener = Callable[[], Store]
@@ -52,9 +53,16 @@ async def postgres_database(tmp: Path) -> AsyncIterator[Opener]:
         yield lambda: PostgresStore(dsn, max_size=4)
 
 
+@asynccontextmanager
+async def memory_database(tmp: Path) -> AsyncIterator[Opener]:
+    store = MemoryStore()  # every handle is the one store: it lives in this process
+    yield lambda: store
+
+
 BACKENDS: dict[str, Callable[[Path], AbstractAsyncContextManager[Opener]]] = {
     "sqlite": sqlite_database,
     "postgres": postgres_database,
+    "memory": memory_database,
 }
 
 
