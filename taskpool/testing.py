@@ -31,7 +31,7 @@ from ._models import (
 )
 from ._rules import Slot, plan_claims
 from ._store import Orphan, OutputChunk, Renewal, Store
-from .stores._common import rescue_reason
+from .stores._common import ended_columns, rescue_reason
 
 
 @dataclass
@@ -120,23 +120,15 @@ class MemoryStore(Store):
 
     def _end(self, task: _Task, transition: Transition, now: float, exit_code: int | None) -> None:
         info = task.info
-        attempts_used = info.attempts_used
-        if info.status is Status.RUNNING and not transition.consumes_attempt:
-            attempts_used -= 1
-        changes: dict[str, object] = {
-            "status": transition.status,
-            "attempts_used": attempts_used,
-            "lease_expires_at": None,
-            "exit_code": exit_code,
-            "reason": transition.reason,
-        }
-        if transition.status is Status.WAITING:
-            changes.update(owner_node=None, pid=None)
-            task.pid_started_at = None
-            task.not_before = transition.not_before or 0.0
-        else:
-            changes["finished_at"] = now
-        self._set(task, now, **changes)
+        # The same columns the SQL backends write (shutdown refunds the attempt, ...).
+        row = {"status": info.status, "attempts_used": info.attempts_used}
+        columns = ended_columns(row, transition, now, exit_code)
+        task.not_before = columns.pop("not_before", task.not_before)
+        if "pid_started_at" in columns:
+            task.pid_started_at = columns.pop("pid_started_at")
+        del columns["changed_at"]  # the event records when
+        columns["status"] = Status(columns["status"])
+        self._set(task, now, **columns)
 
     # -- nodes -------------------------------------------------------------
     async def register_node(self, node: NodeInfo) -> None:
