@@ -305,7 +305,11 @@ class TaskPool:
                 continue  # a live pool (maybe stopped with SIGSTOP): its leases will tell
             orphans = await self.store.orphans_of(node.id)
             leftovers = [
-                _procs.Leftover(o.pid, o.pid_started_at, _procs.attempt_marker(o.task_id, o.fence))
+                _procs.Leftover(
+                    o.pid,
+                    o.pid_started_at,
+                    _procs.attempt_marker(self.store.store_id, o.task_id, o.fence),
+                )
                 for o in orphans
             ]
             # One scan of the process table for all of them, off the event loop.
@@ -380,7 +384,7 @@ class TaskPool:
             argv=spec.argv,
             cwd=spec.cwd,
             env=spec.env,
-            marker=_procs.attempt_marker(task.id, fence),
+            marker=_procs.attempt_marker(self.store.store_id, task.id, fence),
             timeout_s=spec.timeout_s,
             stall_timeout_s=spec.stall_timeout_s,
             kill_grace_s=self.kill_grace_s,

@@ -19,8 +19,25 @@ import psutil
 ATTEMPT_ENV = "TASKPOOL_ATTEMPT"
 
 
-def attempt_marker(task_id: int, fence: int) -> str:
-    return f"{task_id}:{fence}"
+def attempt_marker(store_id: str, task_id: int, fence: int) -> str:
+    """The identity of one attempt, unique across stores and hosts.
+
+    Task ids and fences start at 1 in every store, so two stores on one host
+    share them; the store's random id tells them apart."""
+    if not store_id or ":" in store_id:
+        raise ValueError(f"invalid store id {store_id!r}")
+    return f"{store_id}:{task_id}:{fence}"
+
+
+def parse_marker(marker: str) -> tuple[str, int, int] | None:
+    """`(store id, task id, fence)` of an attempt marker, or None if it is not one."""
+    parts = marker.split(":")
+    if len(parts) != 3 or not parts[0]:
+        return None
+    try:
+        return parts[0], int(parts[1]), int(parts[2])
+    except ValueError:
+        return None
 
 
 def start_time(pid: int) -> float | None:

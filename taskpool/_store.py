@@ -58,6 +58,12 @@ class OutputChunk:
 class Store(abc.ABC):
     """Durable state of tasks, attempts, nodes, output and events."""
 
+    #: A random identity created once with the schema and read by `open`. Every
+    #: attempt's processes carry it, so that a pool, its reaper and its tests touch
+    #: only processes of their own store, even where another store on the same host
+    #: has the same task ids.
+    store_id: str = ""
+
     # -- lifecycle ---------------------------------------------------------
     @abc.abstractmethod
     async def open(self) -> None:

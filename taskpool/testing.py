@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -51,6 +52,7 @@ class MemoryStore(Store):
         self._events: list[TaskEvent] = []
         self._lock = anyio.Lock()
         self._open = False
+        self.store_id = uuid.uuid4().hex
 
     def __repr__(self) -> str:
         return f"<MemoryStore tasks={len(self._tasks)} nodes={len(self._nodes)}>"

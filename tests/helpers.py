@@ -56,7 +56,7 @@ def attempt_processes(task_id: int | None = None) -> list[psutil.Process]:
             continue
         if marker is None:
             continue
-        if task_id is None or marker.split(":")[0] == str(task_id):
+        if task_id is None or marker.split(":")[-2:-1] == [str(task_id)]:
             found.append(proc)
     return found
 

@@ -143,6 +143,7 @@ class PostgresStore(Store):
         try:
             async with pool.acquire() as conn:
                 await self._migrate(conn)
+                self.store_id = await conn.fetchval("SELECT store_id FROM taskpool_store_identity")
         except BaseException:
             await pool.close()
             raise

@@ -285,6 +285,7 @@ class SQLiteStore(Store):
         conn = self._connect()
         try:
             self._migrate(conn)
+            (self.store_id,) = conn.execute("SELECT store_id FROM store_identity").fetchone()
             self._reader = self._connect()
         except BaseException:
             conn.close()

@@ -1,0 +1,92 @@
+"""Two unrelated stores on one host, with colliding task ids on purpose: a pool of one
+that is killed and restarted (or settled by a live sibling) never touches the other's
+processes."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from taskpool import Status, TaskSpec
+from tests.acceptance.test_restart import _pid_of, _submit_all, pool_process
+from tests.helpers import eventually, fast_pool, open_store
+from tests.postgres import fresh_postgres_database
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def two_databases(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[tuple[str, str]]:
+    """Two empty, unrelated databases of one backend."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "a" / "tasks.db"), str(tmp_path / "b" / "tasks.db")
+    else:
+        async with fresh_postgres_database() as a, fresh_postgres_database() as b:
+            yield a, b
+
+
+@pytest.mark.parametrize("settled_by", ["next boot", "live sibling"])
+async def test_a_restarting_pool_never_kills_another_stores_task(
+    two_databases: tuple[str, str], tmp_path: Path, settled_by: str
+) -> None:
+    """Store A's pool is SIGKILLed while its task 1 (fence 1) runs; store B's task 1
+    (fence 1) runs too. Settling A's orphan (at A's next boot, or by a live sibling's
+    reaper) kills A's leftover and leaves B's task to run to success."""
+    db_a, db_b = two_databases
+    release = tmp_path / "release"
+    (a_task,) = await _submit_all(db_a, [TaskSpec.build(["sleep", "600"])])
+    (b_task,) = await _submit_all(
+        db_b,
+        [TaskSpec.build(["sh", "-c", f"while [ ! -e {release} ]; do sleep 0.05; done"])],
+    )
+    assert a_task == b_task == 1  # the collision the identity must survive
+
+    async with fast_pool(db_b, max_parallel=1) as pool_b:
+        b_pid = await _pid_of(db_b, b_task)
+        b_leader = psutil.Process(b_pid)
+        with pool_process(db_a, "1") as (proc, dead_node):
+            a_leftover = psutil.Process(await _pid_of(db_a, a_task))
+            if settled_by == "live sibling":
+                sibling = fast_pool(db_a, max_parallel=1)
+                await sibling.__aenter__()
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        if settled_by == "next boot":
+            sibling = fast_pool(db_a, max_parallel=1)
+            await sibling.__aenter__()
+        try:
+
+            async def a_settled() -> bool:
+                return (await sibling.get(a_task)).status is Status.LOST
+
+            await eventually(a_settled)
+            events = await sibling.events(a_task)
+            settled = events[-1]
+            assert settled.node_id == dead_node
+            assert "killed leftover" in settled.reason
+        finally:
+            await sibling.__aexit__(None, None, None)
+        assert not a_leftover.is_running() or a_leftover.status() == psutil.STATUS_ZOMBIE
+        # B's task was never touched: it is still the same running process ...
+        assert b_leader.is_running()
+        assert b_leader.status() != psutil.STATUS_ZOMBIE
+        assert (await pool_b.get(b_task)).status is Status.RUNNING
+        release.touch()
+        # ... and it runs to success.
+        info = await pool_b.wait(b_task)
+    assert info.status is Status.SUCCEEDED, info.reason
+
+
+async def test_each_store_has_its_own_lasting_identity(two_databases: tuple[str, str]) -> None:
+    """A store's id is created with its schema, is the same on every open, and differs
+    between two stores."""
+    ids = []
+    for database in (*two_databases, two_databases[0]):
+        async with open_store(database) as store:
+            ids.append(store.store_id)
+    assert len(ids[0]) == 32
+    assert ids[0] == ids[2] != ids[1]
