@@ -309,6 +309,18 @@ def decide_orphan(
     return Transition(Status.LOST, consumes_attempt=True, reason=f"{reason}; no attempts left")
 
 
+def decide_handback(reason: str, *, cancel_requested: bool = False) -> Transition:
+    """Decide what happens to an attempt its node gives up without having run it to
+    an end: the node stopped (or never started the task) and its processes are dead.
+
+    Not the task's fault, so the attempt is refunded; a task someone asked to cancel
+    is cancelled instead of re-queued, as in `decide_finish`.
+    """
+    if cancel_requested:
+        return Transition(Status.CANCELLED, True, reason=f"cancelled; {reason}")
+    return Transition(Status.WAITING, consumes_attempt=False, reason=reason)
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     """Blocking limits the claim rules enforce.

@@ -18,6 +18,8 @@ groups (shielded), and the pool's context raises `PoolCrashed`.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 import os
@@ -112,6 +114,7 @@ class TaskPool:
         shutdown_drain_s: float = 10.0,
         max_log_bytes: int = 10 * 1024 * 1024,
         store_outage_tolerance_s: float = 30.0,
+        store_call_timeout_s: float | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         if isinstance(store, Store):
@@ -141,6 +144,8 @@ class TaskPool:
         self.shutdown_drain_s = shutdown_drain_s
         self.max_log_bytes = max_log_bytes
         self.store_outage_tolerance_s = store_outage_tolerance_s
+        # A call that has not answered by then counts as an outage (it is retried).
+        self.store_call_timeout_s = store_call_timeout_s or min(10.0, lease_ttl_s / 3)
         self.metrics = metrics
         self._telemetry = Telemetry("-", metrics)
         self.node: NodeInfo | None = None
@@ -156,6 +161,11 @@ class TaskPool:
         self._changed = anyio.Event()
         self._new_output = anyio.Event()
         self._closing = False
+        self._claim_loop_ended = anyio.Event()
+        # Leases the last renewal said this node holds but no runner runs (task id ->
+        # fence): a claim whose result never reached the pool. Handed back when seen
+        # twice in a row, so a claim still on its way is never mistaken for one.
+        self._strays: dict[int, int] = {}
 
     def __repr__(self) -> str:
         node = self.node.id if self.node else None
@@ -238,6 +248,11 @@ class TaskPool:
         return exc is None and exc_type is not None
 
     async def _shutdown(self, *, drain: bool) -> None:
+        # The claim loop ends by itself: a claim in flight runs to its end and what it
+        # committed is started and handed straight back (see `_start`). Cancelling it
+        # instead could lose a claim that committed after the pool stopped listening.
+        self._wake.set()
+        await self._claim_loop_ended.wait()
         if drain and self._runners:
             with anyio.move_on_after(self.shutdown_drain_s):
                 await self._wait_idle()
@@ -326,21 +341,32 @@ class TaskPool:
     async def _claim_loop(self) -> None:
         assert self._tg is not None
         assert self.node is not None
-        while not self._closing:
-            self._wake = anyio.Event()
-            if len(self._runners) < self.limits.max_parallel:
-                claims = await self._with_store(
-                    lambda: self.store.claim(self.node_id, self.limits, self.lease_ttl_s)
-                )
-                self._start(claims)
-            with anyio.move_on_after(self.poll_interval_s):
-                await self._wake.wait()
+        try:
+            while not self._closing:
+                self._wake = anyio.Event()
+                if len(self._runners) < self.limits.max_parallel:
+                    try:
+                        claims = await self._with_store(
+                            lambda: self.store.claim(self.node_id, self.limits, self.lease_ttl_s)
+                        )
+                    except StoreUnavailable:
+                        if self._closing:
+                            break  # nothing claimed that stop_node will not hand back
+                        raise
+                    self._start(claims)
+                with anyio.move_on_after(self.poll_interval_s):
+                    await self._wake.wait()
+        finally:
+            self._claim_loop_ended.set()
 
     def _start(self, claims: Sequence[Claim]) -> None:
+        """Start a runner for each claim. Called at once when a claim returns, with no
+        checkpoint between: whatever the store committed is either run or handed back."""
         assert self._tg is not None
+        stopping = self._closing or self._tg.cancel_scope.cancel_called
         for claim in claims:
             control = RunnerControl()
-            if self._closing:  # claimed while shutdown began: hand it straight back
+            if stopping:  # claimed while shutdown began: hand it straight back
                 control.stop(StopKind.SHUTDOWN, self._shutdown_reason())
             self._runners[claim.task.id, claim.fence] = control
             self._tg.start_soon(self._run, claim, name=f"taskpool task {claim.task.id}")
@@ -355,6 +381,7 @@ class TaskPool:
             renewal = await self._with_store(
                 lambda: self.store.renew_leases(self.node_id, self.lease_ttl_s)
             )
+            await self._hand_back_strays(renewal.held)
             for (task_id, fence), control in before.items():
                 if renewal.held.get(task_id) != fence:
                     control.stop(
@@ -363,6 +390,27 @@ class TaskPool:
                 elif task_id in renewal.cancel_requests:
                     force = renewal.cancel_requests[task_id] == "force"
                     control.stop(StopKind.CANCELLED, "cancelled by request", force=force)
+
+    async def _hand_back_strays(self, held: Mapping[int, int]) -> None:
+        """Hand back leases this node holds but runs nothing for, seen at two renewals in
+        a row: a claim that committed after its call gave up (a timeout, a lost reply).
+        Without this the heartbeat would renew them forever and block their template."""
+        running = set(self._runners)
+        strays = {t: f for t, f in held.items() if (t, f) not in running}
+        confirmed = {t: f for t, f in strays.items() if self._strays.get(t) == f}
+        self._strays = {t: f for t, f in strays.items() if t not in confirmed}
+        outcome = Outcome(
+            OutcomeKind.SHUTDOWN,
+            f"handed back without using an attempt: node {self.node_id} held the lease"
+            " but never started the task",
+        )
+        for task_id, fence in confirmed.items():
+            with contextlib.suppress(LeaseLost):  # settled by someone else meanwhile
+                info = await self._with_store(
+                    functools.partial(self.store.finish, task_id, fence, outcome)
+                )
+                self._telemetry.settled(info, "handed_back")
+            self._wake.set()
 
     async def _reaper_loop(self) -> None:
         while True:
@@ -447,12 +495,24 @@ class TaskPool:
         return True
 
     async def _with_store(self, call: Callable[[], Awaitable[T]]) -> T:
-        """Run a store call, riding out outages up to the configured tolerance."""
+        """Run a store call, riding out outages up to the configured tolerance.
+
+        Each call is shielded from cancellation: what it commits reaches the pool,
+        which runs it or hands it back (a claim cancelled mid-flight could commit
+        unseen and leave its task running under nobody). It is bounded instead by
+        `store_call_timeout_s`, so a silent network counts as an outage."""
         deadline: float | None = None
         delay = 0.05
         while True:
             try:
-                return await call()
+                with anyio.CancelScope(shield=True):
+                    try:
+                        with anyio.fail_after(self.store_call_timeout_s):
+                            return await call()
+                    except TimeoutError as exc:
+                        raise StoreUnavailable(
+                            f"store call timed out after {self.store_call_timeout_s:g} s"
+                        ) from exc
             except StoreUnavailable as exc:
                 now = anyio.current_time()
                 self._telemetry.store_retry(exc, first=deadline is None)

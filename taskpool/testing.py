@@ -28,11 +28,12 @@ from ._models import (
     TaskSpec,
     Transition,
     decide_finish,
+    decide_handback,
     decide_orphan,
 )
 from ._rules import Slot, plan_claims
 from ._store import Orphan, OutputChunk, Renewal, Store
-from .stores._common import ended_columns, rescue_reason
+from .stores._common import ended_columns, handback_reason, rescue_reason
 
 
 @dataclass
@@ -139,9 +140,19 @@ class MemoryStore(Store):
 
     async def stop_node(self, node_id: str, reason: str) -> None:
         self._check()
+        now = time.time()
         node = self._nodes.get(node_id)
         if node is not None and node.stopped_at is None:
-            self._nodes[node_id] = dataclasses.replace(node, stopped_at=time.time())
+            self._nodes[node_id] = dataclasses.replace(node, stopped_at=now)
+        # At once, as the SQL stores do in one transaction: a stopped node owns nothing.
+        for task in self._tasks.values():
+            info = task.info
+            if info.status is Status.RUNNING and info.owner_node == node_id:
+                transition = decide_handback(
+                    handback_reason(node_id, reason),
+                    cancel_requested=info.cancel_requested is not None,
+                )
+                self._end(task, transition, now, None)
 
     async def list_nodes(
         self, *, host: str | None = None, alive: bool | None = None
@@ -189,6 +200,9 @@ class MemoryStore(Store):
     def _claim(self, node_id: str, limits: Limits, lease_ttl_s: float) -> list[Claim]:
         self._check()
         now = time.time()
+        node = self._nodes.get(node_id)
+        if node is not None and node.stopped_at is not None:
+            return []  # a stopped node runs nothing
         live = [
             t.info
             for t in self._tasks.values()

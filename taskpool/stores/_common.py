@@ -56,6 +56,13 @@ def rescue_reason(owner: str | None, heartbeat_at: float | None, lease_expires_a
     return f"{said} (lease expired at {iso(lease_expires_at)})"
 
 
+def handback_reason(node_id: str, stop_reason: str) -> str:
+    return (
+        f"handed back without using an attempt: node {node_id} stopped ({stop_reason})"
+        " while it held the task"
+    )
+
+
 def ended_columns(
     row: Row, transition: Transition, now: float, exit_code: int | None
 ) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from .._models import (
     TaskSpec,
     Transition,
     decide_finish,
+    decide_handback,
     decide_orphan,
 )
 from .._rules import Slot
@@ -40,6 +41,7 @@ from .._store import Orphan, OutputChunk, Renewal, Store
 from ._common import (
     ended_columns,
     event_from_row,
+    handback_reason,
     node_from_row,
     rescue_reason,
     task_info,
@@ -205,12 +207,28 @@ class PostgresStore(Store):
 
     async def stop_node(self, node_id: str, reason: str) -> None:
         async def op(conn: asyncpg.Connection) -> None:
+            now: float = await conn.fetchval(_NOW)
             await conn.execute(
-                f"UPDATE taskpool_nodes SET stopped_at = ({_NOW}), stop_reason = $2"
+                "UPDATE taskpool_nodes SET stopped_at = $3, stop_reason = $2"
                 " WHERE id = $1 AND stopped_at IS NULL",
                 node_id,
                 reason,
+                now,
             )
+            # In the same transaction, so a stopped node never owns a running attempt: a
+            # claim holds the node's row (FOR SHARE) until it commits, so this statement
+            # runs after any claim of the node and sees what it claimed.
+            rows = await conn.fetch(
+                "SELECT * FROM taskpool_tasks WHERE status = 'running' AND owner_node = $1"
+                " FOR UPDATE",
+                node_id,
+            )
+            for row in rows:
+                transition = decide_handback(
+                    handback_reason(node_id, reason),
+                    cancel_requested=row["cancel_requested"] is not None,
+                )
+                await _apply(conn, row, transition, now, "handed_back", None)
 
         await self._tx(op)
 
@@ -620,8 +638,12 @@ async def _claim(
 ) -> list[Claim]:
     """One claim at a time across the cluster (an advisory lock), decided and written by
     `taskpool_claim` (migration 0002) in one round trip."""
+    # A stopped node claims nothing (its claim would be left for lease expiry); the
+    # node's row is held FOR SHARE so that `stop_node` waits for this claim to commit.
+    # An uncorrelated condition is a one-time filter: the function does not run at all.
     rows = await conn.fetch(
-        "SELECT * FROM taskpool_claim($1, $2, $3, $4::jsonb, $5)",
+        "SELECT * FROM taskpool_claim($1, $2, $3, $4::jsonb, $5) WHERE COALESCE("
+        "(SELECT stopped_at IS NULL FROM taskpool_nodes WHERE id = $2 FOR SHARE), true)",
         CLAIM_LOCK,
         node_id,
         limits.max_parallel,

@@ -43,6 +43,7 @@ from .._models import (
     TaskSpec,
     Transition,
     decide_finish,
+    decide_handback,
     decide_orphan,
 )
 from .._rules import Occupancy, Slot, plan_claims
@@ -52,6 +53,7 @@ from ._common import (
     claim_window,
     ended_columns,
     event_from_row,
+    handback_reason,
     node_from_row,
     rescue_reason,
     task_info,
@@ -390,11 +392,22 @@ class SQLiteStore(Store):
 
     async def stop_node(self, node_id: str, reason: str) -> None:
         def op(conn: sqlite3.Connection) -> None:
+            now = time.time()
             conn.execute(
                 "UPDATE nodes SET stopped_at = ?, stop_reason = ?"
                 " WHERE id = ? AND stopped_at IS NULL",
-                (time.time(), reason, node_id),
+                (now, reason, node_id),
             )
+            # In the same transaction, so a stopped node never owns a running attempt.
+            rows = conn.execute(
+                "SELECT * FROM tasks WHERE status = 'running' AND owner_node = ?", (node_id,)
+            ).fetchall()
+            for row in rows:
+                transition = decide_handback(
+                    handback_reason(node_id, reason),
+                    cancel_requested=row["cancel_requested"] is not None,
+                )
+                _apply(conn, row, transition, now, "handed_back", None)
 
         await self._write(op)
 
@@ -782,6 +795,9 @@ def _claim(
     conn: sqlite3.Connection, node_id: str, limits: Limits, lease_ttl_s: float
 ) -> list[Claim]:
     now = time.time()
+    node = conn.execute("SELECT stopped_at FROM nodes WHERE id = ?", (node_id,)).fetchone()
+    if node is not None and node["stopped_at"] is not None:
+        return []  # a stopped node runs nothing: its claim would be left for lease expiry
     rows = conn.execute(
         "SELECT id, project, template, template_parallel, locks, owner_node FROM tasks"
         " WHERE status = 'running' AND lease_expires_at >= ?",

@@ -369,3 +369,30 @@ async def test_postgres_migrations_apply_once_even_when_nodes_start_together() -
         finally:
             for store in stores:
                 await store.close()
+
+
+async def test_a_stopped_node_owns_nothing_and_claims_nothing(opener: Opener) -> None:
+    """Stopping a node hands its running attempts back in the same operation, refunded
+    (a cancel-requested one is cancelled instead); a claim made for a stopped node
+    takes nothing, so no task is ever left running under a stopped node."""
+    async with handles(opener, 2) as (one, two):
+        plain = await one.submit(TaskSpec.build(["true"], max_attempts=1))
+        doomed = await one.submit(TaskSpec.build(["true"], max_attempts=1))
+        claimed = await one.claim("node-0", Limits(max_parallel=4), lease_ttl_s=30)
+        assert sorted(c.task.id for c in claimed) == [plain, doomed]
+        await two.request_cancel(doomed)
+        await two.stop_node("node-0", "stopped")
+
+        info = await two.get(plain)
+        assert info.status is Status.WAITING
+        assert info.attempts_used == 0  # refunded: the node never ran it to an end
+        assert info.owner_node is None
+        assert info.reason is not None
+        assert info.reason.startswith("handed back without using an attempt: node node-0")
+        assert (await two.get(doomed)).status is Status.CANCELLED
+
+        assert await one.claim("node-0", Limits(max_parallel=4), lease_ttl_s=30) == []
+        assert (await two.get(plain)).status is Status.WAITING
+        (again,) = await two.claim("node-1", Limits(max_parallel=4), lease_ttl_s=30)
+        assert again.task.id == plain
+        assert again.task.attempts_used == 1
