@@ -211,6 +211,9 @@ class OutcomeKind(enum.StrEnum):
     STALLED = "stalled"
     CANCELLED = "cancelled"
     SHUTDOWN = "shutdown"  # the pool stopped it while shutting down: not the task's fault
+    # The node could not renew the lease and stopped the attempt before it expired, so
+    # that a rescuer's copy never overlaps it: not the task's fault either.
+    SELF_FENCED = "self_fenced"
     LEASE_LOST = "lease_lost"  # another owner holds the task: nothing may be written
 
 
@@ -257,7 +260,8 @@ def decide_finish(
 ) -> Transition:
     """Decide the next status of a task whose attempt ended with `outcome`.
 
-    `attempts_used` counts the attempt that just ended. Shutdown never uses up an
+    `attempts_used` counts the attempt that just ended. Shutdown and self-fencing
+    (stopped before a lease that could not be renewed ran out) never use up an
     attempt; cancellation and spawn failures are never retried (retrying a missing
     program only wastes time); other failures are retried while attempts remain.
     A task someone asked to cancel is never re-queued.
@@ -272,7 +276,7 @@ def _decide_finish(
     outcome: Outcome, attempts_used: int, max_attempts: int, backoff_s: float, now: float
 ) -> Transition:
     assert outcome.kind is not OutcomeKind.LEASE_LOST, "a lost lease is never written"
-    if outcome.kind is OutcomeKind.SHUTDOWN:
+    if outcome.kind in (OutcomeKind.SHUTDOWN, OutcomeKind.SELF_FENCED):
         return Transition(Status.WAITING, consumes_attempt=False, reason=outcome.reason)
     if outcome.kind is OutcomeKind.EXITED and outcome.exit_code == 0:
         return Transition(Status.SUCCEEDED, consumes_attempt=True, reason=outcome.reason)

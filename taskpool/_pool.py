@@ -146,6 +146,16 @@ class TaskPool:
         self.store_outage_tolerance_s = store_outage_tolerance_s
         # A call that has not answered by then counts as an outage (it is retried).
         self.store_call_timeout_s = store_call_timeout_s or min(10.0, lease_ttl_s / 3)
+        if store_outage_tolerance_s > lease_ttl_s:
+            # Allowed (the node rides out the outage), but running tasks cannot: say so.
+            logging.getLogger("taskpool").warning(
+                "store_outage_tolerance_s (%g s) is longer than lease_ttl_s (%g s): during"
+                " an outage longer than the lease, running tasks are stopped before their"
+                " lease runs out and handed back; the node itself survives up to the"
+                " tolerance. A longer lease lets tasks ride out longer outages.",
+                store_outage_tolerance_s,
+                lease_ttl_s,
+            )
         self.metrics = metrics
         self._telemetry = Telemetry("-", metrics)
         self.node: NodeInfo | None = None
@@ -166,6 +176,10 @@ class TaskPool:
         # fence): a claim whose result never reached the pool. Handed back when seen
         # twice in a row, so a claim still on its way is never mistaken for one.
         self._strays: dict[int, int] = {}
+        # When each running attempt's lease surely runs out, on this process's monotonic
+        # clock: (time its claim or last renewal was *sent*) + TTL. The store's expiry
+        # is computed when the request arrives, so it is never earlier than this.
+        self._lease_deadlines: dict[tuple[int, int], float] = {}
 
     def __repr__(self) -> str:
         node = self.node.id if self.node else None
@@ -298,6 +312,7 @@ class TaskPool:
                 tg.start_soon(self._claim_loop, name="taskpool claim loop")
                 tg.start_soon(self._heartbeat_loop, name="taskpool heartbeat")
                 tg.start_soon(self._reaper_loop, name="taskpool reaper")
+                tg.start_soon(self._lease_guard_loop, name="taskpool lease guard")
                 tg.start_soon(
                     self.store.watch_for_work, self._work_arrived, name="taskpool work watcher"
                 )
@@ -345,21 +360,23 @@ class TaskPool:
             while not self._closing:
                 self._wake = anyio.Event()
                 if len(self._runners) < self.limits.max_parallel:
+                    asked_at = anyio.current_time()
                     try:
                         claims = await self._with_store(
-                            lambda: self.store.claim(self.node_id, self.limits, self.lease_ttl_s)
+                            lambda: self.store.claim(self.node_id, self.limits, self.lease_ttl_s),
+                            retry_while_closing=False,
                         )
                     except StoreUnavailable:
                         if self._closing:
                             break  # nothing claimed that stop_node will not hand back
                         raise
-                    self._start(claims)
+                    self._start(claims, asked_at)
                 with anyio.move_on_after(self.poll_interval_s):
                     await self._wake.wait()
         finally:
             self._claim_loop_ended.set()
 
-    def _start(self, claims: Sequence[Claim]) -> None:
+    def _start(self, claims: Sequence[Claim], asked_at: float) -> None:
         """Start a runner for each claim. Called at once when a claim returns, with no
         checkpoint between: whatever the store committed is either run or handed back."""
         assert self._tg is not None
@@ -369,6 +386,7 @@ class TaskPool:
             if stopping:  # claimed while shutdown began: hand it straight back
                 control.stop(StopKind.SHUTDOWN, self._shutdown_reason())
             self._runners[claim.task.id, claim.fence] = control
+            self._lease_deadlines[claim.task.id, claim.fence] = asked_at + self.lease_ttl_s
             self._tg.start_soon(self._run, claim, name=f"taskpool task {claim.task.id}")
 
     def _shutdown_reason(self) -> str:
@@ -378,16 +396,28 @@ class TaskPool:
         while True:
             await anyio.sleep(self.heartbeat_interval_s)
             before = dict(self._runners)  # only runners whose claim committed before the renewal
+            asked_at = anyio.current_time()
             renewal = await self._with_store(
                 lambda: self.store.renew_leases(self.node_id, self.lease_ttl_s)
             )
             await self._hand_back_strays(renewal.held)
             for (task_id, fence), control in before.items():
+                key = (task_id, fence)
                 if renewal.held.get(task_id) != fence:
-                    control.stop(
-                        StopKind.LEASE_LOST, "lease lost: another node owns the task", force=True
-                    )
-                elif task_id in renewal.cancel_requests:
+                    if self._lease_deadlines.get(key, math.inf) <= anyio.current_time():
+                        # Not renewed because it ran out while the store was unreachable
+                        # (or this process was paused): ours unless rescued; hand it back.
+                        control.stop(StopKind.SELF_FENCED, self._self_fence_reason(), force=True)
+                    else:
+                        control.stop(
+                            StopKind.LEASE_LOST,
+                            "lease lost: another node owns the task",
+                            force=True,
+                        )
+                    continue
+                if key in self._lease_deadlines:
+                    self._lease_deadlines[key] = asked_at + self.lease_ttl_s
+                if task_id in renewal.cancel_requests:
                     force = renewal.cancel_requests[task_id] == "force"
                     control.stop(StopKind.CANCELLED, "cancelled by request", force=force)
 
@@ -412,10 +442,48 @@ class TaskPool:
                 self._telemetry.settled(info, "handed_back")
             self._wake.set()
 
+    @property
+    def self_fence_margin_s(self) -> float:
+        """How long before its lease runs out an attempt that could not be renewed is
+        stopped: room for a late wake-up of this loop and for the kill itself."""
+        return max(0.5, self.lease_ttl_s / 10)
+
+    def _self_fence_reason(self) -> str:
+        return (
+            f"self-fenced: node {self.node_id} could not renew the lease for"
+            f" {self.lease_ttl_s - self.self_fence_margin_s:g} s and stopped the attempt"
+            " before it ran out, so that no copy started elsewhere overlaps it"
+        )
+
+    async def _lease_guard_loop(self) -> None:
+        """Stop every attempt whose lease could not be renewed, before it runs out.
+
+        A rescue happens only after expiry (on the database's clock, which is never
+        ahead of our deadline): so a copy started by a rescuer never overlaps one of
+        ours, whether the store is down, the network is cut or silent. The stopped
+        attempt is handed back without using an attempt once the store answers."""
+        while True:
+            now = anyio.current_time()
+            margin = self.self_fence_margin_s
+            wake_at = now + self.heartbeat_interval_s  # new leases run out later than this
+            for key, deadline in list(self._lease_deadlines.items()):
+                control = self._runners.get(key)
+                if control is None or control.forced:
+                    continue
+                if deadline - margin <= now:
+                    control.stop(StopKind.SELF_FENCED, self._self_fence_reason(), force=True)
+                else:
+                    wake_at = min(wake_at, deadline - margin)
+            await anyio.sleep(max(wake_at - anyio.current_time(), 0.01))
+
     async def _reaper_loop(self) -> None:
         while True:
             await self._with_store(self._reconcile_predecessors)
-            rescued = await self._with_store(self.store.rescue_expired)
+            # Never its own running attempts: their runners stop them before their
+            # lease runs out and hand them back (see `_lease_guard_loop`).
+            rescued = await self._with_store(
+                lambda: self.store.rescue_expired(except_attempts=set(self._runners))
+            )
             for info in rescued:
                 self._telemetry.settled(info, "rescued")
             if rescued:
@@ -454,6 +522,12 @@ class TaskPool:
                 try:
                     claimed = await self._finish(task.id, fence, outcome)
                 except LeaseLost as exc:
+                    # Reported as what it is, not as the exit the runner saw.
+                    outcome = Outcome(
+                        OutcomeKind.LEASE_LOST,
+                        f"result refused ({exc}); the attempt had {outcome.reason}",
+                        outcome.exit_code,
+                    )
                     self._telemetry.note(
                         logging.WARNING,
                         "result_refused",
@@ -469,6 +543,7 @@ class TaskPool:
             if not finished:
                 self._interrupted[task.id] = fence
             del self._runners[task.id, fence]
+            self._lease_deadlines.pop((task.id, fence), None)
             self._idle.set()
             if not claimed:  # the slot is free and nobody looked for work for it yet
                 self._wake.set()
@@ -478,9 +553,11 @@ class TaskPool:
         """Write the outcome; unless shutting down, claim for the freed slot in the same
         transaction (no round trip through the claim loop on the hot path). True if it
         claimed."""
-        if self._closing:
+        if self._closing or outcome.kind is OutcomeKind.SELF_FENCED:
+            # A self-fenced node is in trouble with its store: no new work until it renews.
             await self._with_store(lambda: self.store.finish(task_id, fence, outcome))
             return False
+        asked_at = anyio.current_time()
         claims = await self._with_store(
             lambda: self.store.finish_and_claim(
                 task_id,
@@ -491,11 +568,14 @@ class TaskPool:
                 lease_ttl_s=self.lease_ttl_s,
             )
         )
-        self._start(claims)
+        self._start(claims, asked_at)
         return True
 
-    async def _with_store(self, call: Callable[[], Awaitable[T]]) -> T:
-        """Run a store call, riding out outages up to the configured tolerance.
+    async def _with_store(
+        self, call: Callable[[], Awaitable[T]], *, retry_while_closing: bool = True
+    ) -> T:
+        """Run a store call, riding out outages up to the configured tolerance (or not at
+        all once the pool is closing, unless `retry_while_closing`).
 
         Each call is shielded from cancellation: what it commits reaches the pool,
         which runs it or hands it back (a claim cancelled mid-flight could commit
@@ -518,7 +598,7 @@ class TaskPool:
                 self._telemetry.store_retry(exc, first=deadline is None)
                 if deadline is None:
                     deadline = now + self.store_outage_tolerance_s
-                if now >= deadline:
+                if now >= deadline or (self._closing and not retry_while_closing):
                     raise
                 await anyio.sleep(min(delay, deadline - now))
                 delay = min(delay * 2, 1.0)

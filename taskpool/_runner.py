@@ -57,6 +57,7 @@ class StopKind(enum.Enum):
     CANCELLED = "cancelled"
     SHUTDOWN = "shutdown"
     LEASE_LOST = "lease_lost"
+    SELF_FENCED = "self_fenced"  # the lease could not be renewed and is about to run out
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,13 +74,21 @@ class RunnerControl:
         self.request: StopRequest | None = None
         self.pid: int | None = None
         self._wakeup = anyio.Event()
+        # Set while a process runs: kills its group at once, from inside `stop`.
+        self._kill_now: Callable[[], None] | None = None
 
     def stop(self, kind: StopKind, reason: str, *, force: bool = False) -> None:
-        """Ask the runner to stop; a forced request escalates a graceful one in progress."""
+        """Ask the runner to stop; a forced request escalates a graceful one in progress.
+
+        A forced stop kills the process group before this returns: it must not wait for
+        the watchdog, which may be awaiting a store write that hangs in an outage (the
+        very case where a lease that cannot be renewed must be cut short)."""
         if self.request is None:
             self.request = StopRequest(kind, reason, force)
         elif force and not self.request.force:
             self.request = StopRequest(self.request.kind, self.request.reason, True)
+        if force and self._kill_now is not None:
+            self._kill_now()
         self._wakeup.set()
 
     @property
@@ -292,12 +301,26 @@ class _Attempt:
             wait = min(wait, left)
         return wait, None
 
+    def kill_now(self) -> None:
+        """A forced stop: SIGKILL the group at once, and record why unless a graceful stop
+        in progress already did (`_terminate` then adds how it ended)."""
+        request = self.control.request
+        if request is None or self.proc.exited.is_set():
+            return
+        if self.stop is None:
+            self.stop = Outcome(
+                _OUTCOME_OF_STOP[request.kind], f"{request.reason}; process group sent SIGKILL"
+            )
+        self.proc.kill_all()
+
     async def watch(self) -> None:
         """The watchdog: decide when to stop the process (request, timeout, stall) and do
         it; meanwhile record the spawn, flush output, and note escaping descendants."""
         record_at: float | None = self.started + RECORD_SPAWN_DELAY_S
         next_flush = self.started + self.req.flush_interval_s
         while not self.proc.exited.is_set():
+            if self.stop is not None:
+                return  # a forced stop killed the group already (see `kill_now`)
             request = self.control.request
             if request is not None:
                 due: Outcome | None = Outcome(_OUTCOME_OF_STOP[request.kind], request.reason)
@@ -350,7 +373,7 @@ class _Attempt:
                 if left <= 0:
                     break
                 await self.control._sleep(left)
-            if self.proc.exited.is_set():
+            if self.proc.exited.is_set() and not self.control.forced:
                 self.stop = _with(self.stop, "process group sent SIGTERM")
                 return
             if not self.control.forced:
@@ -368,6 +391,7 @@ _OUTCOME_OF_STOP = {
     StopKind.CANCELLED: OutcomeKind.CANCELLED,
     StopKind.SHUTDOWN: OutcomeKind.SHUTDOWN,
     StopKind.LEASE_LOST: OutcomeKind.LEASE_LOST,
+    StopKind.SELF_FENCED: OutcomeKind.SELF_FENCED,
 }
 
 
@@ -401,6 +425,7 @@ async def run_attempt(
     proc = _Process(popen)
     control.pid = proc.pid
     attempt = _Attempt(req, sink, control, proc, on_spawn)
+    control._kill_now = attempt.kill_now
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(attempt.pump_output)
@@ -421,6 +446,7 @@ async def run_attempt(
         with contextlib.suppress(LeaseLost):
             await sink.flush()
     finally:
+        control._kill_now = None
         try:
             if proc.exit_code is None:  # not reaped: kill and wait, whatever cancels us
                 with anyio.CancelScope(shield=True):

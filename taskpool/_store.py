@@ -9,7 +9,7 @@ worth retrying) or `StoreError` at this boundary.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Self
 
@@ -136,8 +136,13 @@ class Store(abc.ABC):
         """Extend every live lease the node holds, in one write, and heartbeat the node."""
 
     @abc.abstractmethod
-    async def rescue_expired(self) -> list[TaskInfo]:
-        """Re-queue (attempts left) or mark lost every attempt whose lease has expired."""
+    async def rescue_expired(
+        self, *, except_attempts: Collection[tuple[int, int]] = ()
+    ) -> list[TaskInfo]:
+        """Re-queue (attempts left) or mark lost every attempt whose lease has expired,
+        but those in `except_attempts` ((task id, fence) pairs): a node passes the
+        attempts it runs itself, which it never rescues (it stops them before their
+        lease runs out and hands them back itself)."""
 
     @abc.abstractmethod
     async def orphans_of(self, node_id: str) -> list[Orphan]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from importlib import resources
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -117,10 +117,22 @@ class PostgresStore(Store):
     crashed by the outage test then forgot output already written.)
     """
 
-    def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 10) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        connect_timeout_s: float = 10.0,
+        command_timeout_s: float = 10.0,
+    ) -> None:
         self.dsn = dsn
         self.min_size = min_size
         self.max_size = max_size
+        # Every call is bounded: a silent network (dropped packets, a paused server)
+        # becomes StoreUnavailable like a refused connection, never a hang.
+        self.connect_timeout_s = connect_timeout_s
+        self.command_timeout_s = command_timeout_s
         self._pool: asyncpg.Pool | None = None
 
     def __repr__(self) -> str:
@@ -139,8 +151,10 @@ class PostgresStore(Store):
                 min_size=self.min_size,
                 max_size=self.max_size,
                 connection_class=_quiet_connection_class(),
+                timeout=self.connect_timeout_s,
+                command_timeout=self.command_timeout_s,
             )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise _map_error(exc) from exc
         try:
             async with pool.acquire() as conn:
@@ -173,7 +187,11 @@ class PostgresStore(Store):
     async def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
-            await pool.close()
+            # A graceful close waits on the server; an unreachable one must not hang us.
+            with anyio.move_on_after(self.command_timeout_s) as scope:
+                await pool.close()
+            if scope.cancelled_caught:
+                pool.terminate()
 
     async def _tx(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         """Run `fn` in one transaction on a pooled connection, mapping driver errors."""
@@ -183,9 +201,12 @@ class PostgresStore(Store):
         if pool is None:
             raise StoreError("the store is closed")
         try:
-            async with pool.acquire() as conn, conn.transaction():
+            async with (
+                pool.acquire(timeout=self.connect_timeout_s) as conn,
+                conn.transaction(),
+            ):
                 return await fn(conn)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise _map_error(exc) from exc
 
     # -- nodes -------------------------------------------------------------
@@ -357,7 +378,11 @@ class PostgresStore(Store):
 
         return await self._tx(op)
 
-    async def rescue_expired(self) -> list[TaskInfo]:
+    async def rescue_expired(
+        self, *, except_attempts: Collection[tuple[int, int]] = ()
+    ) -> list[TaskInfo]:
+        spared = set(except_attempts)
+
         async def op(conn: asyncpg.Connection) -> list[TaskInfo]:
             now: float = await conn.fetchval(_NOW)
             rows = await conn.fetch(
@@ -369,6 +394,8 @@ class PostgresStore(Store):
             )
             rescued = []
             for row in rows:
+                if (row["id"], row["fence"]) in spared:
+                    continue
                 reason = rescue_reason(
                     row["owner_node"], row["node_heartbeat_at"], row["lease_expires_at"]
                 )
@@ -418,8 +445,8 @@ class PostgresStore(Store):
         delay = 0.1
         while True:
             try:
-                conn = await asyncpg.connect(self.dsn)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout_s)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("LISTEN connection failed, retrying in %.1f s: %r", delay, exc)
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -532,7 +559,7 @@ async def _row(conn: asyncpg.Connection, task_id: int, *, lock: bool = False) ->
 
 
 async def _fenced(conn: asyncpg.Connection, task_id: int, fence: int) -> Any:
-    """The locked task row if `fence` still owns a live lease on it, else `LeaseLost`."""
+    """The locked task row if `fence` still owns it, else `LeaseLost` (see sqlite's)."""
     row = await conn.fetchrow(
         f"SELECT t.*, ({_NOW}) AS now FROM taskpool_tasks t WHERE id = $1 FOR UPDATE", task_id
     )
@@ -543,8 +570,6 @@ async def _fenced(conn: asyncpg.Connection, task_id: int, fence: int) -> Any:
             f"task {task_id}: fence {fence} is stale"
             f" (task is {row['status']}, fence {row['fence']})"
         )
-    if row["lease_expires_at"] < row["now"]:
-        raise LeaseLost(f"task {task_id}: the lease of fence {fence} expired")
     return row
 
 

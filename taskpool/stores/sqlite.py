@@ -20,7 +20,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -530,7 +530,11 @@ class SQLiteStore(Store):
 
         return await self._write(op)
 
-    async def rescue_expired(self) -> list[TaskInfo]:
+    async def rescue_expired(
+        self, *, except_attempts: Collection[tuple[int, int]] = ()
+    ) -> list[TaskInfo]:
+        spared = set(except_attempts)
+
         def op(conn: sqlite3.Connection) -> list[TaskInfo]:
             now = time.time()
             rows = conn.execute(
@@ -541,6 +545,8 @@ class SQLiteStore(Store):
             ).fetchall()
             rescued = []
             for row in rows:
+                if (row["id"], row["fence"]) in spared:
+                    continue
                 reason = rescue_reason(
                     row["owner_node"], row["node_heartbeat_at"], row["lease_expires_at"]
                 )
@@ -680,15 +686,19 @@ def _row(conn: sqlite3.Connection, task_id: int) -> sqlite3.Row:
 
 
 def _fenced(conn: sqlite3.Connection, task_id: int, fence: int, now: float) -> sqlite3.Row:
-    """The task row if `fence` still owns a live lease on it, else `LeaseLost`."""
+    """The task row if `fence` still owns it, else `LeaseLost`.
+
+    Ownership ends when someone else takes the task over (a rescue, then a new claim:
+    status or fence change), not at lease expiry itself: expiry only allows a rescue.
+    Until one happens, the owner may still record what its attempt did within the
+    lease, whose processes never outlive it (the owner stops them before it runs out
+    when it cannot renew it)."""
     row = _row(conn, task_id)
     if row["status"] != Status.RUNNING or row["fence"] != fence:
         raise LeaseLost(
             f"task {task_id}: fence {fence} is stale"
             f" (task is {row['status']}, fence {row['fence']})"
         )
-    if row["lease_expires_at"] < now:
-        raise LeaseLost(f"task {task_id}: the lease of fence {fence} expired")
     return row
 
 

@@ -157,19 +157,34 @@ async def test_stale_fence_is_refused_everywhere(opener: Opener) -> None:
         assert [c.text for c in await new_store.read_output(task)] == ["fresh"]
 
 
-async def test_an_expired_lease_is_lost_before_anyone_rescues_it(opener: Opener) -> None:
-    """A lease past its expiry can be neither renewed nor written; rescue marks it lost."""
+async def test_an_expired_lease_is_lost_when_rescued(opener: Opener) -> None:
+    """A lease past its expiry cannot be renewed, and a rescue marks it lost; once
+    rescued, the old owner's writes are refused."""
     async with handles(opener, 1) as (store,):
         task = await store.submit(TaskSpec.build(["true"]))
         (claim,) = await store.claim("node-0", Limits(), lease_ttl_s=0.05)
         await anyio.sleep(0.1)
         assert (await store.renew_leases("node-0", 30)).held == {}
+        (rescued,) = await store.rescue_expired()
         with pytest.raises(LeaseLost):
             await store.finish(task, claim.fence, EXITED_0)
-        (rescued,) = await store.rescue_expired()
         assert rescued.status is Status.LOST
         assert rescued.reason is not None
         assert rescued.reason.endswith("; no attempts left")
+
+
+async def test_an_expired_lease_nobody_took_over_still_records_its_end(opener: Opener) -> None:
+    """Expiry only allows a rescue: until one happens the owner's output and result are
+    recorded (its processes ended within the lease), and the rescue finds nothing."""
+    async with handles(opener, 1) as (store,):
+        task = await store.submit(TaskSpec.build(["true"]))
+        (claim,) = await store.claim("node-0", Limits(), lease_ttl_s=0.05)
+        await anyio.sleep(0.1)
+        await store.append_output(task, claim.fence, ["done\n"])
+        info = await store.finish(task, claim.fence, EXITED_0)
+        assert info.status is Status.SUCCEEDED
+        assert await store.rescue_expired() == []
+        assert [c.text for c in await store.read_output(task)] == ["done\n"]
 
 
 async def test_renewal_reports_cancel_requests(opener: Opener) -> None:
