@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import asyncpg
 import psutil
 import pytest
 
@@ -135,6 +137,64 @@ async def test_a_recycled_pid_is_never_killed(database: str) -> None:
         unrelated.wait()
 
 
+async def _transaction_state(database: str) -> str | None:
+    """Whether the database's other clients (here: only the frozen pool) hold a transaction
+    open ("in transaction") or not ("idle"); None while a statement still runs."""
+    if not database.startswith("postgresql://"):
+        conn = sqlite3.connect(database, timeout=0, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")  # fails at once if another holds the write lock
+            conn.execute("ROLLBACK")
+            return "idle"
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc):
+                raise
+            return "in transaction"
+        finally:
+            conn.close()
+    conn_pg = await asyncpg.connect(database)
+    try:
+        states = [
+            row["state"]
+            for row in await conn_pg.fetch(
+                "SELECT state FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        ]
+    finally:
+        await conn_pg.close()
+    if "active" in states:
+        return None  # the server finishes it whether or not its client is frozen
+    if any(state and state.startswith("idle in transaction") for state in states):
+        return "in transaction"
+    return "idle"
+
+
+async def _freeze_between_transactions(proc: subprocess.Popen[str], database: str) -> None:
+    """SIGSTOP the pool process at a moment it holds no transaction open.
+
+    A pool frozen inside a transaction keeps its row locks (PostgreSQL) or the write
+    lock (SQLite) and so stops every other pool from rescuing its task, however long
+    its lease has expired; a loaded machine makes that moment likely. That case is not
+    what this test is about, so it thaws the pool and freezes it again."""
+
+    async def frozen_idle() -> bool:
+        proc.send_signal(signal.SIGSTOP)
+        pool = psutil.Process(proc.pid)
+
+        async def stopped() -> bool:
+            return bool(pool.status() == psutil.STATUS_STOPPED)
+
+        await eventually(stopped)
+        state = await eventually(lambda: _transaction_state(database))
+        if state == "idle":
+            return True
+        proc.send_signal(signal.SIGCONT)
+        return False
+
+    await eventually(frozen_idle)
+
+
 async def test_frozen_pool_is_rescued_and_fenced(database: str) -> None:
     """A SIGSTOPped pool's task is rescued after its lease expires and runs elsewhere; when
     the frozen pool wakes, its stale lease is refused and it kills its own copy at once."""
@@ -144,7 +204,7 @@ async def test_frozen_pool_is_rescued_and_fenced(database: str) -> None:
     with pool_process(database, "1", "2.0") as (proc, frozen_node):
         old_pid = await _pid_of(database, task_id)
         old = psutil.Process(old_pid)
-        proc.send_signal(signal.SIGSTOP)
+        await _freeze_between_transactions(proc, database)
         async with fast_pool(database, lease_ttl_s=5.0) as pool:
 
             async def rescued_and_running() -> bool:
