@@ -182,8 +182,8 @@ async def _freeze_between_transactions(proc: subprocess.Popen[str], database: st
         proc.send_signal(signal.SIGSTOP)
         pool = psutil.Process(proc.pid)
 
-        async def stopped() -> bool:
-            return bool(pool.status() == psutil.STATUS_STOPPED)
+        async def stopped() -> bool:  # under a tracer (strace -f), a stop is a tracing stop
+            return pool.status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
 
         await eventually(stopped)
         state = await eventually(lambda: _transaction_state(database))
