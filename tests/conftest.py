@@ -1,13 +1,44 @@
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
+from taskpool._procs import ATTEMPT_ENV
+from tests import postgres
 from tests.helpers import attempt_processes
 from tests.postgres import fresh_postgres_database
+from tests.subreaper import Reaper, become_subreaper
+
+#: How long a process left behind may take to finish dying before the test fails.
+LEFT_BEHIND_GRACE_S = 10.0
+
+_reaper: Reaper | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Before any test starts a process: keep every process of this run in our tree."""
+    global _reaper
+    # Were the suite itself run as a taskpool task, every process it starts would
+    # inherit the marker and look like an attempt: ours carry only the ones we give.
+    os.environ.pop(ATTEMPT_ENV, None)
+    if _reaper is None and become_subreaper():
+        _reaper = Reaper()
+        _reaper.start()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    global _reaper
+    try:
+        postgres.stop_session_server()
+    finally:
+        if _reaper is not None:
+            _reaper.stop()
+            _reaper = None
 
 
 @pytest.fixture
@@ -26,14 +57,31 @@ async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
             yield dsn
 
 
+def _dead(proc: psutil.Process) -> bool:
+    try:
+        return bool(proc.status() == psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return True
+
+
 @pytest.fixture(autouse=True)
 def _no_process_left_behind() -> Iterator[None]:
-    """Every test must leave no attempt process alive; one that does fails (and is cleaned)."""
+    """Every test must leave no attempt process of its own alive; one that does fails
+    (and is killed). Processes that this run did not start are never looked at."""
     yield
     left = attempt_processes()
     if not left:
         return
-    _, alive = psutil.wait_procs(left, timeout=5)
+    deadline = time.monotonic() + LEFT_BEHIND_GRACE_S  # a safety net for dying processes
+    while time.monotonic() < deadline and not all(_dead(p) for p in left):
+        time.sleep(0.05)
+    alive = [p for p in left if not _dead(p)]
+    names = []
     for proc in alive:
-        proc.kill()
-    assert not alive, f"processes left behind: {[(p.pid, p.name()) for p in alive]}"
+        try:
+            names.append((proc.pid, proc.name(), proc.environ().get(ATTEMPT_ENV)))
+            proc.kill()  # psutil checks pid and start time: never a recycled pid
+        except psutil.NoSuchProcess:
+            continue
+    # The reaper thread reaps those handed to us; a test's own Popen reaps its child.
+    assert not alive, f"processes left behind: {names}"

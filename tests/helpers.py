@@ -12,6 +12,7 @@ import psutil
 
 from taskpool import Status, Store, TaskInfo, TaskPool
 from taskpool._procs import ATTEMPT_ENV
+from tests.subreaper import descendant_pids
 
 T = TypeVar("T")
 
@@ -42,13 +43,23 @@ async def running(pool: TaskPool, task_id: int) -> TaskInfo:
     return await eventually(check)
 
 
+def marker_task_id(marker: str) -> str | None:
+    """The task id in an attempt marker, `<store_id>:<task_id>:<fence>` or the older
+    `<task_id>:<fence>`: the second-to-last field either way; None if malformed."""
+    fields = marker.split(":")
+    return fields[-2] if len(fields) >= 2 else None
+
+
 def attempt_processes(task_id: int | None = None) -> list[psutil.Process]:
-    """Live (non-zombie) processes that belong to a taskpool attempt, of one task or any."""
+    """Live (non-zombie) attempt processes of this test run, of one task or any.
+
+    Only descendants of this process count (it is a subreaper, see tests/subreaper.py):
+    an attempt of a production pool or of another copy of the suite on this host
+    carries the same marker and is none of our business."""
     found = []
-    for proc in psutil.process_iter():
-        if proc.pid == os.getpid():
-            continue
+    for pid in descendant_pids(os.getpid()):
         try:
+            proc = psutil.Process(pid)
             if proc.status() == psutil.STATUS_ZOMBIE:
                 continue
             marker = proc.environ().get(ATTEMPT_ENV)
@@ -56,19 +67,19 @@ def attempt_processes(task_id: int | None = None) -> list[psutil.Process]:
             continue
         if marker is None:
             continue
-        if task_id is None or marker.split(":")[-2:-1] == [str(task_id)]:
+        if task_id is None or marker_task_id(marker) == str(task_id):
             found.append(proc)
     return found
 
 
 async def no_attempt_processes(task_id: int | None = None) -> bool:
-    """True once no process of the task (or of any task) is left; killed ones may take a moment
-    to be reaped by init, so this polls briefly."""
+    """True once no process of the task (or of any task) is left; killed ones may take a
+    moment to die, so this polls (the timeout is a safety net)."""
 
     async def check() -> bool:
         return not attempt_processes(task_id)
 
-    await eventually(check, timeout_s=10)
+    await eventually(check, timeout_s=30)
     return True
 
 

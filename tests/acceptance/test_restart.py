@@ -3,8 +3,10 @@ nothing; the next pool kills its leftovers, settles its attempts, then runs the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -12,10 +14,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import asyncpg
 import psutil
 import pytest
 
-from taskpool import Limits, NodeInfo, Status, TaskSpec
+from taskpool import Limits, NodeInfo, Status, TaskInfo, TaskSpec
 from tests.helpers import eventually, fast_pool, no_attempt_processes, open_store
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,16 +138,94 @@ async def test_a_recycled_pid_is_never_killed(database: str) -> None:
         unrelated.wait()
 
 
+async def _transaction_state(database: str) -> str | None:
+    """Whether the database's other clients (here: only the frozen pool) hold a transaction
+    open ("in transaction") or not ("idle"); None while a statement still runs."""
+    if not database.startswith("postgresql://"):
+        conn = sqlite3.connect(database, timeout=0, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")  # fails at once if another holds the write lock
+            conn.execute("ROLLBACK")
+            return "idle"
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc):
+                raise
+            return "in transaction"
+        finally:
+            conn.close()
+    conn_pg = await asyncpg.connect(database)
+    try:
+        states = [
+            row["state"]
+            for row in await conn_pg.fetch(
+                "SELECT state FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        ]
+    finally:
+        await conn_pg.close()
+    if "active" in states:
+        return None  # the server finishes it whether or not its client is frozen
+    if any(state and state.startswith("idle in transaction") for state in states):
+        return "in transaction"
+    return "idle"
+
+
+async def _freeze_running_attempt(
+    proc: subprocess.Popen[str], database: str, task_id: int, node_id: str
+) -> tuple[psutil.Process, int]:
+    """SIGSTOP the pool process while it runs the task and holds no transaction open;
+    return the attempt's leader and fence, as they are while the pool is frozen.
+
+    A pool frozen inside a transaction keeps its row locks (PostgreSQL) or the write
+    lock (SQLite), which stops every other pool from rescuing its task however long
+    its lease has expired; and a pool starved of CPU before the freeze may miss its
+    own lease and run the task again under a new fence. Both are likelier on a loaded
+    machine and neither is what this test is about: the pool is thawed and frozen
+    again until it is frozen in the state the test needs."""
+
+    async def current() -> TaskInfo:
+        async with open_store(database) as store:
+            return await store.get(task_id)
+
+    async def frozen_while_running() -> tuple[psutil.Process, int] | None:
+        before = await current()
+        if before.status is not Status.RUNNING or before.pid is None:
+            return None
+        proc.send_signal(signal.SIGSTOP)
+        pool = psutil.Process(proc.pid)
+
+        async def stopped() -> bool:  # under a tracer (strace -f), a stop is a tracing stop
+            return pool.status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
+
+        await eventually(stopped)
+        state = await eventually(lambda: _transaction_state(database))
+        after = await current()
+        if (
+            state == "idle"
+            and after.status is Status.RUNNING
+            and after.owner_node == node_id
+            and (after.pid, after.fence) == (before.pid, before.fence)
+            and after.fence is not None
+        ):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                leader = psutil.Process(after.pid)
+                if leader.status() != psutil.STATUS_ZOMBIE:
+                    return leader, after.fence
+        proc.send_signal(signal.SIGCONT)
+        return None
+
+    return await eventually(frozen_while_running)
+
+
 async def test_frozen_pool_is_rescued_and_fenced(database: str) -> None:
     """A SIGSTOPped pool's task is rescued after its lease expires and runs elsewhere; when
     the frozen pool wakes, its stale lease is refused and it kills its own copy at once."""
     (task_id,) = await _submit_all(
-        database, [TaskSpec.build(["sh", "-c", "echo start; sleep 600"], max_attempts=2)]
+        database, [TaskSpec.build(["sh", "-c", "echo start; sleep 600"], max_attempts=5)]
     )
     with pool_process(database, "1", "2.0") as (proc, frozen_node):
-        old_pid = await _pid_of(database, task_id)
-        old = psutil.Process(old_pid)
-        proc.send_signal(signal.SIGSTOP)
+        old, old_fence = await _freeze_running_attempt(proc, database, task_id, frozen_node)
         async with fast_pool(database, lease_ttl_s=5.0) as pool:
 
             async def rescued_and_running() -> bool:
@@ -153,9 +234,14 @@ async def test_frozen_pool_is_rescued_and_fenced(database: str) -> None:
 
             await eventually(rescued_and_running)
             events = await pool.events(task_id)
-            rescue = next(e for e in events if e.to_status is Status.WAITING and e.fence == 1)
+            rescue = next(
+                e for e in events if e.to_status is Status.WAITING and e.fence == old_fence
+            )
             assert rescue.reason.startswith(f"owner node {frozen_node} stopped heartbeating at ")
-            assert old.is_running()  # frozen along with its pool
+            assert old.is_running()  # nobody ran it down while its pool was frozen
+            new_fence = (await pool.get(task_id)).fence
+            assert new_fence is not None
+            assert new_fence > old_fence
 
             proc.send_signal(signal.SIGCONT)  # wakes, heartbeats, learns the lease is gone
 
@@ -165,7 +251,7 @@ async def test_frozen_pool_is_rescued_and_fenced(database: str) -> None:
             await eventually(old_copy_dead)
             info = await pool.get(task_id)
             assert info.status is Status.RUNNING  # the new owner is untouched
-            assert info.fence == 2
+            assert (info.owner_node, info.fence) == (pool.node_id, new_fence)
             await pool.cancel(task_id, force=True)
             assert (await pool.wait(task_id)).status is Status.CANCELLED
     assert await no_attempt_processes()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from taskpool import InvalidTask, Status, TaskNotFound
@@ -22,9 +24,10 @@ async def test_bad_input_is_refused_and_nothing_is_stored(database: str) -> None
         assert (await pool.wait(task)).status is Status.SUCCEEDED
 
 
-async def test_follow_streams_output_until_the_task_ends(database: str) -> None:
+async def test_follow_streams_output_until_the_task_ends(database: str, tmp_path: Path) -> None:
     """follow() yields output while the task runs and stops when it is terminal."""
-    script = "echo one; sleep 0.4; echo two; sleep 0.4; echo three"
+    go = tmp_path / "go"
+    script = f"echo one; while [ ! -e {go} ]; do sleep 0.01; done; echo two; echo three"
     async with fast_pool(database) as pool:
         task = await pool.submit(["sh", "-c", script])
         seen = []
@@ -32,6 +35,7 @@ async def test_follow_streams_output_until_the_task_ends(database: str) -> None:
             seen.append(text)
             if len(seen) == 1:  # the first line arrives while the task still runs
                 assert (await pool.get(task)).status is Status.RUNNING
+                go.touch()  # only now may it go on and end
         assert "".join(seen) == "one\ntwo\nthree\n"
         assert (await pool.get(task)).status is Status.SUCCEEDED
 

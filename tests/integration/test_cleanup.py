@@ -20,7 +20,8 @@ from tests.helpers import (
     running,
 )
 
-GRANDCHILDREN = ["sh", "-c", "sleep 600 & sleep 600 & wait"]
+#: Prints "ready" once both grandchildren are forked; a stall timeout counts from then.
+GRANDCHILDREN = ["sh", "-c", "sleep 600 & sleep 600 & echo ready; wait"]
 
 
 async def test_subprocess_killed_from_outside_frees_its_template(database: str) -> None:
@@ -98,16 +99,19 @@ async def test_grandchildren_die_with_their_task(database: str, how: str) -> Non
     """`sh -c 'sleep 600 & sleep 600 & wait'` leaves no sleep behind, however it ends."""
     options: dict[str, float] = {}
     if how == "timeout":
-        options["timeout_s"] = 0.5
+        # Counts from the spawn: a margin for a loaded machine to fork the grandchildren.
+        options["timeout_s"] = 2.0
     elif how == "stall":
         options["stall_timeout_s"] = 0.5
     async with fast_pool(database) as pool:
         task = await pool.submit(GRANDCHILDREN, **options)
-        await running(pool, task)
-        await eventually(lambda: _count_processes(task, 3))
         if how == "cancel":
+            await running(pool, task)
+            await eventually(lambda: _count_processes(task, 3))
             await pool.cancel(task)
         done = await pool.wait(task)
+        # The grandchildren were forked before the task ended, whatever ended it.
+        assert await pool.output(task) == "ready\n"
         expected = {
             "cancel": Status.CANCELLED,
             "timeout": Status.TIMED_OUT,
@@ -164,12 +168,14 @@ async def test_stall(database: str) -> None:
 
 async def test_steady_output_outlives_its_stall_timeout(database: str) -> None:
     """A task that prints steadily for longer than its stall timeout succeeds."""
-    script = "for i in $(seq 1 15); do echo tick $i; sleep 0.1; done"
+    # At least 30 x 0.05 s = 1.5 s of output, more on a loaded machine, against a 1 s
+    # stall timeout: 20 times the gap between two lines.
+    script = "for i in $(seq 1 30); do echo tick $i; sleep 0.05; done"
     async with fast_pool(database) as pool:
-        task = await pool.submit(["sh", "-c", script], stall_timeout_s=0.6)
+        task = await pool.submit(["sh", "-c", script], stall_timeout_s=1.0)
         done = await pool.wait(task)
         assert done.status is Status.SUCCEEDED, done.reason
-        assert (await pool.output(task)).splitlines()[-1] == "tick 15"
+        assert (await pool.output(task)).splitlines()[-1] == "tick 30"
 
 
 @pytest.mark.parametrize("case", ["missing program", "not executable", "missing cwd"])

@@ -12,9 +12,11 @@ from collections.abc import Awaitable
 from pathlib import Path
 
 import anyio
+import psutil
 import pytest
 
 from taskpool import Limits, NodeInfo, SQLiteStore, Status, StoreError, TaskSpec
+from taskpool.stores import sqlite as sqlite_store
 from taskpool.stores._common import CLAIM_WINDOW
 from taskpool.stores.sqlite import migrations
 from tests.helpers import eventually, fast_pool, running
@@ -97,10 +99,11 @@ async def test_a_write_cancelled_before_it_starts_never_runs(db: Path) -> None:
 
 async def test_a_failing_operation_does_not_fail_its_batch_neighbours(db: Path) -> None:
     """In one group commit, an operation that raises is rolled back alone."""
-    gate = threading.Event()
+    gate, holding = threading.Event(), threading.Event()
 
     def hold(conn: sqlite3.Connection) -> None:
-        gate.wait(10)
+        holding.set()
+        gate.wait(60)  # a safety net: the test opens the gate
 
     def broken(conn: sqlite3.Connection) -> None:
         conn.execute("INSERT INTO nodes (id) VALUES ('half-written')")  # violates NOT NULL
@@ -117,11 +120,21 @@ async def test_a_failing_operation_does_not_fail_its_batch_neighbours(db: Path) 
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(run, "hold", store._write(hold))
-            await anyio.sleep(0.05)  # the next three queue up behind it: one batch
+
+            async def writer_busy() -> bool:
+                return holding.is_set()
+
+            await eventually(writer_busy)  # the next three queue up behind it: one batch
             tg.start_soon(run, "a", store.submit(TaskSpec.build(["echo", "a"])))
             tg.start_soon(run, "broken", store._write(broken))
             tg.start_soon(run, "b", store.submit(TaskSpec.build(["echo", "b"])))
-            await anyio.sleep(0.05)
+            assert store._writer is not None
+            writer = store._writer
+
+            async def three_queued() -> bool:
+                return len(writer._queue) == 3
+
+            await eventually(three_queued)
             gate.set()
         assert isinstance(results["broken"], StoreError)
         assert "NOT NULL" in str(results["broken"])
@@ -140,42 +153,75 @@ async def test_submits_are_fsynced_before_they_return(db: Path) -> None:
         assert not store._writer._full  # within the interval: no fsync for the claim
 
 
+class _WriterClock:
+    """Stands in for the `time` module in taskpool.stores.sqlite: the writer's monotonic
+    clock moves only when the test says so, so "within the interval" is a decision the
+    test controls, not a race with the scheduler; wall-clock time stays real."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return time.time()
+
+
 async def test_the_pools_writes_are_fsynced_within_the_interval(
     db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A non-durable commit is made durable within fsync_interval_s even if the writer
-    then goes idle: it fsyncs the WAL itself."""
-    synced: list[int] = []
+    """A non-durable commit is made durable once fsync_interval_s has passed even if the
+    writer then goes idle: it fsyncs the WAL itself."""
+    clock = _WriterClock()
+    monkeypatch.setattr(sqlite_store, "time", clock)
+    wal = f"{db}-wal"
+    synced: list[str] = []
     real_fsync = os.fsync
 
     def spy(fd: int) -> None:
-        synced.append(fd)
         real_fsync(fd)
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
 
     async with SQLiteStore(db, fsync_interval_s=0.2) as store:
+        writer = store._writer
+        assert writer is not None
         await store.register_node(_node())
         await store.submit(TaskSpec.build(["true"]))
         monkeypatch.setattr(os, "fsync", spy)
-        await store.claim("n1", Limits(), lease_ttl_s=30)  # not durable on its own
+        await store.claim("n1", Limits(), lease_ttl_s=30)
+        # No writer time has passed since the submit's fsync: the claim was not synced.
+        assert not writer._full
+        assert writer._unsynced
+        assert synced == []
+
+        clock.now += 0.2  # the interval is up; nothing else is queued
 
         async def fsynced() -> bool:
-            return bool(synced)
+            return wal in synced and not writer._unsynced
 
         await eventually(fsynced)
-        assert store._writer is not None
-        assert not store._writer._unsynced
 
 
 async def test_a_database_locked_by_another_process_is_ridden_out(db: Path) -> None:
     """Another process holds SQLite's write lock while a task ends: the pool waits and
     writes the result once the lock is released."""
     async with fast_pool(db) as pool:
-        task = await pool.submit(["sh", "-c", "sleep 0.3; echo done"])
-        await running(pool, task)
+        go = db.parent / "go"
+        script = f"while [ ! -e {go} ]; do sleep 0.01; done; echo done"
+        task = await pool.submit(["sh", "-c", script])
+        info = await running(pool, task)
+        assert info.pid is not None
+        leader = psutil.Process(info.pid)
         other = sqlite3.connect(db, isolation_level=None)
         try:
             other.execute("BEGIN EXCLUSIVE")  # nobody else may write now
-            await anyio.sleep(1.0)  # the task ends meanwhile; its result must wait
+            go.touch()
+
+            async def ended() -> bool:  # the task ends meanwhile; its result must wait
+                return not leader.is_running() or leader.status() == psutil.STATUS_ZOMBIE
+
+            await eventually(ended)
             assert other.execute("SELECT status FROM tasks WHERE id = ?", (task,)).fetchone() == (
                 "running",
             )
