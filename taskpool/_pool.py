@@ -156,6 +156,7 @@ class TaskPool:
         self._changed = anyio.Event()
         self._new_output = anyio.Event()
         self._closing = False
+        self._hurried = False  # hurry_shutdown was called: no drain, no grace
 
     def __repr__(self) -> str:
         node = self.node.id if self.node else None
@@ -237,13 +238,26 @@ class TaskPool:
             raise PoolCrashed(f"taskpool node {self.node.id} crashed: {failure!r}") from failure
         return exc is None and exc_type is not None
 
+    def hurry_shutdown(self) -> None:
+        """Make the shutdown under way (or the next one) skip the drain and the grace
+        period: every running task's process group gets SIGKILL at once, and the task
+        goes back to waiting without using an attempt, as in any shutdown. It hurries the
+        shutdown, never skips it: leaving the context still waits for every runner.
+        Idempotent. The CLI worker calls it on a second SIGINT/SIGTERM."""
+        self._hurried = True
+        if not self._closing:
+            return  # still running: the flag alone makes leaving the context hurry
+        for control in list(self._runners.values()):
+            # Escalates a graceful stop in progress (its reason kept), or stops at once.
+            control.stop(StopKind.SHUTDOWN, f"{self._shutdown_reason()} (hurried)", force=True)
+
     async def _shutdown(self, *, drain: bool) -> None:
-        if drain and self._runners:
+        if drain and not self._hurried and self._runners:
             with anyio.move_on_after(self.shutdown_drain_s):
                 await self._wait_idle()
         assert self.node is not None
         for control in list(self._runners.values()):
-            control.stop(StopKind.SHUTDOWN, self._shutdown_reason())
+            control.stop(StopKind.SHUTDOWN, self._shutdown_reason(), force=self._hurried)
         await self._wait_idle()
 
     async def _wait_idle(self) -> None:
