@@ -361,6 +361,9 @@ class TaskPool:
     async def _heartbeat_loop(self) -> None:
         while True:
             await anyio.sleep(self.heartbeat_interval_s)
+            # A store whose file was deleted or replaced raises a fatal StoreError here,
+            # before anything is renewed in it: the pool crashes rather than split.
+            await self._with_store(self.store.check_identity)
             before = dict(self._runners)  # only runners whose claim committed before the renewal
             renewal = await self._with_store(
                 lambda: self.store.renew_leases(self.node_id, self.lease_ttl_s)
