@@ -3,9 +3,10 @@ a store's files are still the ones it opened."""
 
 from __future__ import annotations
 
+import argparse
 import signal
 
-from taskpool.cli import _WorkerStop
+from taskpool.cli import _WorkerStop, build_parser
 from taskpool.stores.sqlite import lost_files
 
 
@@ -59,3 +60,13 @@ def test_the_same_inode_on_another_device_is_another_file() -> None:
     """An inode number is only unique on its device."""
     opened = {"": (1, 10)}
     assert lost_files("/d/t.db", opened, {"": (2, 10)}) is not None
+
+
+def test_the_worker_help_states_the_exit_statuses() -> None:
+    """`taskpool worker --help` documents what a first and a second signal do and the
+    status each leaves (the acceptance tests prove them)."""
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    text = " ".join(commands.choices["worker"].description.split())
+    assert "exit status 0" in text
+    assert "A second signal hurries that stop" in text
+    assert "128 + its number: 130 for SIGINT, 143 for SIGTERM" in text
