@@ -89,6 +89,65 @@ def _map_error(exc: sqlite3.Error) -> StoreError:
     return StoreError(f"SQLite: {text}")
 
 
+# -- file identity -----------------------------------------------------------
+
+
+def _file_identities(path: str) -> dict[str, FileIdentity | None]:
+    """The identity of the database at `path` and of its `-wal` and `-shm` (None: absent)."""
+    found: dict[str, FileIdentity | None] = {}
+    for suffix in WAL_SUFFIXES:
+        try:
+            st = os.stat(path + suffix)
+        except (FileNotFoundError, NotADirectoryError):
+            found[suffix] = None
+        else:
+            found[suffix] = (st.st_dev, st.st_ino)
+    return found
+
+
+def lost_files(
+    path: str,
+    opened: Mapping[str, FileIdentity | None],
+    current: Mapping[str, FileIdentity | None],
+) -> str | None:
+    """Why the files at `path` are no longer those a store opened, or None if they are.
+    A file that was absent at open (no `-shm` without WAL) is not checked. Pure."""
+    problems = []
+    for suffix, was in opened.items():
+        now = current.get(suffix)
+        if was is None or now == was:
+            continue
+        if now is None:
+            problems.append(f"{path}{suffix} was deleted (or its directory removed or renamed)")
+        else:
+            problems.append(
+                f"{path}{suffix} was replaced by another file (inode {now[1]} on device"
+                f" {now[0]}, opened as inode {was[1]} on device {was[0]})"
+            )
+    if not problems:
+        return None
+    return f"SQLite database {path} is no longer the file this store opened: " + "; ".join(problems)
+
+
+def _empty_wal(conn: sqlite3.Connection) -> None:
+    """Checkpoint the WAL into the database and truncate it, through the connection's
+    own descriptors (the files it opened, wherever their names now lead). Best effort:
+    it never waits on another process's reader."""
+    try:
+        conn.execute("PRAGMA busy_timeout=0")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    except sqlite3.Error:
+        return  # the close still happens; the next opener of our old file recovers it
+
+
+def _abandon(conn: sqlite3.Connection) -> None:
+    """Never close `conn`: its descriptors and locks go with the process. SQLite's close
+    would checkpoint and then unlink `-wal` and `-shm` by name, names that may by now
+    belong to another database. A reference that is never dropped keeps the connection
+    open through interpreter shutdown too (a module-level list would be cleared)."""
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(conn))
+
+
 @dataclass(slots=True, eq=False)
 class _Pending(Generic[T]):
     """One write operation on its way through the writer thread."""
@@ -417,7 +476,7 @@ class SQLiteStore(Store):
                 # that replaced ours included): empty it into our own database instead.
                 _empty_wal(conn)
             if journal_ours:
-                conn.close()  # SQLite's close unlinks `-wal` and `-shm` by name: still ours
+                conn.close()  # if SQLite's close unlinks -wal and -shm by name, they are ours
             else:
                 _abandon(conn)  # ... names that now belong to another database's files
 
@@ -716,62 +775,6 @@ class SQLiteStore(Store):
 
 
 # -- operations, run inside a transaction ------------------------------------
-
-
-def _file_identities(path: str) -> dict[str, FileIdentity | None]:
-    """The identity of the database at `path` and of its `-wal` and `-shm` (None: absent)."""
-    found: dict[str, FileIdentity | None] = {}
-    for suffix in WAL_SUFFIXES:
-        try:
-            st = os.stat(path + suffix)
-        except (FileNotFoundError, NotADirectoryError):
-            found[suffix] = None
-        else:
-            found[suffix] = (st.st_dev, st.st_ino)
-    return found
-
-
-def lost_files(
-    path: str,
-    opened: Mapping[str, FileIdentity | None],
-    current: Mapping[str, FileIdentity | None],
-) -> str | None:
-    """Why the files at `path` are no longer those a store opened, or None if they are.
-    A file that was absent at open (no `-shm` without WAL) is not checked. Pure."""
-    problems = []
-    for suffix, was in opened.items():
-        now = current.get(suffix)
-        if was is None or now == was:
-            continue
-        if now is None:
-            problems.append(f"{path}{suffix} was deleted (or its directory removed or renamed)")
-        else:
-            problems.append(
-                f"{path}{suffix} was replaced by another file (inode {now[1]} on device"
-                f" {now[0]}, opened as inode {was[1]} on device {was[0]})"
-            )
-    if not problems:
-        return None
-    return f"SQLite database {path} is no longer the file this store opened: " + "; ".join(problems)
-
-
-def _empty_wal(conn: sqlite3.Connection) -> None:
-    """Checkpoint the WAL into the database and truncate it, through the connection's
-    own descriptors (the files it opened, wherever their names now lead). Best effort:
-    it never waits on another process's reader."""
-    try:
-        conn.execute("PRAGMA busy_timeout=0")
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-    except sqlite3.Error:
-        return  # the close still happens; the next opener of our old file recovers it
-
-
-def _abandon(conn: sqlite3.Connection) -> None:
-    """Never close `conn`: its descriptors and locks go with the process. SQLite's close
-    would checkpoint and then unlink `-wal` and `-shm` by name, names that may by now
-    belong to another database. A reference that is never dropped keeps the connection
-    open through interpreter shutdown too (a module-level list would be cleared)."""
-    ctypes.pythonapi.Py_IncRef(ctypes.py_object(conn))
 
 
 def _split_sql(script: str) -> list[str]:
