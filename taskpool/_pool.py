@@ -180,6 +180,7 @@ class TaskPool:
         # clock: (time its claim or last renewal was *sent*) + TTL. The store's expiry
         # is computed when the request arrives, so it is never earlier than this.
         self._lease_deadlines: dict[tuple[int, int], float] = {}
+        self._hurried = False  # hurry_shutdown was called: no drain, no grace
 
     def __repr__(self) -> str:
         node = self.node.id if self.node else None
@@ -261,18 +262,31 @@ class TaskPool:
             raise PoolCrashed(f"taskpool node {self.node.id} crashed: {failure!r}") from failure
         return exc is None and exc_type is not None
 
+    def hurry_shutdown(self) -> None:
+        """Make the shutdown under way (or the next one) skip the drain and the grace
+        period: every running task's process group gets SIGKILL at once, and the task
+        goes back to waiting without using an attempt, as in any shutdown. It hurries the
+        shutdown, never skips it: leaving the context still waits for every runner.
+        Idempotent. The CLI worker calls it on a second SIGINT/SIGTERM."""
+        self._hurried = True
+        if not self._closing:
+            return  # still running: the flag alone makes leaving the context hurry
+        for control in list(self._runners.values()):
+            # Escalates a graceful stop in progress (its reason kept), or stops at once.
+            control.stop(StopKind.SHUTDOWN, f"{self._shutdown_reason()} (hurried)", force=True)
+
     async def _shutdown(self, *, drain: bool) -> None:
         # The claim loop ends by itself: a claim in flight runs to its end and what it
         # committed is started and handed straight back (see `_start`). Cancelling it
         # instead could lose a claim that committed after the pool stopped listening.
         self._wake.set()
         await self._claim_loop_ended.wait()
-        if drain and self._runners:
+        if drain and not self._hurried and self._runners:
             with anyio.move_on_after(self.shutdown_drain_s):
                 await self._wait_idle()
         assert self.node is not None
         for control in list(self._runners.values()):
-            control.stop(StopKind.SHUTDOWN, self._shutdown_reason())
+            control.stop(StopKind.SHUTDOWN, self._shutdown_reason(), force=self._hurried)
         await self._wait_idle()
 
     async def _wait_idle(self) -> None:
@@ -395,6 +409,9 @@ class TaskPool:
     async def _heartbeat_loop(self) -> None:
         while True:
             await anyio.sleep(self.heartbeat_interval_s)
+            # A store whose file was deleted or replaced raises a fatal StoreError here,
+            # before anything is renewed in it: the pool crashes rather than split.
+            await self._with_store(self.store.check_identity)
             before = dict(self._runners)  # only runners whose claim committed before the renewal
             asked_at = anyio.current_time()
             renewal = await self._with_store(

@@ -73,6 +73,13 @@ class Store(abc.ABC):
     async def close(self) -> None:
         """Release connections. Idempotent."""
 
+    async def check_identity(self) -> None:
+        """Raise `StoreError` (not `StoreUnavailable`: it is fatal) if this store is no
+        longer the one `open` opened, for example its file was deleted or replaced, so
+        that a pool stops instead of splitting its state between two stores. Cheap: the
+        pool calls it at every heartbeat. Stores with nothing to check keep this default."""
+        return  # by default there is nothing that could have changed under the store
+
     async def __aenter__(self) -> Self:
         await self.open()
         return self

@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -66,7 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    worker = commands.add_parser("worker", help="run a pool until SIGINT/SIGTERM")
+    worker = commands.add_parser(
+        "worker",
+        help="run a pool until SIGINT/SIGTERM",
+        description="Run a pool until SIGINT or SIGTERM. The first signal stops it in order:"
+        " no new claims, running tasks get --shutdown-drain s to finish, then SIGTERM,"
+        " --kill-grace s, SIGKILL to each task's process group, and every unfinished task"
+        " goes back to waiting without using an attempt; exit status 0. A second signal"
+        " hurries that stop (no drain, no grace: SIGKILL at once, tasks still handed back)"
+        " and the exit status is 128 + its number: 130 for SIGINT, 143 for SIGTERM. Later"
+        " signals change nothing. A crashed pool (a store error, an outage past"
+        " --outage-tolerance, an SQLite file deleted or replaced under it) exits 1.",
+    )
     _option(worker, "--max-parallel", "MAX_PARALLEL", "tasks at once", type=int, default=4)
     worker.add_argument(
         "--project-limit",
@@ -156,13 +167,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command: Callable[[argparse.Namespace], Any] = COMMANDS[args.command]
     try:
-        anyio.run(command, args)
+        code = anyio.run(command, args)
     except KeyboardInterrupt:
         return 130
     except (TaskpoolError, OSError, ValueError) as exc:
         _print_error(exc)
         return EXIT_ERROR
-    return 0
+    return code if isinstance(code, int) else 0  # only the worker returns its own
 
 
 def _print_error(exc: BaseException) -> None:
@@ -208,7 +219,51 @@ def _task_line(t: TaskInfo) -> str:
 # -- commands ----------------------------------------------------------------
 
 
-async def cmd_worker(args: argparse.Namespace) -> None:
+class _WorkerStop:
+    """What the worker's signals asked for: the first an orderly stop, a later one to
+    hurry it (the pool's shutdown without drain or grace; never without the shutdown)."""
+
+    def __init__(self) -> None:
+        self.requested = anyio.Event()
+        self.hurried_by: int | None = None  # the signal that hurried the stop
+
+    def on_signal(self, signum: int) -> str:
+        """Record a signal; say what it does: 'stop', 'hurry', or 'again' (nothing new)."""
+        if not self.requested.is_set():
+            self.requested.set()
+            return "stop"
+        if self.hurried_by is None:
+            self.hurried_by = signum
+            return "hurry"
+        return "again"
+
+    @property
+    def exit_code(self) -> int:
+        """0 after an orderly stop; 128 + the hurrying signal's number after a hurried
+        one, as a shell reports a process that signal ended (130 SIGINT, 143 SIGTERM)."""
+        return 0 if self.hurried_by is None else 128 + self.hurried_by
+
+
+async def _watch_signals(
+    signals: AsyncIterator[int], stop: _WorkerStop, pool: TaskPool, drain_s: float
+) -> None:
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        action = stop.on_signal(signum)
+        if action == "stop":
+            text = (
+                f"{name}, shutting down: running tasks get {drain_s:g} s to finish"
+                " (signal again to stop them at once)"
+            )
+        elif action == "hurry":
+            text = f"{name} again, stopping at once: SIGKILL to every task, handed back"
+            pool.hurry_shutdown()
+        else:
+            text = f"{name}: already stopping at once"
+        print(f"taskpool worker: {text}", file=sys.stderr, flush=True)
+
+
+async def cmd_worker(args: argparse.Namespace) -> int:
     limits = {}
     for item in args.project_limit:
         project, _, n = item.partition("=")
@@ -235,16 +290,29 @@ async def cmd_worker(args: argparse.Namespace) -> None:
         kill_grace_s=args.kill_grace,
         store_outage_tolerance_s=args.outage_tolerance,
     )
-    async with pool.store, pool:
-        print(f"taskpool worker: node {pool.node_id} on {args.db}", file=sys.stderr, flush=True)
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                print(
-                    f"taskpool worker: {signal.Signals(signum).name}, shutting down",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                break
+    stop = _WorkerStop()
+    failure: Exception | None = None
+    # The signals are ours from before the pool starts until its store is closed: a
+    # signal at any moment in between asks for (or hurries) an orderly stop. Left to
+    # their default action, a second one would end the worker with its tasks' processes
+    # alive and the tasks still `running`.
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_watch_signals, signals, stop, pool, args.shutdown_drain)
+            try:
+                async with pool.store, pool:
+                    print(
+                        f"taskpool worker: node {pool.node_id} on {args.db}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    await stop.requested.wait()
+            except Exception as exc:  # raised below, outside the group (not as a group)
+                failure = exc
+            tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    return stop.exit_code
 
 
 class JsonFormatter(logging.Formatter):

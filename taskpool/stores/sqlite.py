@@ -15,12 +15,13 @@ an operation behind.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -66,6 +67,13 @@ Op = Callable[[sqlite3.Connection], T]
 _TRANSIENT = ("locked", "busy", "disk i/o", "unable to open", "readonly", "full")
 
 
+#: The files of a database in WAL mode, as suffixes of its path.
+WAL_SUFFIXES = ("", "-wal", "-shm")
+
+#: A file's identity: (st_dev, st_ino).
+FileIdentity = tuple[int, int]
+
+
 def migrations() -> list[tuple[int, str]]:
     """The numbered migrations shipped with the package, in order."""
     folder = resources.files(__package__).joinpath("sqlite_migrations")
@@ -81,6 +89,65 @@ def _map_error(exc: sqlite3.Error) -> StoreError:
     if isinstance(exc, sqlite3.OperationalError) and any(w in text.lower() for w in _TRANSIENT):
         return StoreUnavailable(f"SQLite: {text}")
     return StoreError(f"SQLite: {text}")
+
+
+# -- file identity -----------------------------------------------------------
+
+
+def _file_identities(path: str) -> dict[str, FileIdentity | None]:
+    """The identity of the database at `path` and of its `-wal` and `-shm` (None: absent)."""
+    found: dict[str, FileIdentity | None] = {}
+    for suffix in WAL_SUFFIXES:
+        try:
+            st = os.stat(path + suffix)
+        except (FileNotFoundError, NotADirectoryError):
+            found[suffix] = None
+        else:
+            found[suffix] = (st.st_dev, st.st_ino)
+    return found
+
+
+def lost_files(
+    path: str,
+    opened: Mapping[str, FileIdentity | None],
+    current: Mapping[str, FileIdentity | None],
+) -> str | None:
+    """Why the files at `path` are no longer those a store opened, or None if they are.
+    A file that was absent at open (no `-shm` without WAL) is not checked. Pure."""
+    problems = []
+    for suffix, was in opened.items():
+        now = current.get(suffix)
+        if was is None or now == was:
+            continue
+        if now is None:
+            problems.append(f"{path}{suffix} was deleted (or its directory removed or renamed)")
+        else:
+            problems.append(
+                f"{path}{suffix} was replaced by another file (inode {now[1]} on device"
+                f" {now[0]}, opened as inode {was[1]} on device {was[0]})"
+            )
+    if not problems:
+        return None
+    return f"SQLite database {path} is no longer the file this store opened: " + "; ".join(problems)
+
+
+def _empty_wal(conn: sqlite3.Connection) -> None:
+    """Checkpoint the WAL into the database and truncate it, through the connection's
+    own descriptors (the files it opened, wherever their names now lead). Best effort:
+    it never waits on another process's reader."""
+    try:
+        conn.execute("PRAGMA busy_timeout=0")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    except sqlite3.Error:
+        return  # the close still happens; the next opener of our old file recovers it
+
+
+def _abandon(conn: sqlite3.Connection) -> None:
+    """Never close `conn`: its descriptors and locks go with the process. SQLite's close
+    would checkpoint and then unlink `-wal` and `-shm` by name, names that may by now
+    belong to another database. A reference that is never dropped keeps the connection
+    open through interpreter shutdown too (a module-level list would be cleared)."""
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(conn))
 
 
 @dataclass(slots=True, eq=False)
@@ -142,13 +209,16 @@ class _Writer:
                 return True
             return False
 
-    def close(self) -> None:
-        """Finish what is queued, sync, stop the thread, close the connection (blocking)."""
+    def close(
+        self, release: Callable[[sqlite3.Connection], None] = sqlite3.Connection.close
+    ) -> None:
+        """Finish what is queued, sync, stop the thread, `release` the connection (by
+        default: close it) (blocking)."""
         with self._cond:
             self._closing = True
             self._cond.notify()
         self._thread.join()
-        self.conn.close()
+        release(self.conn)
 
     def _next_batch(self) -> tuple[list[_Pending[Any]], bool]:
         """Wait for work, or for an overdue fsync; return the batch and whether to stop."""
@@ -265,6 +335,11 @@ class SQLiteStore(Store):
         self._writer: _Writer | None = None
         self._reader: sqlite3.Connection | None = None
         self._read_lock = anyio.Lock()
+        # What `open` opened, by absolute path, for `check_identity`; and once that
+        # found the files gone or replaced, why: every later call is refused with it.
+        self._opened_path = ""
+        self._opened_files: dict[str, FileIdentity | None] = {}
+        self._lost: str | None = None
 
     def __repr__(self) -> str:
         state = "open" if self._writer is not None else "closed"
@@ -293,6 +368,7 @@ class SQLiteStore(Store):
             conn.close()
             raise
         self._writer = _Writer(conn, Path(f"{self.path}-wal"), self.fsync_interval_s)
+        self._remember_files()
 
     @staticmethod
     def _migrate(conn: sqlite3.Connection) -> None:
@@ -326,12 +402,15 @@ class SQLiteStore(Store):
             raise _map_error(exc) from exc
 
     async def close(self) -> None:
+        release: Callable[[sqlite3.Connection], None] = sqlite3.Connection.close
+        if self._lost is not None:
+            release = await anyio.to_thread.run_sync(self._release_when_lost)
         writer, self._writer = self._writer, None
         if writer is not None:
-            await anyio.to_thread.run_sync(writer.close)
+            await anyio.to_thread.run_sync(writer.close, release)
         async with self._read_lock:
             if self._reader is not None:
-                self._reader.close()
+                release(self._reader)
                 self._reader = None
 
     async def _write(self, fn: Op[T], *, durable: bool = False) -> T:
@@ -340,6 +419,8 @@ class SQLiteStore(Store):
         Cancelled before the writer took it, the operation never runs; cancelled
         after, it is awaited to its end (shielded) so no caller is told it failed
         when it committed."""
+        if self._lost is not None:
+            raise StoreError(self._lost)
         writer = self._writer
         if writer is None:
             raise StoreError("the store is closed")
@@ -365,11 +446,64 @@ class SQLiteStore(Store):
             finally:
                 conn.execute("COMMIT")
 
+        if self._lost is not None:
+            raise StoreError(self._lost)
         async with self._read_lock:
             try:
                 return await anyio.to_thread.run_sync(run)
             except sqlite3.Error as exc:
                 raise _map_error(exc) from exc
+
+    # -- identity ----------------------------------------------------------
+    def _remember_files(self) -> None:
+        """Note the device and inode of the files the connections opened (blocking)."""
+        self._opened_path = os.path.abspath(self.path)  # a later chdir must not matter
+        self._opened_files = _file_identities(self._opened_path)
+        self._lost = None
+
+    def _release_when_lost(self) -> Callable[[sqlite3.Connection], None]:
+        """How to let go of the connections once `check_identity` found the files lost
+        (blocking: it looks at the files again)."""
+        try:
+            current = _file_identities(self._opened_path)
+        except OSError:
+            current = {}
+        opened = self._opened_files
+        db_moved = current.get("") != opened.get("")
+        journal_ours = all(current.get(s) == opened.get(s) for s in WAL_SUFFIXES[1:])
+
+        def release(conn: sqlite3.Connection) -> None:
+            if db_moved:
+                # Nothing else reaches our database through its name any more. Left as it
+                # is, our `-wal` would be applied to whatever opens the path next (the file
+                # that replaced ours included): empty it into our own database instead.
+                _empty_wal(conn)
+            if journal_ours:
+                conn.close()  # if SQLite's close unlinks -wal and -shm by name, they are ours
+            else:
+                _abandon(conn)  # ... names that now belong to another database's files
+
+        return release
+
+    async def check_identity(self) -> None:
+        """Raise a fatal `StoreError` naming the file if the database, its `-wal` or its
+        `-shm` is no longer the file `open` opened (same device and inode): deleted,
+        its directory removed or renamed, or replaced by another file. Every later read
+        or write is refused with the same error, so nothing more is written through the
+        handles of a file that is no longer this store's, and nothing into the file that
+        took its place (its handles never lead there). One `stat` per file."""
+        if self._lost is not None:
+            raise StoreError(self._lost)
+        if not self._opened_files:
+            return  # not open
+        try:
+            current = await anyio.to_thread.run_sync(_file_identities, self._opened_path)
+        except OSError as exc:  # cannot tell (permissions, I/O): worth retrying
+            raise StoreUnavailable(f"SQLite: cannot check {self._opened_path}: {exc}") from exc
+        lost = lost_files(self._opened_path, self._opened_files, current)
+        if lost is not None:
+            self._lost = lost
+            raise StoreError(lost)
 
     # -- nodes -------------------------------------------------------------
     async def register_node(self, node: NodeInfo) -> None:
