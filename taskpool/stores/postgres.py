@@ -209,6 +209,27 @@ class PostgresStore(Store):
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise _map_error(exc) from exc
 
+    async def check_identity(self) -> None:
+        """The database answering must be the one opened: a restore of another database
+        at the same address, or one dropped and made anew, is a fatal error."""
+
+        async def op(conn: asyncpg.Connection) -> str | None:
+            return await conn.fetchval(  # type: ignore[no-any-return]
+                "SELECT store_id FROM taskpool_store_identity"
+            )
+
+        try:
+            now = await self._tx(op)
+        except StoreUnavailable:
+            raise
+        except StoreError as exc:  # e.g. the table is gone: not the database we opened
+            raise StoreError(f"the PostgreSQL database is no longer the one opened: {exc}") from exc
+        if now != self.store_id:
+            raise StoreError(
+                f"the PostgreSQL database is no longer the one opened: its store id is {now},"
+                f" this store opened {self.store_id}"
+            )
+
     # -- nodes -------------------------------------------------------------
     async def register_node(self, node: NodeInfo) -> None:
         async def op(conn: asyncpg.Connection) -> None:

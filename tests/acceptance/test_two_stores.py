@@ -8,6 +8,7 @@ import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
 import psutil
 import pytest
 
@@ -90,3 +91,28 @@ async def test_each_store_has_its_own_lasting_identity(two_databases: tuple[str,
             ids.append(store.store_id)
     assert len(ids[0]) == 32
     assert ids[0] == ids[2] != ids[1]
+
+
+async def test_a_postgres_database_replaced_under_a_pool_crashes_it(tmp_path: Path) -> None:
+    """Another database answering at the pool's address (simulated by changing the
+    store id, as a restore of another store would) is a fatal store error: the pool
+    crashes and kills its task instead of writing into a stranger's state."""
+    import asyncpg
+
+    from taskpool import PoolCrashed, StoreError
+    from tests.helpers import running
+
+    async with fresh_postgres_database() as dsn:
+        with pytest.raises(PoolCrashed) as crash:
+            async with fast_pool(dsn, lease_ttl_s=1.5) as pool:
+                task = await pool.submit(["sleep", "600"])
+                leader = psutil.Process((await running(pool, task)).pid or 0)
+                conn = await asyncpg.connect(dsn)
+                try:
+                    await conn.execute("UPDATE taskpool_store_identity SET store_id = 'other'")
+                finally:
+                    await conn.close()
+                await anyio.sleep(600)  # the crash must cut this short
+        assert isinstance(crash.value.__cause__, StoreError)
+        assert "no longer the one opened" in str(crash.value.__cause__)
+        assert not leader.is_running() or leader.status() == psutil.STATUS_ZOMBIE
