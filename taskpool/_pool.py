@@ -35,7 +35,8 @@ import anyio
 import anyio.to_thread
 from anyio.abc import TaskGroup
 
-from . import _procs
+from . import _containment, _procs
+from ._containment import Containment, ResourceLimits
 from ._errors import LeaseLost, PoolClosed, PoolCrashed, StoreUnavailable
 from ._models import (
     Claim,
@@ -49,7 +50,7 @@ from ._models import (
     TaskSpec,
 )
 from ._runner import RunnerControl, RunRequest, StopKind, run_attempt
-from ._store import Store
+from ._store import Orphan, Store
 from ._telemetry import Metrics, Telemetry
 
 T = TypeVar("T")
@@ -115,6 +116,9 @@ class TaskPool:
         max_log_bytes: int = 10 * 1024 * 1024,
         store_outage_tolerance_s: float = 30.0,
         store_call_timeout_s: float | None = None,
+        containment: str = "auto",
+        cgroup_mount: str | os.PathLike[str] | None = None,
+        default_limits: ResourceLimits | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         if isinstance(store, Store):
@@ -157,6 +161,11 @@ class TaskPool:
                 lease_ttl_s,
             )
         self.metrics = metrics
+        self.containment_mode = containment
+        self.cgroup_mount = cgroup_mount
+        self.default_limits = default_limits or ResourceLimits()
+        #: Chosen at start: a cgroup per attempt where possible, else process groups.
+        self.containment: Containment | None = None
         self._telemetry = Telemetry("-", metrics)
         self.node: NodeInfo | None = None
         self._tg: TaskGroup | None = None
@@ -212,6 +221,9 @@ class TaskPool:
                 max_parallel=self.limits.max_parallel,
             )
             self._telemetry = Telemetry(self.node.id, self.metrics)
+            self.containment = _containment.choose(
+                self.store.store_id, mode=self.containment_mode, cgroup_mount=self.cgroup_mount
+            )
             await self.store.register_node(self.node)
             # Recovery before work: nothing is claimed until predecessors are settled.
             await self._reconcile_predecessors()
@@ -224,6 +236,13 @@ class TaskPool:
             raise
         self._tg.start_soon(self._run_services, name="taskpool services")
         self._telemetry.node_started()
+        self._telemetry.note(
+            logging.INFO,
+            "containment",
+            "containment: %s",
+            self.containment.describe(),
+            containment=self.containment.mode,
+        )
         return self
 
     async def __aexit__(
@@ -257,6 +276,8 @@ class TaskPool:
         if self._owns_store:
             with anyio.CancelScope(shield=True):
                 await self.store.close()
+        if self.containment is not None:
+            self.containment.close()
         if failure is not None:
             self._telemetry.crashed(failure)
             raise PoolCrashed(f"taskpool node {self.node.id} crashed: {failure!r}") from failure
@@ -356,8 +377,9 @@ class TaskPool:
                 )
                 for o in orphans
             ]
-            # One scan of the process table for all of them, off the event loop.
-            killed = await anyio.to_thread.run_sync(_procs.kill_leftovers, leftovers)
+            # Off the event loop: exactly by cgroup where the attempt had one, else one
+            # scan of the process table for all the others.
+            killed = await anyio.to_thread.run_sync(_reclaim, self.containment, orphans, leftovers)
             for orphan, leftover in zip(orphans, leftovers, strict=True):
                 kills = killed[leftover.marker]
                 found = f"killed leftover {', '.join(kills)}" if kills else "no process was left"
@@ -513,16 +535,7 @@ class TaskPool:
         fence = claim.fence
         control = self._runners[task.id, fence]
         spec = task.spec
-        request = RunRequest(
-            argv=spec.argv,
-            cwd=spec.cwd,
-            env=spec.env,
-            marker=_procs.attempt_marker(self.store.store_id, task.id, fence),
-            timeout_s=spec.timeout_s,
-            stall_timeout_s=spec.stall_timeout_s,
-            kill_grace_s=self.kill_grace_s,
-            max_log_bytes=self.max_log_bytes,
-        )
+        assert self.containment is not None
 
         async def on_spawn(pid: int, started_at: float) -> None:
             await self._with_store(lambda: self.store.record_spawn(task.id, fence, pid, started_at))
@@ -531,10 +544,29 @@ class TaskPool:
         started = anyio.current_time()
         self._telemetry.attempt_started(task)
         outcome = Outcome(OutcomeKind.SHUTDOWN, "interrupted: the pool stopped its task group")
+        box = None
         try:
-            outcome = await run_attempt(
-                request, _StoreSink(self, task.id, fence), control, on_spawn
-            )
+            try:
+                box = self.containment.box(f"{task.id}.{fence}", self.default_limits)
+            except OSError as exc:
+                outcome = Outcome(
+                    OutcomeKind.SPAWN_FAILED, f"could not make the attempt's cgroup: {exc}"
+                )
+            else:
+                request = RunRequest(
+                    argv=spec.argv,
+                    cwd=spec.cwd,
+                    env=spec.env,
+                    marker=_procs.attempt_marker(self.store.store_id, task.id, fence),
+                    timeout_s=spec.timeout_s,
+                    stall_timeout_s=spec.stall_timeout_s,
+                    kill_grace_s=self.kill_grace_s,
+                    max_log_bytes=self.max_log_bytes,
+                    box=box,
+                )
+                outcome = await run_attempt(
+                    request, _StoreSink(self, task.id, fence), control, on_spawn
+                )
             if outcome.kind is not OutcomeKind.LEASE_LOST:
                 try:
                     claimed = await self._finish(task.id, fence, outcome)
@@ -556,6 +588,8 @@ class TaskPool:
                     )
             finished = True
         finally:
+            if box is not None:
+                box.remove()  # empty by now: the runner waited for it
             self._telemetry.attempt_ended(task, outcome, anyio.current_time() - started)
             if not finished:
                 self._interrupted[task.id] = fence
@@ -718,6 +752,31 @@ class TaskPool:
                 return
             with anyio.move_on_after(self.poll_interval_s):
                 await new_output.wait()
+
+
+def _reclaim(
+    containment: Containment | None,
+    orphans: Sequence[Orphan],
+    leftovers: Sequence[_procs.Leftover],
+) -> dict[str, list[str]]:
+    """Kill what orphaned attempts left: their cgroup where it exists (exact, no scan of
+    the process table), else by recorded pid, start time and marker. Per marker, what
+    was killed."""
+    report: dict[str, list[str]] = {}
+    rest = []
+    for orphan, leftover in zip(orphans, leftovers, strict=True):
+        name = f"{orphan.task_id}.{orphan.fence}"
+        pids = None if containment is None else containment.reclaim(name)
+        if pids is None:
+            rest.append(leftover)
+        elif pids:
+            listed = ", ".join(map(str, pids))
+            many = "processes" if len(pids) > 1 else "process"
+            report[leftover.marker] = [f"cgroup of attempt {name} ({len(pids)} {many}: {listed})"]
+        else:
+            report[leftover.marker] = []
+    report.update(_procs.kill_leftovers(rest))
+    return report
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

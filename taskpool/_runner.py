@@ -19,13 +19,14 @@ import os
 import signal
 import subprocess
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import anyio
 import psutil
 
 from . import _procs
+from ._containment import Box, ProcessGroupBox, ResourceLimits
 from ._errors import LeaseLost
 from ._models import Outcome, OutcomeKind
 from ._output import OutputDecoder
@@ -122,6 +123,8 @@ class RunRequest:
     kill_grace_s: float
     max_log_bytes: int
     flush_interval_s: float = 0.25
+    #: Where the attempt's processes live (its cgroup, or just its process group).
+    box: Box = field(default_factory=lambda: ProcessGroupBox("-", ResourceLimits()))
 
 
 SpawnHook = Callable[[int, float], Awaitable[None]]
@@ -157,6 +160,8 @@ def _spawn(req: RunRequest) -> subprocess.Popen[bytes]:
         stderr=subprocess.STDOUT,
         start_new_session=True,  # own session and process group: killpg reaches grandchildren
         close_fds=True,
+        # Joins the attempt's cgroup before exec: nothing the task starts is outside it.
+        preexec_fn=req.box.preexec(),
     )
 
 
@@ -170,8 +175,9 @@ def _spawn_error(req: RunRequest, exc: OSError) -> str:
 class _Process:
     """A spawned leader and its group, awaited without reaping until we choose to."""
 
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes], box: Box) -> None:
         self.popen = popen
+        self.box = box
         self.pid = popen.pid
         self.exit_code: int | None = None
         self.exited = anyio.Event()  # the leader is dead (a zombie until reaped)
@@ -195,7 +201,7 @@ class _Process:
         """Remember the leader's descendants, to kill those that leave the group (setsid)
         even after the leader is gone and they were reparented. psutil checks each one's
         identity before signalling, so a remembered pid that was reused is never hit."""
-        if self.exit_code is None:
+        if self.exit_code is None and not self.box.exact:
             known = {p.pid: p for p in self.known_descendants}
             known.update((p.pid, p) for p in _procs.descendants(self.pid))
             self.known_descendants = list(known.values())
@@ -211,6 +217,7 @@ class _Process:
 
         `scan=False` once the leader has exited: its children were reparented, so
         scanning would find nothing; the descendants noted earlier still die."""
+        self.box.kill()  # a cgroup: everything in it, whatever its group or session
         if self.exit_code is not None:
             return
         if scan:
@@ -422,16 +429,23 @@ async def run_attempt(
         popen = _spawn(req)
     except OSError as exc:
         return Outcome(OutcomeKind.SPAWN_FAILED, _spawn_error(req, exc))
-    proc = _Process(popen)
+    except subprocess.SubprocessError as exc:  # the child could not join its cgroup
+        return Outcome(OutcomeKind.SPAWN_FAILED, f"could not start {req.argv[0]!r}: {exc}")
+    finally:
+        req.box.spawned()
+    proc = _Process(popen, req.box)
     control.pid = proc.pid
     attempt = _Attempt(req, sink, control, proc, on_spawn)
     control._kill_now = attempt.kill_now
+    survivors = 0
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(attempt.pump_output)
             tg.start_soon(attempt.watch)
             await proc.wait_exited(control)
+            survivors = len(req.box.members())  # the leader, a zombie, is not counted
             proc.kill_all(scan=False)  # leftovers of a leader that exited die with it
+            await _wait_empty(req.box)
             proc.reap()
             # An escaped descendant may hold the pipe open: drain for a bounded time.
             if not attempt.output_done.is_set():
@@ -459,8 +473,21 @@ async def run_attempt(
     code = proc.exit_code
     assert code is not None
     if attempt.stop is not None:
-        return Outcome(attempt.stop.kind, attempt.stop.reason, code)
-    return Outcome(OutcomeKind.EXITED, describe_exit(code), code)
+        outcome = Outcome(attempt.stop.kind, attempt.stop.reason, code)
+    else:
+        outcome = Outcome(OutcomeKind.EXITED, describe_exit(code), code)
+    notes = []
+    if survivors and attempt.stop is None:
+        notes.append(
+            f"{survivors} descendant process{'es' if survivors > 1 else ''} outlived the"
+            " leader and were killed"
+        )
+    limit = req.box.limit_report()
+    if limit:
+        notes.append(limit)
+    if notes:
+        outcome = Outcome(outcome.kind, "; ".join([outcome.reason, *notes]), code)
+    return outcome
 
 
 async def _ensure_dead(proc: _Process) -> None:
@@ -468,5 +495,15 @@ async def _ensure_dead(proc: _Process) -> None:
     proc.kill_all()
     with anyio.move_on_after(KILL_WAIT_S):
         await proc.wait_exited()
+    await _wait_empty(proc.box)
     if proc.exited.is_set():
         proc.reap()
+
+
+async def _wait_empty(box: Box) -> None:
+    """Until the kernel says the box is empty (a cgroup's `populated 0`), bounded: a
+    process in uninterruptible sleep must not hang the pool."""
+    with anyio.move_on_after(KILL_WAIT_S):
+        while not box.is_empty():
+            box.kill()
+            await anyio.sleep(0.002)

@@ -86,6 +86,8 @@ async def test_sigkilled_pool_is_reconciled_at_the_next_boot(
     async with fast_pool(database, max_parallel=1) as pool:
         results = [await pool.wait(task_id) for task_id in ids]
         new_node = pool.node_id
+        assert pool.containment is not None
+        containment = pool.containment.mode
         first_events = await pool.events(ids[0])
         all_events = [e for task_id in ids for e in await pool.events(task_id)]
 
@@ -93,11 +95,14 @@ async def test_sigkilled_pool_is_reconciled_at_the_next_boot(
     settled = next(
         e for e in first_events if e.node_id == dead_node and e.from_status is Status.RUNNING
     )
-    assert settled.reason == (
-        f"owner node {dead_node} (pid {proc.pid}) died; found at boot of node {new_node}; "
-        f"killed leftover process group {pid}"
-        + ("; no attempts left" if max_attempts == 1 else "; re-queued (attempt 2 of 2)")
-    )
+    prefix = f"owner node {dead_node} (pid {proc.pid}) died; found at boot of node {new_node}; "
+    suffix = "; no attempts left" if max_attempts == 1 else "; re-queued (attempt 2 of 2)"
+    if containment == "cgroup":  # found exactly: the leader and its child, by cgroup
+        killed = settled.reason.removeprefix(prefix).removesuffix(suffix)
+        assert killed.startswith(f"killed leftover cgroup of attempt {ids[0]}.1 (2 processes: ")
+        assert str(pid) in killed
+    else:
+        assert settled.reason == f"{prefix}killed leftover process group {pid}{suffix}"
     # Recovery before work: the settlement precedes every claim by the new node.
     new_claims = [
         e.id for e in all_events if e.node_id == new_node and e.to_status is Status.RUNNING

@@ -1,0 +1,617 @@
+"""Containment: where an attempt's processes live, how all of them die, what limits them.
+
+Chosen once at pool start (`choose`) and reported in the node's info and log:
+
+- **cgroup**: each attempt runs in a cgroup v2 of its own, named after its attempt
+  identity (`taskpool.<store id>/<task id>.<fence>`, under the pool's own cgroup, so
+  a delegated subtree such as systemd's `Delegate=yes` is enough). The child joins
+  it before it executes the task, so nothing it starts can escape: `setsid`,
+  double-forks and cleared environments included. Ending an attempt writes
+  `cgroup.kill` (kernel >= 5.14; freeze, SIGKILL every member, thaw where it is
+  missing) and waits for `cgroup.events` to say `populated 0`. Limits use the v2
+  controllers where they can be enabled, else a v1 hierarchy of that controller
+  (hosts with both), else an rlimit, else they are reported as not enforced.
+- **process group**: the fallback where no cgroup can be made (a read-only cgroup
+  mount, no delegation, not Linux): the attempt's own session and process group,
+  plus the environment marker. Limits become rlimits (`RLIMIT_AS` for memory,
+  which makes allocations fail instead of an OOM kill; `RLIMIT_NPROC` for
+  processes, which counts every process of the user and does not bind root); CPU
+  is not limited.
+
+Everything here is synchronous and quick (a few small file writes): the runner
+calls it directly; only waiting for a cgroup to empty is async.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import errno
+import os
+import resource
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Directory, under the pool's cgroup, that holds one store's attempt cgroups.
+STORE_DIR_PREFIX = "taskpool."
+CONTROLLERS = ("memory", "pids", "cpu")
+CPU_PERIOD_US = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceLimits:
+    """Per-attempt resource limits; None means unlimited."""
+
+    memory_max: int | None = None  # bytes
+    pids_max: int | None = None  # processes (and threads) at once
+    cpu_max: float | None = None  # CPUs, e.g. 0.5 for half of one
+
+    def over(self, defaults: ResourceLimits) -> ResourceLimits:
+        """These limits, with `defaults` filling in what these leave unset."""
+        return ResourceLimits(
+            memory_max=self.memory_max if self.memory_max is not None else defaults.memory_max,
+            pids_max=self.pids_max if self.pids_max is not None else defaults.pids_max,
+            cpu_max=self.cpu_max if self.cpu_max is not None else defaults.cpu_max,
+        )
+
+    def wanted(self) -> list[str]:
+        """The controllers these limits need."""
+        values = {"memory": self.memory_max, "pids": self.pids_max, "cpu": self.cpu_max}
+        return [name for name in CONTROLLERS if values[name] is not None]
+
+
+def mebibytes(size: int) -> str:
+    return f"{size / 2**20:g} MiB"
+
+
+# -- reading the host's cgroup layout (pure over the text of /proc files) ---------------
+
+
+@dataclass(frozen=True, slots=True)
+class Mount:
+    path: str
+    fstype: str
+    options: frozenset[str]  # super options: the v1 controllers of a cgroup mount
+    root: str  # the mount's root within its hierarchy
+    read_only: bool
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    """The cgroup mounts listed in /proc/self/mountinfo."""
+    mounts = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        fields, tail = left.split(), right.split()
+        if len(fields) < 6 or len(tail) < 3 or tail[0] not in ("cgroup", "cgroup2"):
+            continue
+        mount_options = set(fields[5].split(","))
+        mounts.append(
+            Mount(
+                path=fields[4].replace("\\040", " "),
+                fstype=tail[0],
+                options=frozenset(tail[2].split(",")),
+                root=fields[3],
+                read_only="ro" in mount_options,
+            )
+        )
+    return mounts
+
+
+def parse_proc_cgroup(text: str) -> dict[str, str]:
+    """/proc/self/cgroup as {hierarchy: path}; the v2 hierarchy is named ""."""
+    found: dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if not controllers:
+            found[""] = path
+        for name in controllers.split(","):
+            if name:
+                found[name] = path
+    return found
+
+
+def _join(mount: Mount, cgroup_path: str) -> Path:
+    """The directory of `cgroup_path` (as /proc/self/cgroup says) under `mount`."""
+    root = mount.root.rstrip("/")
+    relative = cgroup_path[len(root) :] if root and cgroup_path.startswith(root) else cgroup_path
+    return Path(mount.path) / relative.lstrip("/")
+
+
+# -- one attempt's box ----------------------------------------------------------------
+
+
+class Box(abc.ABC):
+    """Where one attempt's processes live."""
+
+    name: str
+    #: The box knows its members exactly (a cgroup): no descendant scans are needed.
+    exact = False
+
+    @abc.abstractmethod
+    def preexec(self) -> Callable[[], None] | None:
+        """Run in the child between fork and exec (joins the cgroup, sets rlimits)."""
+
+    def spawned(self) -> None:  # noqa: B027 - most boxes hold nothing for the spawn
+        """The child was started (or could not be): release what `preexec` needed."""
+
+    def members(self) -> list[int]:
+        """Pids still in the box, when the box can tell; else []."""
+        return []
+
+    def kill(self) -> None:  # noqa: B027 - a process group box has nothing more to kill
+        """SIGKILL everything in the box (the runner kills the process group itself)."""
+
+    def is_empty(self) -> bool:
+        return True
+
+    def limit_report(self) -> str | None:
+        """Why a limit stopped the attempt, if one did ("killed by the OOM killer...")."""
+        return None
+
+    def remove(self) -> None:  # noqa: B027 - nothing to remove for a process group
+        """Release the box once it is empty."""
+
+
+def _rlimits(limits: ResourceLimits, *, memory: bool, pids: bool) -> list[tuple[int, int]]:
+    found = []
+    if memory and limits.memory_max is not None:
+        found.append((resource.RLIMIT_AS, limits.memory_max))
+    if pids and limits.pids_max is not None:
+        found.append((resource.RLIMIT_NPROC, limits.pids_max))
+    return found
+
+
+def _rlimit_preexec(rlimits: list[tuple[int, int]]) -> Callable[[], None] | None:
+    if not rlimits:
+        return None
+
+    def preexec() -> None:
+        for which, value in rlimits:
+            resource.setrlimit(which, (value, value))
+
+    return preexec
+
+
+class ProcessGroupBox(Box):
+    def __init__(self, name: str, limits: ResourceLimits) -> None:
+        self.name = name
+        self._rlimits = _rlimits(limits, memory=True, pids=True)
+
+    def preexec(self) -> Callable[[], None] | None:
+        return _rlimit_preexec(self._rlimits)
+
+
+class CgroupBox(Box):
+    """An attempt's cgroup v2 (kill, membership, events) plus the v1 cgroups, if any, that
+    carry limits the v2 hierarchy has no controller for."""
+
+    exact = True
+
+    def __init__(
+        self,
+        name: str,
+        path: Path,
+        limits: ResourceLimits,
+        v2_controllers: frozenset[str],
+        v1_dirs: dict[str, Path],
+    ) -> None:
+        self.name = name
+        self.path = path
+        self.limits = limits
+        self._extra = list(v1_dirs.values())
+        self._v1 = v1_dirs
+        self._v2_controllers = v2_controllers
+        self._fds: list[int] = []
+        self._rlimits = _rlimits(
+            limits,
+            memory="memory" not in v2_controllers and "memory" not in v1_dirs,
+            pids="pids" not in v2_controllers and "pids" not in v1_dirs,
+        )
+
+    def create(self) -> None:
+        self.path.mkdir()
+        try:
+            for directory in self._extra:
+                directory.mkdir(exist_ok=True)
+            self._write_limits()
+            # Opened here, written in the child: the child moves itself before exec.
+            self._fds = [
+                os.open(d / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+                for d in [self.path, *self._extra]
+            ]
+        except BaseException:
+            self.remove()
+            raise
+
+    def _write_limits(self) -> None:
+        lim, v2 = self.limits, self._v2_controllers
+        if lim.memory_max is not None:
+            if "memory" in v2:
+                _write(self.path / "memory.max", str(lim.memory_max))
+                _write(self.path / "memory.swap.max", "0", missing_ok=True)
+            elif "memory" in self._v1:
+                _write(self._v1["memory"] / "memory.limit_in_bytes", str(lim.memory_max))
+                _write(
+                    self._v1["memory"] / "memory.memsw.limit_in_bytes",
+                    str(lim.memory_max),
+                    missing_ok=True,
+                )
+        if lim.pids_max is not None:
+            target = self.path if "pids" in v2 else self._v1.get("pids")
+            if target is not None:
+                _write(target / "pids.max", str(lim.pids_max))
+        if lim.cpu_max is not None:
+            quota = max(1000, round(lim.cpu_max * CPU_PERIOD_US))
+            if "cpu" in v2:
+                _write(self.path / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+            elif "cpu" in self._v1:
+                _write(self._v1["cpu"] / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+                _write(self._v1["cpu"] / "cpu.cfs_quota_us", str(quota))
+
+    def preexec(self) -> Callable[[], None]:
+        fds, rlimit_setter = self._fds, _rlimit_preexec(self._rlimits)
+
+        def join() -> None:
+            # Between fork and exec: only a write per hierarchy ("0": this process).
+            for fd in fds:
+                os.write(fd, b"0")
+            if rlimit_setter is not None:
+                rlimit_setter()
+
+        return join
+
+    def spawned(self) -> None:
+        """The child has joined (or failed to start): the parent's fds are done with."""
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def members(self) -> list[int]:
+        try:
+            text = (self.path / "cgroup.procs").read_text()
+        except OSError:
+            return []
+        return [int(pid) for pid in text.split()]
+
+    def kill(self) -> None:
+        kill_cgroup(self.path)
+        for directory in self._extra:  # v1 members are the same processes: none left
+            _kill_listed(directory / "cgroup.procs")
+
+    def is_empty(self) -> bool:
+        return cgroup_is_empty(self.path)
+
+    def limit_report(self) -> str | None:
+        lim, reports = self.limits, []
+        memory_dir = self.path if "memory" in self._v2_controllers else self._v1.get("memory")
+        if lim.memory_max is not None and memory_dir is not None:
+            if "memory" in self._v2_controllers:
+                kills = _counter(memory_dir / "memory.events", "oom_kill")
+            else:
+                kills = _counter(memory_dir / "memory.oom_control", "oom_kill")
+            if kills:
+                reports.append(
+                    f"killed by the OOM killer: memory limit {mebibytes(lim.memory_max)} reached"
+                    f" ({kills} process{'es' if kills > 1 else ''} killed)"
+                )
+        pids_dir = self.path if "pids" in self._v2_controllers else self._v1.get("pids")
+        if lim.pids_max is not None and pids_dir is not None:
+            refused = _counter(pids_dir / "pids.events", "max")
+            if refused:
+                reports.append(
+                    f"process limit {lim.pids_max} reached ({refused} fork"
+                    f"{'s' if refused > 1 else ''} refused)"
+                )
+        return "; ".join(reports) or None
+
+    def remove(self) -> None:
+        self.spawned()
+        for directory in [self.path, *self._extra]:
+            # Still busy (a process stuck in uninterruptible sleep): the next boot's
+            # reconciliation removes it.
+            with contextlib.suppress(OSError):
+                _rmdir(directory)
+
+
+def _write(path: Path, value: str, *, missing_ok: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except FileNotFoundError:
+        if missing_ok:
+            return
+        raise
+    try:
+        os.write(fd, value.encode())
+    except OSError:
+        if not missing_ok:
+            raise
+    finally:
+        os.close(fd)
+
+
+def _counter(path: Path, key: str) -> int:
+    """A `key value` line of a cgroup events file, as an int (0 if absent)."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def cgroup_is_empty(path: Path) -> bool:
+    try:
+        text = (path / "cgroup.events").read_text()
+    except FileNotFoundError:
+        return True
+    return "populated 0" in text.splitlines()
+
+
+def _kill_listed(procs_file: Path) -> None:
+    try:
+        pids = [int(pid) for pid in procs_file.read_text().split()]
+    except OSError:
+        return
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)  # in the cgroup now: frozen, so it stays ours
+
+
+def kill_cgroup(path: Path) -> None:
+    """SIGKILL every process in the cgroup, racy forkers included."""
+    try:
+        _write(path / "cgroup.kill", "1")
+        return
+    except FileNotFoundError:
+        if not path.exists():
+            return
+    # Before cgroup.kill (kernel < 5.14): freeze so nothing forks while we kill, then
+    # thaw so the SIGKILLs are delivered.
+    with contextlib.suppress(OSError):
+        _write(path / "cgroup.freeze", "1")
+        for _ in range(100):
+            if "frozen 1" in (path / "cgroup.events").read_text().splitlines():
+                break
+            time.sleep(0.001)
+    _kill_listed(path / "cgroup.procs")
+    with contextlib.suppress(OSError):
+        _write(path / "cgroup.freeze", "0")
+
+
+def _rmdir(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise FileNotFoundError(str(path)) from exc
+        if exc.errno != errno.EBUSY:
+            raise
+        # Still populated for a moment after the last member died: try again shortly.
+        for _ in range(50):
+            time.sleep(0.002)
+            try:
+                path.rmdir()
+                return
+            except OSError as again:
+                if again.errno != errno.EBUSY:
+                    raise
+        raise
+
+
+# -- the node's choice ----------------------------------------------------------------
+
+
+class Containment(abc.ABC):
+    """How this node contains attempts. One instance per pool."""
+
+    mode: str
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """One line for the node's info and log: the mode and how each limit is enforced."""
+
+    @abc.abstractmethod
+    def box(self, name: str, limits: ResourceLimits) -> Box:
+        """A new, empty box for the attempt named `name` (`<task id>.<fence>`)."""
+
+    def reclaim(self, name: str) -> list[int] | None:
+        """Kill and remove what is left of a dead predecessor's attempt `name`; the pids
+        killed, or None when this containment cannot find it exactly (the caller falls
+        back to pid, start time and marker)."""
+        del name
+        return None
+
+    def close(self) -> None:  # noqa: B027 - nothing to release for a process group
+        """Release what the node made for itself (an empty store directory)."""
+
+
+class ProcessGroupContainment(Containment):
+    mode = "process-group"
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+    def describe(self) -> str:
+        return (
+            f"process-group ({self.why}); limits: memory as RLIMIT_AS, processes as"
+            " RLIMIT_NPROC (per user, not for root), cpu not enforced"
+        )
+
+    def box(self, name: str, limits: ResourceLimits) -> Box:
+        return ProcessGroupBox(name, limits)
+
+
+class CgroupContainment(Containment):
+    mode = "cgroup"
+
+    def __init__(
+        self,
+        store_dir: Path,
+        v2_controllers: frozenset[str],
+        v1_store_dirs: dict[str, Path],
+        kill_file: bool,
+    ) -> None:
+        self.store_dir = store_dir
+        self.v2_controllers = v2_controllers
+        self.v1_store_dirs = v1_store_dirs
+        self.kill_file = kill_file
+
+    def describe(self) -> str:
+        how = []
+        for name in CONTROLLERS:
+            if name in self.v2_controllers:
+                how.append(f"{name} v2")
+            elif name in self.v1_store_dirs:
+                how.append(f"{name} v1")
+            elif name == "memory":
+                how.append("memory as RLIMIT_AS")
+            elif name == "pids":
+                how.append("pids as RLIMIT_NPROC")
+            else:
+                how.append(f"{name} not enforced")
+        kill = "cgroup.kill" if self.kill_file else "freeze and kill"
+        return f"cgroup v2 at {self.store_dir} ({kill}); limits: {', '.join(how)}"
+
+    def box(self, name: str, limits: ResourceLimits) -> Box:
+        wanted = set(limits.wanted())
+        v1 = {c: d / name for c, d in self.v1_store_dirs.items() if c in wanted}
+        box = CgroupBox(name, self.store_dir / name, limits, self.v2_controllers & wanted, v1)
+        box.create()
+        return box
+
+    def reclaim(self, name: str) -> list[int] | None:
+        path = self.store_dir / name
+        if not path.is_dir():
+            return None
+        pids = [int(p) for p in (path / "cgroup.procs").read_text().split()]
+        kill_cgroup(path)
+        for _ in range(500):  # at most about a second for the kernel to finish the kills
+            if cgroup_is_empty(path):
+                break
+            time.sleep(0.002)
+        extra = [d / name for d in self.v1_store_dirs.values()]
+        for directory in [path, *extra]:
+            with contextlib.suppress(OSError):
+                _rmdir(directory)
+        return pids
+
+    def close(self) -> None:
+        for directory in [self.store_dir, *self.v1_store_dirs.values()]:
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # only if empty: a sibling pool may still use it
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def choose(
+    store_id: str,
+    *,
+    mode: str = "auto",
+    cgroup_mount: str | os.PathLike[str] | None = None,
+    mountinfo: str | None = None,
+    proc_cgroup: str | None = None,
+) -> Containment:
+    """Pick this node's containment: a cgroup per attempt where one can be made, else
+    process groups. `mode` forces one ("cgroup" raises if impossible);
+    `cgroup_mount` overrides the cgroup2 mount found in /proc/self/mountinfo (tests
+    point it at a read-only or missing directory to see the fallback chosen)."""
+    if mode not in ("auto", "cgroup", "process-group"):
+        raise ValueError(f"containment must be auto, cgroup or process-group, not {mode!r}")
+    if mode == "process-group":
+        return ProcessGroupContainment("chosen by configuration")
+    try:
+        return _cgroup_containment(store_id, cgroup_mount, mountinfo, proc_cgroup)
+    except (OSError, LookupError) as exc:
+        if mode == "cgroup":
+            raise RuntimeError(f"cgroup containment is not possible here: {exc}") from exc
+        return ProcessGroupContainment(f"no cgroup could be made: {exc}")
+
+
+def _cgroup_containment(
+    store_id: str,
+    cgroup_mount: str | os.PathLike[str] | None,
+    mountinfo: str | None,
+    proc_cgroup: str | None,
+) -> CgroupContainment:
+    mounts = parse_mountinfo(mountinfo if mountinfo is not None else _read("/proc/self/mountinfo"))
+    own = parse_proc_cgroup(proc_cgroup if proc_cgroup is not None else _read("/proc/self/cgroup"))
+    if cgroup_mount is not None:
+        v2_mount = Mount(os.fspath(cgroup_mount), "cgroup2", frozenset(), "/", False)
+    else:
+        v2_mount = next((m for m in mounts if m.fstype == "cgroup2"), None)  # type: ignore[assignment]
+        if v2_mount is None:
+            raise LookupError("no cgroup2 hierarchy is mounted")
+    if "" not in own:
+        raise LookupError("this process is in no cgroup v2")
+    own_dir = _join(v2_mount, own[""])
+    store_dir = own_dir / f"{STORE_DIR_PREFIX}{store_id}"
+    store_dir.mkdir(exist_ok=True)
+    probe = store_dir / f"probe.{os.getpid()}"
+    probe.mkdir()  # raises where we may not: read-only mount, no delegation
+    try:
+        kill_file = (probe / "cgroup.kill").exists()
+    finally:
+        probe.rmdir()
+    v2 = _enable_v2_controllers(own_dir, store_dir)
+    v1: dict[str, Path] = {}
+    for name in CONTROLLERS:
+        if name in v2:
+            continue
+        mount = next(
+            (m for m in mounts if m.fstype == "cgroup" and name in m.options and not m.read_only),
+            None,
+        )
+        if mount is None or name not in own:
+            continue
+        directory = _join(mount, own[name]) / f"{STORE_DIR_PREFIX}{store_id}"
+        with contextlib.suppress(OSError):
+            directory.mkdir(exist_ok=True)
+            v1[name] = directory
+    return CgroupContainment(store_dir, frozenset(v2), v1, kill_file)
+
+
+def _enable_v2_controllers(own_dir: Path, store_dir: Path) -> set[str]:
+    """Enable memory, pids and cpu for the attempts' cgroups where the host allows it.
+
+    Needs each controller in the parent's `cgroup.subtree_control`: granted in a
+    delegated subtree whose processes live in a leaf, refused (EBUSY) in a cgroup that
+    holds processes itself, other than the root."""
+    try:
+        available = set((own_dir / "cgroup.controllers").read_text().split())
+    except OSError:
+        return set()
+    enabled: set[str] = set()
+    for name in CONTROLLERS:
+        if name not in available:
+            continue
+        try:
+            for directory in (own_dir, store_dir):
+                current = set((directory / "cgroup.subtree_control").read_text().split())
+                if name not in current:
+                    _write(directory / "cgroup.subtree_control", f"+{name}")
+        except OSError:
+            continue
+        enabled.add(name)
+    return enabled
+
+
+def names_in(store_dir: Path) -> Iterable[str]:
+    """Attempt cgroups under a store directory (for reports and tests)."""
+    with contextlib.suppress(FileNotFoundError):
+        for entry in store_dir.iterdir():
+            if entry.is_dir() and not entry.name.startswith("probe."):
+                yield entry.name
