@@ -89,7 +89,8 @@ class App:
                 if not isinstance(request, dict):
                     return 400, {"error": "the body must be a JSON object"}
                 options = {k: v for k, v in request.items() if k in SUBMIT_OPTIONS}
-                return 201, {"id": await pool.submit(request.get("argv"), **options)}
+                argv: Any = request.get("argv")  # checked by submit: InvalidTask if not a list
+                return 201, {"id": await pool.submit(argv, **options)}
             if match := re.fullmatch(r"/tasks/(\d+)(/output|/cancel)?", path):
                 task_id, action = int(match[1]), match[2]
                 if method == "GET" and action is None:
