@@ -28,6 +28,10 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
+#: A submit body larger than this is refused with 413 before it is read further: a
+#: task's own limits (taskpool's MAX_ARGV_BYTES, MAX_ENV_BYTES) fit well within it.
+MAX_BODY_BYTES = 1024 * 1024
+
 SUBMIT_OPTIONS = {
     "cwd",
     "project",
@@ -82,8 +86,11 @@ class App:
         try:
             if method == "POST" and path == "/tasks":
                 request = json.loads(await _body(receive) or b"{}")
+                if not isinstance(request, dict):
+                    return 400, {"error": "the body must be a JSON object"}
                 options = {k: v for k, v in request.items() if k in SUBMIT_OPTIONS}
-                return 201, {"id": await pool.submit(request.get("argv"), **options)}
+                argv: Any = request.get("argv")  # checked by submit: InvalidTask if not a list
+                return 201, {"id": await pool.submit(argv, **options)}
             if match := re.fullmatch(r"/tasks/(\d+)(/output|/cancel)?", path):
                 task_id, action = int(match[1]), match[2]
                 if method == "GET" and action is None:
@@ -92,18 +99,28 @@ class App:
                     return 200, {"output": await pool.output(task_id)}
                 if method == "POST" and action == "/cancel":
                     return 200, _task(await pool.cancel(task_id))
-        except (InvalidTask, json.JSONDecodeError, TypeError) as exc:
+        except BodyTooLarge as exc:
+            return 413, {"error": str(exc)}
+        except (InvalidTask, ValueError, TypeError) as exc:  # bad JSON, bad UTF-8, bad task
             return 400, {"error": str(exc)}
         except TaskNotFound as exc:
             return 404, {"error": str(exc)}
         return 404, {"error": f"no route for {method} {path}"}
 
 
+class BodyTooLarge(Exception):
+    pass
+
+
 async def _body(receive: Receive) -> bytes:
-    chunks = []
+    chunks, size = [], 0
     while True:
         message = await receive()
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:  # stop reading: memory stays bounded whatever is sent
+            raise BodyTooLarge(f"request body over {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
         if not message.get("more_body"):
             return b"".join(chunks)
 

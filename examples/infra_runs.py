@@ -12,7 +12,6 @@ Needs `terraform` on PATH and `ansible-playbook` (pip install ansible-core).
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import tempfile
@@ -36,7 +35,8 @@ async def main(db: Path, workdir: Path) -> int:
     shutil.copytree(HERE, workdir, dirs_exist_ok=True)
     terraform, ansible = _tool("terraform"), _tool("ansible-playbook")
     tf = {"cwd": str(workdir), "template": "terraform", "locks": ["tfstate"], "project": "infra"}
-    env = {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_HOST_KEY_CHECKING": "False"}
+    # Added to the worker's environment; only these two are stored with the task.
+    env = {"ANSIBLE_NOCOLOR": "1", "ANSIBLE_HOST_KEY_CHECKING": "False"}
     async with TaskPool(db, max_parallel=3, kill_grace_s=10) as pool:
         runs = {
             "terraform init": await pool.submit(

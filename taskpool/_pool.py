@@ -557,6 +557,8 @@ class TaskPool:
                     argv=spec.argv,
                     cwd=spec.cwd,
                     env=spec.env,
+                    pass_env=spec.pass_env,
+                    inherit_env=spec.inherit_env,
                     marker=_procs.attempt_marker(self.store.store_id, task.id, fence),
                     timeout_s=spec.timeout_s,
                     stall_timeout_s=spec.stall_timeout_s,

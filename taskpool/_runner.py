@@ -28,7 +28,13 @@ import psutil
 from . import _procs
 from ._containment import Box, ProcessGroupBox, ResourceLimits
 from ._errors import LeaseLost
-from ._models import Outcome, OutcomeKind
+from ._models import (
+    LIBPQ_ENV_PREFIX,
+    TASKPOOL_ENV_PREFIX,
+    Outcome,
+    OutcomeKind,
+    is_taskpool_variable,
+)
 from ._output import OutputDecoder
 
 READ_CHUNK_BYTES = 64 * 1024
@@ -44,6 +50,7 @@ DESCENDANT_SCAN_INTERVAL_S = 1.0
 #: many that end sooner cost no extra write.
 RECORD_SPAWN_DELAY_S = 0.05
 HAS_PIDFD = hasattr(os, "pidfd_open")
+_TASKPOOL_PREFIXES = (TASKPOOL_ENV_PREFIX.encode(), LIBPQ_ENV_PREFIX.encode())
 
 
 class OutputSink(Protocol):
@@ -123,6 +130,8 @@ class RunRequest:
     kill_grace_s: float
     max_log_bytes: int
     flush_interval_s: float = 0.25
+    pass_env: frozenset[str] = frozenset()  # names whose values come from the worker
+    inherit_env: bool = True  # start from the worker's environment (minus taskpool's own)
     #: Where the attempt's processes live (its cgroup, or just its process group).
     box: Box = field(default_factory=lambda: ProcessGroupBox("-", ResourceLimits()))
 
@@ -143,14 +152,40 @@ def describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
-def _spawn(req: RunRequest) -> subprocess.Popen[bytes]:
+def task_environment(
+    worker_env: Mapping[bytes, bytes],
+    *,
+    env: Mapping[str, str] | None,
+    pass_env: frozenset[str],
+    inherit_env: bool,
+    marker: str,
+) -> dict[bytes, bytes]:
+    """The environment an attempt's process gets (pure): the worker's own minus
+    taskpool's variables (its settings and database credentials must never reach a
+    task), then the worker's values of `pass_env` (a name it lacks stays unset), then
+    the task's `env`, then the attempt marker, which nothing may override."""
     # Bytes keys and values: Popen passes them through without re-encoding each one.
-    env: dict[bytes, bytes] = (
-        dict(os.environb)
-        if req.env is None
-        else {os.fsencode(k): os.fsencode(v) for k, v in req.env.items()}
+    child: dict[bytes, bytes] = {}
+    if inherit_env:
+        child = {k: v for k, v in worker_env.items() if not k.startswith(_TASKPOOL_PREFIXES)}
+    for name in pass_env:
+        key = os.fsencode(name)
+        if key in worker_env and not is_taskpool_variable(name):
+            child[key] = worker_env[key]
+    for name, value in (env or {}).items():
+        child[os.fsencode(name)] = os.fsencode(value)
+    child[_procs.ATTEMPT_ENV.encode()] = marker.encode()
+    return child
+
+
+def _spawn(req: RunRequest) -> subprocess.Popen[bytes]:
+    env = task_environment(
+        os.environb,
+        env=req.env,
+        pass_env=req.pass_env,
+        inherit_env=req.inherit_env,
+        marker=req.marker,
     )
-    env[_procs.ATTEMPT_ENV.encode()] = req.marker.encode()
     return subprocess.Popen(
         list(req.argv),
         cwd=req.cwd,

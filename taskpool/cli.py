@@ -3,6 +3,11 @@
 Every option can also be set by an environment variable, named on its help line
 (`TASKPOOL_DB`, `TASKPOOL_MAX_PARALLEL`, ...). Errors print their cause chain and
 exit non-zero; so does a worker whose pool crashed, so a supervisor restarts it.
+
+What the CLI prints never holds a password (DSNs, errors and log lines go through
+`redact`) nor a task's env values (masked unless `--show-env`). Only `worker` and
+`submit` may create a database; every other command opens an existing one, so a
+mistyped `--db` is an error, not a new empty file.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -24,22 +29,23 @@ import anyio
 from ._errors import TaskpoolError
 from ._models import Status, TaskInfo, TaskSpec
 from ._pool import TaskPool
+from ._redact import redact
 from ._store import Store
 
 #: Exit codes: 1 for an error (a crashed worker included), 2 for bad usage.
 EXIT_ERROR = 1
 
 
-def open_store(db: str, *, connections: int = 2) -> Store:
+def open_store(db: str, *, connections: int = 2, create: bool = False) -> Store:
     """The store a `--db` value names: a postgresql:// URL (with at most `connections`
-    connections) or an SQLite path."""
+    connections) or an SQLite path. Only with `create` may it make a new database."""
     if db.startswith(("postgresql://", "postgres://")):
         from .stores.postgres import PostgresStore
 
-        return PostgresStore(db, max_size=connections)
+        return PostgresStore(db, max_size=connections, create=create)
     from .stores.sqlite import SQLiteStore
 
-    return SQLiteStore(db)
+    return SQLiteStore(db, create=create)
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -64,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="taskpool.db",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument(
+        "--show-env",
+        action="store_true",
+        help="show tasks' env values (masked by default: they may be secrets)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     worker = commands.add_parser(
@@ -132,7 +143,26 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--max-attempts", type=int, default=1)
     submit.add_argument("--backoff", type=float, default=1.0, help="first retry delay, s")
     submit.add_argument("--cwd")
-    submit.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    submit.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set a variable (stored in the database as given: no secrets; repeatable)",
+    )
+    submit.add_argument(
+        "--pass-env",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="pass the worker's own value of NAME at spawn time; only the name is stored"
+        " (for secrets; repeatable)",
+    )
+    submit.add_argument(
+        "--clean-env",
+        action="store_true",
+        help="start from an empty environment instead of the worker's",
+    )
 
     ls = commands.add_parser("ls", help="list tasks, newest first")
     ls.add_argument("--status", action="append", choices=[s.value for s in Status])
@@ -182,31 +212,45 @@ def _print_error(exc: BaseException) -> None:
     while current is not None:
         chain.append(f"{type(current).__name__}: {current}")
         current = current.__cause__ or current.__context__
-    print("taskpool: error: " + "\n  caused by ".join(chain), file=sys.stderr)
+    print(redact("taskpool: error: " + "\n  caused by ".join(chain)), file=sys.stderr)
 
 
 # -- output ------------------------------------------------------------------
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: Any, *, show_env: bool = False) -> Any:
+    """JSON-ready data; a task's env values are masked unless `show_env`."""
+    if isinstance(value, TaskSpec) and not show_env:
+        value = dataclasses.replace(value, env=value.masked_env())
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {
+            f.name: _plain(getattr(value, f.name), show_env=show_env)
+            for f in dataclasses.fields(value)
+        }
     if isinstance(value, enum.Enum):
         return value.value
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, Mapping):
+        return {k: _plain(v, show_env=show_env) for k, v in value.items()}
     if isinstance(value, list | tuple | frozenset | set):
-        items = [_plain(v) for v in value]
+        items = [_plain(v, show_env=show_env) for v in value]
         return sorted(items) if isinstance(value, frozenset | set) else items
     return value
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
-    print(json.dumps(_plain(data), indent=2) if args.json else text)
+    print(json.dumps(_plain(data, show_env=args.show_env), indent=2) if args.json else text)
 
 
 def _when(ts: float | None) -> str:
     return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _env_line(spec: TaskSpec, *, show: bool) -> str:
+    env = (spec.env if show else spec.masked_env()) or {}
+    shown = " ".join(f"{k}={v}" for k, v in sorted(env.items())) or "-"
+    passed = " ".join(sorted(spec.pass_env)) or "-"
+    base = "the worker's" if spec.inherit_env else "empty"
+    return f"  env: {shown}  pass-env: {passed}  (from {base} environment)"
 
 
 def _task_line(t: TaskInfo) -> str:
@@ -281,7 +325,7 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         prometheus_client.start_http_server(args.metrics_port, addr="127.0.0.1")
     pool = TaskPool(
         # A connection per running task's writes, plus the loops' own.
-        open_store(args.db, connections=args.max_parallel + 4),
+        open_store(args.db, connections=args.max_parallel + 4, create=True),
         metrics=metrics,
         max_parallel=args.max_parallel,
         project_limits=limits,
@@ -302,7 +346,7 @@ async def cmd_worker(args: argparse.Namespace) -> int:
             try:
                 async with pool.store, pool:
                     print(
-                        f"taskpool worker: node {pool.node_id} on {args.db}",
+                        f"taskpool worker: node {pool.node_id} on {redact(args.db)}",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -315,10 +359,21 @@ async def cmd_worker(args: argparse.Namespace) -> int:
     return stop.exit_code
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per record: time, level, message and the pool's own fields."""
+class RedactingFormatter(logging.Formatter):
+    """The standard text format, with passwords redacted from the whole line."""
 
     def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, message and the pool's own fields,
+    passwords redacted."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(self._format(record))
+
+    def _format(self, record: logging.LogRecord) -> str:
         entry = {
             "ts": round(record.created, 6),
             "level": record.levelname.lower(),
@@ -336,7 +391,7 @@ def _configure_logging(log_format: str) -> None:
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("taskpool")
     root.addHandler(handler)
     root.setLevel(logging.INFO)
@@ -344,18 +399,20 @@ def _configure_logging(log_format: str) -> None:
 
 async def cmd_submit(args: argparse.Namespace) -> None:
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-    env = None
-    if args.env:
-        env = dict(os.environ)
-        for item in args.env:
-            name, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"--env wants NAME=VALUE, got {item!r}")
-            env[name] = value
+    # Exactly the variables named: the submitter's own environment (its tokens) is
+    # none of the task's business and never reaches the database.
+    env = {}
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--env wants NAME=VALUE, got {item!r}")
+        env[name] = value
     spec = TaskSpec.build(
         argv,
         cwd=args.cwd,
-        env=env,
+        env=env or None,
+        pass_env=args.pass_env,
+        inherit_env=not args.clean_env,
         project=args.project,
         template=args.template,
         template_parallel=args.parallel,
@@ -366,7 +423,7 @@ async def cmd_submit(args: argparse.Namespace) -> None:
         max_attempts=args.max_attempts,
         retry_backoff_s=args.backoff,
     )
-    async with open_store(args.db) as store:
+    async with open_store(args.db, create=True) as store:
         task_id = await store.submit(spec)
     _emit(args, {"id": task_id}, str(task_id))
 
@@ -385,6 +442,7 @@ async def cmd_show(args: argparse.Namespace) -> None:
     lines = [
         _task_line(task),
         f"  command: {list(task.spec.argv)}  cwd: {task.spec.cwd or '-'}",
+        _env_line(task.spec, show=args.show_env),
         f"  attempts: {task.attempts_used}/{task.spec.max_attempts}  owner: "
         f"{task.owner_node or '-'}  pid: {task.pid or '-'}  exit code: {task.exit_code}",
         "  events:",

@@ -170,6 +170,7 @@ class MemoryStore(Store):
     # -- the queue ---------------------------------------------------------
     async def submit(self, spec: TaskSpec) -> int:
         self._check()
+        spec = spec.checked()  # as the SQL stores: InvalidTask, and nothing stored
         now = time.time()
         task_id = len(self._tasks) + 1
         info = TaskInfo(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any, Protocol
 
+from .._errors import StoreError
 from .._models import Limits, NodeInfo, Status, TaskEvent, TaskInfo, TaskSpec, Transition
 from .._rules import Occupancy
 
@@ -39,6 +40,18 @@ def blocked_lists(occ: Occupancy, limits: Limits) -> dict[str, list[str]]:
         "templates_any": sorted(occ.templates_any),
         "locks_held": sorted(occ.locks_held),
     }
+
+
+def check_schema_version(applied: set[int], known: list[int]) -> None:
+    """Refuse a database migrated by a newer taskpool: its columns and meanings are
+    ones this code does not know, so it fails now rather than at a later query."""
+    newest_known = max(known, default=0)
+    newest = max(applied, default=0)
+    if newest > newest_known:
+        raise StoreError(
+            f"schema version {newest} is newer than this taskpool supports ({newest_known});"
+            " upgrade taskpool to use this database"
+        )
 
 
 def iso(ts: float | None) -> str:
@@ -92,6 +105,7 @@ def task_info(
     *,
     argv: list[str],
     env: dict[str, str] | None,
+    pass_env: list[str],
     locks: list[str],
 ) -> TaskInfo:
     """A TaskInfo from a task row whose structured columns the backend decoded."""
@@ -99,6 +113,8 @@ def task_info(
         argv=tuple(argv),
         cwd=r["cwd"],
         env=env,
+        pass_env=frozenset(pass_env),
+        inherit_env=bool(r["inherit_env"]),
         project=r["project"],
         template=r["template"],
         template_parallel=bool(r["template_parallel"]),

@@ -36,9 +36,11 @@ from .._models import (
     decide_handback,
     decide_orphan,
 )
+from .._redact import dsn_secrets, redact
 from .._rules import Slot
 from .._store import Orphan, OutputChunk, Renewal, Store
 from ._common import (
+    check_schema_version,
     ended_columns,
     event_from_row,
     handback_reason,
@@ -80,14 +82,24 @@ def migrations() -> list[tuple[int, str]]:
 
 
 def _map_error(exc: BaseException) -> StoreError:
+    """The taskpool error for a driver error, its text redacted (a driver may echo the
+    connection string it was given)."""
     import asyncpg
 
     if isinstance(exc, asyncpg.PostgresError):
         state = getattr(exc, "sqlstate", None) or ""
         if state.startswith(_TRANSIENT_SQLSTATE_PREFIXES):
-            return StoreUnavailable(f"PostgreSQL {state}: {exc}")
-        return StoreError(f"PostgreSQL {state}: {exc}")
-    return StoreUnavailable(f"PostgreSQL connection: {exc!r}")
+            return StoreUnavailable(redact(f"PostgreSQL {state}: {exc}"))
+        return StoreError(redact(f"PostgreSQL {state}: {exc}"))
+    return StoreUnavailable(redact(f"PostgreSQL connection: {exc!r}"))
+
+
+def _scrub(exc: BaseException, dsn: str) -> BaseException:
+    """Redact, in place, a driver exception's arguments: it stays the cause of the
+    taskpool error (tracebacks print it), so it must not carry the DSN's password."""
+    secrets = dsn_secrets(dsn)
+    exc.args = tuple(redact(a, secrets=secrets) if isinstance(a, str) else a for a in exc.args)
+    return exc
 
 
 def _quiet_connection_class() -> type:
@@ -123,12 +135,14 @@ class PostgresStore(Store):
         *,
         min_size: int = 1,
         max_size: int = 10,
+        create: bool = True,
         connect_timeout_s: float = 10.0,
         command_timeout_s: float = 10.0,
     ) -> None:
-        self.dsn = dsn
+        self.dsn = dsn  # may hold a password: shown only through `redact`
         self.min_size = min_size
         self.max_size = max_size
+        self.create = create  # False: a database without taskpool's tables is an error
         # Every call is bounded: a silent network (dropped packets, a paused server)
         # becomes StoreUnavailable like a refused connection, never a hang.
         self.connect_timeout_s = connect_timeout_s
@@ -137,14 +151,17 @@ class PostgresStore(Store):
 
     def __repr__(self) -> str:
         state = "open" if self._pool is not None else "closed"
-        return f"<PostgresStore {state} max_size={self.max_size}>"
+        return f"<PostgresStore {redact(self.dsn)!r} {state} max_size={self.max_size}>"
 
     # -- plumbing ----------------------------------------------------------
     async def open(self) -> None:
+        """Connect, and create or migrate taskpool's tables (with `create=False`, only
+        migrate tables that exist). Errors name the DSN with its password redacted."""
         if self._pool is not None:
             return
         import asyncpg
 
+        where = f"PostgreSQL at {redact(self.dsn)}"
         try:
             pool = await asyncpg.create_pool(
                 self.dsn,
@@ -155,10 +172,13 @@ class PostgresStore(Store):
                 command_timeout=self.command_timeout_s,
             )
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise _map_error(exc) from exc
+            error = _map_error(_scrub(exc, self.dsn))
+            raise type(error)(f"{where}: {error}") from exc
+        except ValueError as exc:  # a malformed DSN (a port that is not a number, ...)
+            raise StoreError(f"{where}: {_scrub(exc, self.dsn)}") from exc
         try:
             async with pool.acquire() as conn:
-                await self._migrate(conn)
+                await self._migrate(conn, create=self.create)
                 self.store_id = await conn.fetchval("SELECT store_id FROM taskpool_store_identity")
         except BaseException:
             await pool.close()
@@ -166,14 +186,23 @@ class PostgresStore(Store):
         self._pool = pool
 
     @staticmethod
-    async def _migrate(conn: asyncpg.Connection) -> None:
+    async def _migrate(conn: asyncpg.Connection, *, create: bool = True) -> None:
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            if not create and not await conn.fetchval(
+                "SELECT to_regclass('taskpool_schema_version') IS NOT NULL"
+            ):
+                name = await conn.fetchval("SELECT current_database()")
+                raise StoreError(
+                    f"PostgreSQL database {name!r} holds no taskpool tables"
+                    " (not created: this command only reads)"
+                )
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS taskpool_schema_version"
                 " (version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
             )
             done = {r[0] for r in await conn.fetch("SELECT version FROM taskpool_schema_version")}
+            check_schema_version(done, [v for v, _ in migrations()])
             for version, sql in migrations():
                 if version in done:
                     continue
@@ -290,13 +319,17 @@ class PostgresStore(Store):
 
     # -- the queue ---------------------------------------------------------
     async def submit(self, spec: TaskSpec) -> int:
+        spec = spec.checked()  # InvalidTask here, before the database sees anything
+
         async def op(conn: asyncpg.Connection) -> int:
             task_id: int = await conn.fetchval(
                 "INSERT INTO taskpool_tasks (status, argv, cwd, env, project, template,"
                 " template_parallel, locks, priority, submitted_at, not_before, timeout_s,"
-                " stall_timeout_s, max_attempts, retry_backoff_s, reason, changed_at)"
+                " stall_timeout_s, max_attempts, retry_backoff_s, reason, changed_at,"
+                " pass_env, inherit_env)"
                 f" SELECT 'waiting', $1, $2, $3::jsonb, $4, $5, $6, $7, $8, now.t, $9, $10,"
-                f" $11, $12, $13, 'submitted', now.t FROM ({_NOW}) AS now(t) RETURNING id",
+                f" $11, $12, $13, 'submitted', now.t, $14, $15 FROM ({_NOW}) AS now(t)"
+                " RETURNING id",
                 list(spec.argv),
                 spec.cwd,
                 json.dumps(dict(spec.env)) if spec.env is not None else None,
@@ -310,6 +343,8 @@ class PostgresStore(Store):
                 spec.stall_timeout_s,
                 spec.max_attempts,
                 spec.retry_backoff_s,
+                sorted(spec.pass_env),
+                spec.inherit_env,
             )
             return task_id
 
@@ -468,7 +503,11 @@ class PostgresStore(Store):
             try:
                 conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout_s)
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("LISTEN connection failed, retrying in %.1f s: %r", delay, exc)
+                log.warning(
+                    "LISTEN connection failed, retrying in %.1f s: %s",
+                    delay,
+                    redact(repr(exc), secrets=dsn_secrets(self.dsn)),
+                )
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
@@ -482,7 +521,9 @@ class PostgresStore(Store):
                     with anyio.move_on_after(1.0):
                         await lost.wait()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("LISTEN connection lost: %r", exc)
+                log.warning(
+                    "LISTEN connection lost: %s", redact(repr(exc), secrets=dsn_secrets(self.dsn))
+                )
             finally:
                 conn.terminate()
 
@@ -709,5 +750,6 @@ def _info(r: Any) -> TaskInfo:
         r,
         argv=list(r["argv"]),
         env=json.loads(env) if env is not None else None,
+        pass_env=list(r["pass_env"]),
         locks=list(r["locks"]),
     )

@@ -15,12 +15,14 @@ an operation behind.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -51,6 +53,7 @@ from .._rules import Occupancy, Slot, plan_claims
 from .._store import Orphan, OutputChunk, Renewal, Store
 from ._common import (
     blocked_lists,
+    check_schema_version,
     claim_window,
     ended_columns,
     event_from_row,
@@ -327,11 +330,14 @@ class SQLiteStore(Store):
     fsyncs every commit.
     """
 
-    def __init__(self, path: str | Path, *, fsync_interval_s: float = 0.1) -> None:
+    def __init__(
+        self, path: str | Path, *, fsync_interval_s: float = 0.1, create: bool = True
+    ) -> None:
         if not fsync_interval_s >= 0:
             raise ValueError("fsync_interval_s must be >= 0")
         self.path = Path(path)
         self.fsync_interval_s = fsync_interval_s
+        self.create = create  # False: a missing file is an error, never a new database
         self._writer: _Writer | None = None
         self._reader: sqlite3.Connection | None = None
         self._read_lock = anyio.Lock()
@@ -347,9 +353,17 @@ class SQLiteStore(Store):
 
     # -- plumbing ----------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=30.0
-        )
+        if self.create:
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+            )
+        else:
+            # mode=rw: SQLite itself refuses to create the file, even one deleted
+            # between our check and this call.
+            uri = "file:" + urllib.parse.quote(str(self.path.absolute())) + "?mode=rw"
+            conn = sqlite3.connect(
+                uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30.0
+            )
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")  # the writer raises it per batch
@@ -358,7 +372,13 @@ class SQLiteStore(Store):
         return conn
 
     def _open_sync(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.create:
+            _create_private(self.path)
+        elif not self.path.is_file():
+            raise StoreError(
+                f"no taskpool database at {str(self.path)!r}"
+                " (not created: this command only reads; check the path)"
+            )
         conn = self._connect()
         try:
             self._migrate(conn)
@@ -379,6 +399,7 @@ class SQLiteStore(Store):
                 "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
             )
             done = {r[0] for r in conn.execute("SELECT version FROM schema_version")}
+            check_schema_version(done, [v for v, _ in migrations()])
             for version, sql in migrations():
                 if version in done:
                     continue
@@ -561,17 +582,22 @@ class SQLiteStore(Store):
 
     # -- the queue ---------------------------------------------------------
     async def submit(self, spec: TaskSpec) -> int:
+        spec = spec.checked()  # InvalidTask here, before the writer sees anything
+
         def op(conn: sqlite3.Connection) -> int:
             now = time.time()
             cur = conn.execute(
-                "INSERT INTO tasks (status, argv, cwd, env, project, template, template_parallel,"
-                " locks, priority, submitted_at, not_before, timeout_s, stall_timeout_s,"
-                " max_attempts, retry_backoff_s, reason, changed_at) VALUES ('waiting', ?, ?, ?,"
-                " ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'submitted', ?)",
+                "INSERT INTO tasks (status, argv, cwd, env, pass_env, inherit_env, project,"
+                " template, template_parallel, locks, priority, submitted_at, not_before,"
+                " timeout_s, stall_timeout_s, max_attempts, retry_backoff_s, reason, changed_at)"
+                " VALUES ('waiting', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+                " 'submitted', ?)",
                 (
                     json.dumps(list(spec.argv)),
                     spec.cwd,
                     json.dumps(dict(spec.env)) if spec.env is not None else None,
+                    json.dumps(sorted(spec.pass_env)),
+                    int(spec.inherit_env),
                     spec.project,
                     spec.template,
                     int(spec.template_parallel),
@@ -797,6 +823,25 @@ class SQLiteStore(Store):
 # -- operations, run inside a transaction ------------------------------------
 
 
+def _create_private(path: Path) -> None:
+    """Create the database file 0600, and each missing directory above it 0700, so
+    nothing taskpool creates is readable by other users. SQLite gives the -wal and
+    -shm files the database file's mode. An existing file keeps the mode it has."""
+    missing = []
+    for parent in path.absolute().parents:
+        if parent.exists():
+            break
+        missing.append(parent)
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another process made it first
+            os.mkdir(directory, 0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)  # an empty file is an empty SQLite database
+
+
 def _split_sql(script: str) -> list[str]:
     """Split a migration into complete statements, keeping their text as written."""
     statements, buffer = [], ""
@@ -992,5 +1037,6 @@ def _info(r: sqlite3.Row) -> TaskInfo:
         r,
         argv=json.loads(r["argv"]),
         env=json.loads(env) if env is not None else None,
+        pass_env=json.loads(r["pass_env"]),
         locks=sorted(_locks(r["locks"])),
     )

@@ -135,6 +135,7 @@ async def test_follow_cancel_and_graceful_worker_stop(database: str) -> None:
 
 async def test_errors_print_their_cause_and_exit_non_zero(database: str) -> None:
     """A bad request exits 1 with a clear message; bad usage exits 2."""
+    cli(database, "submit", "--", "true")  # the database exists: `show` never creates one
     missing = cli(database, "show", "99", check=False)
     assert missing.returncode == 1
     assert "taskpool: error: TaskNotFound: no task 99" in missing.stderr
