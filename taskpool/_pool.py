@@ -235,14 +235,7 @@ class TaskPool:
                     await self.store.close()
             raise
         self._tg.start_soon(self._run_services, name="taskpool services")
-        self._telemetry.node_started()
-        self._telemetry.note(
-            logging.INFO,
-            "containment",
-            "containment: %s",
-            self.containment.describe(),
-            containment=self.containment.mode,
-        )
+        self._telemetry.node_started(self.containment.describe(), self.containment.mode)
         return self
 
     async def __aexit__(

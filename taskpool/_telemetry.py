@@ -46,8 +46,16 @@ class Telemetry:
         fields = {"event": event, "node_id": self.node_id, **fields}
         log.log(level, message, *args, extra={"taskpool": fields})
 
-    def node_started(self) -> None:
-        self._log(logging.INFO, "node_started", "taskpool node %s started", self.node_id)
+    def node_started(self, containment: str, containment_mode: str) -> None:
+        """The node runs; how it contains its attempts is said at once, never silently."""
+        self._log(
+            logging.INFO,
+            "node_started",
+            "taskpool node %s started; containment: %s",
+            self.node_id,
+            containment,
+            containment=containment_mode,
+        )
 
     def attempt_started(self, task: TaskInfo) -> None:
         self._log(

@@ -85,3 +85,12 @@ def _no_process_left_behind() -> Iterator[None]:
             continue
     # The reaper thread reaps those handed to us; a test's own Popen reaps its child.
     assert not alive, f"processes left behind: {names}"
+
+
+@pytest.fixture(params=["cgroup", "process-group"])
+def both_containments(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs the test once per containment mode (in-process pools and pool processes)."""
+    from tests.helpers import CONTAINMENT_ENV
+
+    monkeypatch.setenv(CONTAINMENT_ENV, request.param)
+    return str(request.param)

@@ -83,6 +83,15 @@ async def no_attempt_processes(task_id: int | None = None) -> bool:
     return True
 
 
+#: Read by `fast_pool` and by the pools tests start in processes of their own; the
+#: `both_containments` fixture runs a test once per containment mode.
+CONTAINMENT_ENV = "TASKPOOL_TEST_CONTAINMENT"
+
+
+def containment_mode() -> str:
+    return os.environ.get(CONTAINMENT_ENV, "auto")
+
+
 def fast_pool(db: Path | str | Store, **overrides: Any) -> TaskPool:
     """A pool with short intervals so tests finish quickly."""
     options: dict[str, Any] = {
@@ -92,6 +101,7 @@ def fast_pool(db: Path | str | Store, **overrides: Any) -> TaskPool:
         "shutdown_drain_s": 0.0,
         "lease_ttl_s": 5.0,
         "reaper_interval_s": 0.2,
+        "containment": containment_mode(),
     }
     options.update(overrides)
     return TaskPool(db, **options)
@@ -110,3 +120,16 @@ def open_store(database: str) -> Store:
     from taskpool import SQLiteStore
 
     return SQLiteStore(database)
+
+
+def killed_leftover_matches(
+    reason: str, *, mode: str, task_id: int, fence: int, leader: int, processes: int
+) -> bool:
+    """Whether `reason`'s "killed leftover ..." part names the attempt's leftovers as the
+    containment `mode` finds them: its cgroup (every process, exactly), or the recorded
+    leader's process group."""
+    if mode == "cgroup":
+        start = f"killed leftover cgroup of attempt {task_id}.{fence} ({processes} process"
+        found = reason[reason.find("killed leftover") :].split(";")[0]
+        return found.startswith(start) and str(leader) in found
+    return f"killed leftover process group {leader};" in reason + ";"

@@ -7,6 +7,7 @@ Prints "ready <node id>" once the pool runs, then serves until killed.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import anyio
@@ -20,6 +21,7 @@ async def serve(db: str, max_parallel: int, lease_ttl_s: float, outage_s: float)
         max_parallel=max_parallel,
         lease_ttl_s=lease_ttl_s,
         store_outage_tolerance_s=outage_s,
+        containment=os.environ.get("TASKPOOL_TEST_CONTAINMENT", "auto"),
         poll_interval_s=0.05,
         reaper_interval_s=0.2,
         kill_grace_s=0.5,

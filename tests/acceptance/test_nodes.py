@@ -8,11 +8,21 @@ import signal
 from pathlib import Path
 
 import psutil
+import pytest
 
 from taskpool import PostgresStore, Status, TaskSpec
 from tests.acceptance.test_restart import pool_process
-from tests.helpers import eventually, fast_pool, no_attempt_processes, open_store
+from tests.helpers import (
+    eventually,
+    fast_pool,
+    killed_leftover_matches,
+    no_attempt_processes,
+    open_store,
+)
 from tests.postgres import fresh_postgres_database
+
+#: Every case runs in both containment modes: a cgroup per attempt, and process groups.
+pytestmark = pytest.mark.usefixtures("both_containments")
 
 
 async def test_two_nodes_never_overlap_on_a_template(database: str) -> None:
@@ -72,10 +82,19 @@ async def test_a_sibling_pool_that_dies_is_settled_by_the_survivor(
             settled = next(
                 e for e in await survivor.events(task) if e.from_status is Status.RUNNING
             )
-            assert settled.reason == (
+            assert settled.reason.startswith(
                 f"owner node {dead_node} (pid {proc.pid}) died; found by node "
-                f"{survivor.node_id}; killed leftover process group {pid}; "
-                "re-queued (attempt 2 of 2)"
+                f"{survivor.node_id}; killed leftover "
+            )
+            assert settled.reason.endswith("; re-queued (attempt 2 of 2)")
+            assert survivor.containment is not None
+            assert killed_leftover_matches(
+                settled.reason,
+                mode=survivor.containment.mode,
+                task_id=task,
+                fence=1,
+                leader=pid,
+                processes=2,
             )
     assert not leftover.is_running() or leftover.status() == psutil.STATUS_ZOMBIE
     assert await no_attempt_processes()

@@ -19,9 +19,18 @@ import psutil
 import pytest
 
 from taskpool import Limits, NodeInfo, Status, TaskInfo, TaskSpec
-from tests.helpers import eventually, fast_pool, no_attempt_processes, open_store
+from tests.helpers import (
+    eventually,
+    fast_pool,
+    killed_leftover_matches,
+    no_attempt_processes,
+    open_store,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
+
+#: Every case runs in both containment modes: a cgroup per attempt, and process groups.
+pytestmark = pytest.mark.usefixtures("both_containments")
 
 
 @contextmanager
@@ -97,12 +106,12 @@ async def test_sigkilled_pool_is_reconciled_at_the_next_boot(
     )
     prefix = f"owner node {dead_node} (pid {proc.pid}) died; found at boot of node {new_node}; "
     suffix = "; no attempts left" if max_attempts == 1 else "; re-queued (attempt 2 of 2)"
-    if containment == "cgroup":  # found exactly: the leader and its child, by cgroup
-        killed = settled.reason.removeprefix(prefix).removesuffix(suffix)
-        assert killed.startswith(f"killed leftover cgroup of attempt {ids[0]}.1 (2 processes: ")
-        assert str(pid) in killed
-    else:
-        assert settled.reason == f"{prefix}killed leftover process group {pid}{suffix}"
+    assert settled.reason.startswith(prefix)
+    assert settled.reason.endswith(suffix)
+    # In cgroup mode found exactly, the leader and its child, by the attempt's cgroup.
+    assert killed_leftover_matches(
+        settled.reason, mode=containment, task_id=ids[0], fence=1, leader=pid, processes=2
+    )
     # Recovery before work: the settlement precedes every claim by the new node.
     new_claims = [
         e.id for e in all_events if e.node_id == new_node and e.to_status is Status.RUNNING

@@ -23,6 +23,9 @@ from tests.helpers import (
 #: Prints "ready" once both grandchildren are forked; a stall timeout counts from then.
 GRANDCHILDREN = ["sh", "-c", "sleep 600 & sleep 600 & echo ready; wait"]
 
+#: Every case runs in both containment modes: a cgroup per attempt, and process groups.
+pytestmark = pytest.mark.usefixtures("both_containments")
+
 
 async def test_subprocess_killed_from_outside_frees_its_template(database: str) -> None:
     """The Semaphore incident: a SIGKILLed process ends its task and its template runs again."""

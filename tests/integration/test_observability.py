@@ -64,6 +64,7 @@ async def test_log_records_carry_structured_fields(
     assert ended["exit_code"] == 4
     assert ended["reason"] == "exited with code 4"
     assert [f["event"] for f in fields][:2] == ["node_started", "attempt_started"]
+    assert fields[0]["containment"] in ("cgroup", "process-group")
 
 
 def _free_port() -> int:
