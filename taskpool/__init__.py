@@ -1,7 +1,7 @@
 """taskpool: run jobs as subprocesses from an anyio task pool embedded in your process.
 
 State lives in a database (SQLite by default), so nothing is lost or stuck:
-every attempt runs in its own process group under a lease, and whatever ends
+every attempt runs in its own cgroup (or process group) under a lease, and whatever ends
 it, its slot is released and its terminal status written.
 """
 
@@ -15,7 +15,7 @@ from ._errors import (
     TaskNotFound,
     TaskpoolError,
 )
-from ._models import Limits, NodeInfo, Status, TaskEvent, TaskInfo, TaskSpec
+from ._models import Limits, NodeInfo, ResourceLimits, Status, TaskEvent, TaskInfo, TaskSpec
 from ._pool import TaskPool
 from ._store import OutputChunk, Store
 from .stores.postgres import PostgresStore
@@ -30,6 +30,7 @@ __all__ = [
     "PoolClosed",
     "PoolCrashed",
     "PostgresStore",
+    "ResourceLimits",
     "SQLiteStore",
     "Status",
     "Store",

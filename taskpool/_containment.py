@@ -35,32 +35,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._models import CONTROLLERS, ResourceLimits
+
 #: Directory, under the pool's cgroup, that holds one store's attempt cgroups.
 STORE_DIR_PREFIX = "taskpool."
-CONTROLLERS = ("memory", "pids", "cpu")
 CPU_PERIOD_US = 100_000
-
-
-@dataclass(frozen=True, slots=True)
-class ResourceLimits:
-    """Per-attempt resource limits; None means unlimited."""
-
-    memory_max: int | None = None  # bytes
-    pids_max: int | None = None  # processes (and threads) at once
-    cpu_max: float | None = None  # CPUs, e.g. 0.5 for half of one
-
-    def over(self, defaults: ResourceLimits) -> ResourceLimits:
-        """These limits, with `defaults` filling in what these leave unset."""
-        return ResourceLimits(
-            memory_max=self.memory_max if self.memory_max is not None else defaults.memory_max,
-            pids_max=self.pids_max if self.pids_max is not None else defaults.pids_max,
-            cpu_max=self.cpu_max if self.cpu_max is not None else defaults.cpu_max,
-        )
-
-    def wanted(self) -> list[str]:
-        """The controllers these limits need."""
-        values = {"memory": self.memory_max, "pids": self.pids_max, "cpu": self.cpu_max}
-        return [name for name in CONTROLLERS if values[name] is not None]
 
 
 def mebibytes(size: int) -> str:
@@ -559,10 +538,14 @@ def _cgroup_containment(
         raise LookupError("this process is in no cgroup v2")
     own_dir = _join(v2_mount, own[""])
     store_dir = own_dir / f"{STORE_DIR_PREFIX}{store_id}"
+    if not (own_dir / "cgroup.procs").exists():
+        raise LookupError(f"{own_dir} is not a cgroup2 directory")
     store_dir.mkdir(exist_ok=True)
     probe = store_dir / f"probe.{os.getpid()}"
     probe.mkdir()  # raises where we may not: read-only mount, no delegation
     try:
+        if not (probe / "cgroup.procs").exists():  # the kernel makes it in every cgroup
+            raise LookupError(f"{v2_mount.path} is not a cgroup2 hierarchy")
         kill_file = (probe / "cgroup.kill").exists()
     finally:
         probe.rmdir()

@@ -58,6 +58,38 @@ def is_taskpool_variable(name: str) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class ResourceLimits:
+    """Per-attempt resource limits; None means unlimited."""
+
+    memory_max: int | None = None  # bytes
+    pids_max: int | None = None  # processes (and threads) at once
+    cpu_max: float | None = None  # CPUs, e.g. 0.5 for half of one
+
+    def over(self, defaults: ResourceLimits) -> ResourceLimits:
+        """These limits, with `defaults` filling in what these leave unset."""
+        return ResourceLimits(
+            memory_max=self.memory_max if self.memory_max is not None else defaults.memory_max,
+            pids_max=self.pids_max if self.pids_max is not None else defaults.pids_max,
+            cpu_max=self.cpu_max if self.cpu_max is not None else defaults.cpu_max,
+        )
+
+    def __bool__(self) -> bool:
+        return self != ResourceLimits()
+
+    def wanted(self) -> list[str]:
+        """The controllers these limits need."""
+        values = {"memory": self.memory_max, "pids": self.pids_max, "cpu": self.cpu_max}
+        return [name for name in CONTROLLERS if values[name] is not None]
+
+
+CONTROLLERS = ("memory", "pids", "cpu")
+#: Bounds of the resource limits a task may ask for.
+MIN_MEMORY_MAX = 1024 * 1024  # below 1 MiB no process can even start
+MAX_MEMORY_MAX = 2**62
+MAX_CPU_MAX = 4096.0
+
+
+@dataclass(frozen=True, slots=True)
 class TaskSpec:
     """What to run and under which rules: everything `submit` stores.
 
@@ -88,6 +120,13 @@ class TaskSpec:
     retry_backoff_s: float = 1.0
     pass_env: frozenset[str] = frozenset()
     inherit_env: bool = True
+    memory_max: int | None = None  # bytes; the attempt is OOM-killed past it
+    pids_max: int | None = None  # processes at once (forks past it fail)
+    cpu_max: float | None = None  # CPUs, e.g. 0.5
+
+    @property
+    def limits(self) -> ResourceLimits:
+        return ResourceLimits(self.memory_max, self.pids_max, self.cpu_max)
 
     def __repr__(self) -> str:
         shown = ", ".join(
@@ -121,6 +160,9 @@ class TaskSpec:
             stall_timeout_s=self.stall_timeout_s,
             max_attempts=self.max_attempts,
             retry_backoff_s=self.retry_backoff_s,
+            memory_max=self.memory_max,
+            pids_max=self.pids_max,
+            cpu_max=self.cpu_max,
         )
 
     @classmethod
@@ -142,6 +184,9 @@ class TaskSpec:
         stall_timeout_s: float | None = None,
         max_attempts: int = 1,
         retry_backoff_s: float = 1.0,
+        memory_max: int | None = None,
+        pids_max: int | None = None,
+        cpu_max: float | None = None,
     ) -> TaskSpec:
         """Validate caller input and build a spec, or raise `InvalidTask` saying what is
         wrong. Any value in any field gives one or the other, never another exception;
@@ -197,6 +242,7 @@ class TaskSpec:
             raise InvalidTask(
                 f"priority must be an integer from {INT32_MIN} to {INT32_MAX} (a 32-bit column)"
             )
+        limits = check_limits(memory_max, pids_max, cpu_max)
         return cls(
             argv=argv_t,
             cwd=cwd_s,
@@ -214,6 +260,9 @@ class TaskSpec:
             stall_timeout_s=seconds["stall_timeout_s"],
             max_attempts=max_attempts,
             retry_backoff_s=backoff,
+            memory_max=limits.memory_max,
+            pids_max=limits.pids_max,
+            cpu_max=limits.cpu_max,
         )
 
 
@@ -289,6 +338,29 @@ def _names(what: str, values: object, limit: int) -> tuple[Any, ...]:
 
 
 _LIMIT_NAMES = {"argv": "MAX_ARGS", "locks": "MAX_LOCKS", "pass_env": "MAX_ENV_VARS"}
+
+
+def check_limits(memory_max: object, pids_max: object, cpu_max: object) -> ResourceLimits:
+    """Resource limits from caller input, or `InvalidTask` naming the field."""
+    if memory_max is not None and (
+        isinstance(memory_max, bool)
+        or not isinstance(memory_max, int)
+        or not MIN_MEMORY_MAX <= memory_max <= MAX_MEMORY_MAX
+    ):
+        raise InvalidTask(
+            f"memory_max must be a number of bytes from {MIN_MEMORY_MAX} to {MAX_MEMORY_MAX}"
+            " or None"
+        )
+    if pids_max is not None and (
+        isinstance(pids_max, bool)
+        or not isinstance(pids_max, int)
+        or not 1 <= pids_max <= INT32_MAX
+    ):
+        raise InvalidTask(f"pids_max must be an integer from 1 to {INT32_MAX} or None")
+    cpus = _finite_float(cpu_max)
+    if cpu_max is not None and (cpus is None or not 0.01 <= cpus <= MAX_CPU_MAX):
+        raise InvalidTask(f"cpu_max must be a number of CPUs from 0.01 to {MAX_CPU_MAX:g} or None")
+    return ResourceLimits(memory_max, pids_max, cpus)
 
 
 def _finite_float(value: object) -> float | None:
@@ -383,6 +455,7 @@ class NodeInfo:
     heartbeat_at: float
     stopped_at: float | None
     max_parallel: int
+    containment: str | None = None  # how it contains its attempts, as it said at start
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ groups (shielded), and the pool's context raises `PoolCrashed`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -36,7 +37,7 @@ import anyio.to_thread
 from anyio.abc import TaskGroup
 
 from . import _containment, _procs
-from ._containment import Containment, ResourceLimits
+from ._containment import Containment
 from ._errors import LeaseLost, PoolClosed, PoolCrashed, StoreUnavailable
 from ._models import (
     Claim,
@@ -44,6 +45,7 @@ from ._models import (
     NodeInfo,
     Outcome,
     OutcomeKind,
+    ResourceLimits,
     Status,
     TaskEvent,
     TaskInfo,
@@ -220,10 +222,11 @@ class TaskPool:
                 stopped_at=None,
                 max_parallel=self.limits.max_parallel,
             )
-            self._telemetry = Telemetry(self.node.id, self.metrics)
             self.containment = _containment.choose(
                 self.store.store_id, mode=self.containment_mode, cgroup_mount=self.cgroup_mount
             )
+            self.node = dataclasses.replace(self.node, containment=self.containment.describe())
+            self._telemetry = Telemetry(self.node.id, self.metrics)
             await self.store.register_node(self.node)
             # Recovery before work: nothing is claimed until predecessors are settled.
             await self._reconcile_predecessors()
@@ -540,7 +543,8 @@ class TaskPool:
         box = None
         try:
             try:
-                box = self.containment.box(f"{task.id}.{fence}", self.default_limits)
+                limits = spec.limits.over(self.default_limits)
+                box = self.containment.box(f"{task.id}.{fence}", limits)
             except OSError as exc:
                 outcome = Outcome(
                     OutcomeKind.SPAWN_FAILED, f"could not make the attempt's cgroup: {exc}"

@@ -26,13 +26,14 @@ import anyio
 import psutil
 
 from . import _procs
-from ._containment import Box, ProcessGroupBox, ResourceLimits
+from ._containment import Box, ProcessGroupBox
 from ._errors import LeaseLost
 from ._models import (
     LIBPQ_ENV_PREFIX,
     TASKPOOL_ENV_PREFIX,
     Outcome,
     OutcomeKind,
+    ResourceLimits,
     is_taskpool_variable,
 )
 from ._output import OutputDecoder

@@ -27,7 +27,7 @@ from typing import Any
 import anyio
 
 from ._errors import TaskpoolError
-from ._models import Status, TaskInfo, TaskSpec
+from ._models import ResourceLimits, Status, TaskInfo, TaskSpec
 from ._pool import TaskPool
 from ._redact import redact
 from ._store import Store
@@ -58,6 +58,47 @@ def _option(parser: argparse.ArgumentParser, flag: str, env: str, help: str, **k
     if default is not None:
         kwargs["default"] = kwargs.get("type", str)(default)
     parser.add_argument(flag, help=f"{help} [env TASKPOOL_{env}]", **kwargs)
+
+
+_SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from `512M`, `1G`, `1.5GiB`, `1048576` (binary units)."""
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = value[-1:] if value[-1:] in _SIZE_UNITS else ""
+    try:
+        number = float(value[: len(value) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G)") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G)")
+    return int(number * _SIZE_UNITS[unit])
+
+
+def _limit_options(parser: argparse.ArgumentParser, prefix: str, *, env: bool) -> None:
+    """--memory-max, --pids-max, --cpu-max (for the worker also as TASKPOOL_* variables)."""
+    specs: list[tuple[str, str, str, Callable[[str], Any]]] = [
+        ("--memory-max", "MEMORY_MAX", "memory, e.g. 512M: OOM-killed past it", parse_size),
+        ("--pids-max", "PIDS_MAX", "processes at once: forks past it fail", int),
+        ("--cpu-max", "CPU_MAX", "CPUs, e.g. 0.5", float),
+    ]
+    for flag, name, text, kind in specs:
+        if env:
+            _option(parser, flag, name, prefix + text, type=kind)
+        else:
+            parser.add_argument(flag, type=kind, help=prefix + text)
+
+
+def _limits_text(limits: ResourceLimits) -> str:
+    parts = []
+    if limits.memory_max is not None:
+        parts.append(f"memory {limits.memory_max / 2**20:g} MiB")
+    if limits.pids_max is not None:
+        parts.append(f"{limits.pids_max} processes")
+    if limits.cpu_max is not None:
+        parts.append(f"{limits.cpu_max:g} CPUs")
+    return ", ".join(parts) or "none (the worker's defaults apply)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,6 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=30,
     )
+    _option(
+        worker,
+        "--containment",
+        "CONTAINMENT",
+        "auto (a cgroup per task where one can be made, else process groups), cgroup, or"
+        " process-group",
+        choices=["auto", "cgroup", "process-group"],
+        default="auto",
+    )
+    _limit_options(worker, "default for tasks that set none: ", env=True)
 
     submit = commands.add_parser("submit", help="queue a task; prints its id")
     submit.add_argument("argv", nargs=argparse.REMAINDER, help="the command (after --)")
@@ -143,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--max-attempts", type=int, default=1)
     submit.add_argument("--backoff", type=float, default=1.0, help="first retry delay, s")
     submit.add_argument("--cwd")
+    _limit_options(submit, "", env=False)
     submit.add_argument(
         "--env",
         action="append",
@@ -333,6 +385,8 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         shutdown_drain_s=args.shutdown_drain,
         kill_grace_s=args.kill_grace,
         store_outage_tolerance_s=args.outage_tolerance,
+        containment=args.containment,
+        default_limits=ResourceLimits(args.memory_max, args.pids_max, args.cpu_max),
     )
     stop = _WorkerStop()
     failure: Exception | None = None
@@ -422,6 +476,9 @@ async def cmd_submit(args: argparse.Namespace) -> None:
         stall_timeout_s=args.stall_timeout,
         max_attempts=args.max_attempts,
         retry_backoff_s=args.backoff,
+        memory_max=args.memory_max,
+        pids_max=args.pids_max,
+        cpu_max=args.cpu_max,
     )
     async with open_store(args.db, create=True) as store:
         task_id = await store.submit(spec)
@@ -445,6 +502,7 @@ async def cmd_show(args: argparse.Namespace) -> None:
         _env_line(task.spec, show=args.show_env),
         f"  attempts: {task.attempts_used}/{task.spec.max_attempts}  owner: "
         f"{task.owner_node or '-'}  pid: {task.pid or '-'}  exit code: {task.exit_code}",
+        f"  limits: {_limits_text(task.spec.limits)}",
         "  events:",
         *(
             f"    {_when(e.at)}  {e.from_status or '-'} -> {e.to_status}: {e.reason}"
@@ -504,6 +562,7 @@ async def cmd_nodes(args: argparse.Namespace) -> None:
             if n.stopped_at is not None
             else f"heartbeat {now - n.heartbeat_at:.0f} s ago"
         )
+        + f"\n    containment: {n.containment or 'unknown'}"
         for n in nodes
     ]
     _emit(args, nodes, "\n".join(lines) or "no nodes")

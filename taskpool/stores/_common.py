@@ -125,6 +125,9 @@ def task_info(
         stall_timeout_s=r["stall_timeout_s"],
         max_attempts=r["max_attempts"],
         retry_backoff_s=r["retry_backoff_s"],
+        memory_max=r["memory_max"],
+        pids_max=r["pids_max"],
+        cpu_max=r["cpu_max"],
     )
     return TaskInfo(
         id=r["id"],
@@ -167,4 +170,5 @@ def node_from_row(r: Row) -> NodeInfo:
         heartbeat_at=r["heartbeat_at"],
         stopped_at=r["stopped_at"],
         max_parallel=r["max_parallel"],
+        containment=r["containment"],
     )

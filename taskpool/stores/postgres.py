@@ -264,7 +264,8 @@ class PostgresStore(Store):
         async def op(conn: asyncpg.Connection) -> None:
             await conn.execute(
                 "INSERT INTO taskpool_nodes (id, host, pid, pid_started_at, started_at,"
-                " heartbeat_at, max_parallel) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                " heartbeat_at, max_parallel, containment)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                 node.id,
                 node.host,
                 node.pid,
@@ -272,6 +273,7 @@ class PostgresStore(Store):
                 node.started_at,
                 node.heartbeat_at,
                 node.max_parallel,
+                node.containment,
             )
 
         await self._tx(op)
@@ -326,9 +328,10 @@ class PostgresStore(Store):
                 "INSERT INTO taskpool_tasks (status, argv, cwd, env, project, template,"
                 " template_parallel, locks, priority, submitted_at, not_before, timeout_s,"
                 " stall_timeout_s, max_attempts, retry_backoff_s, reason, changed_at,"
-                " pass_env, inherit_env)"
+                " pass_env, inherit_env, memory_max, pids_max, cpu_max)"
                 f" SELECT 'waiting', $1, $2, $3::jsonb, $4, $5, $6, $7, $8, now.t, $9, $10,"
-                f" $11, $12, $13, 'submitted', now.t, $14, $15 FROM ({_NOW}) AS now(t)"
+                f" $11, $12, $13, 'submitted', now.t, $14, $15, $16, $17, $18"
+                f" FROM ({_NOW}) AS now(t)"
                 " RETURNING id",
                 list(spec.argv),
                 spec.cwd,
@@ -345,6 +348,9 @@ class PostgresStore(Store):
                 spec.retry_backoff_s,
                 sorted(spec.pass_env),
                 spec.inherit_env,
+                spec.memory_max,
+                spec.pids_max,
+                spec.cpu_max,
             )
             return task_id
 

@@ -531,7 +531,7 @@ class SQLiteStore(Store):
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT INTO nodes (id, host, pid, pid_started_at, started_at, heartbeat_at,"
-                " max_parallel) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " max_parallel, containment) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     node.id,
                     node.host,
@@ -540,6 +540,7 @@ class SQLiteStore(Store):
                     node.started_at,
                     node.heartbeat_at,
                     node.max_parallel,
+                    node.containment,
                 ),
             )
 
@@ -589,9 +590,10 @@ class SQLiteStore(Store):
             cur = conn.execute(
                 "INSERT INTO tasks (status, argv, cwd, env, pass_env, inherit_env, project,"
                 " template, template_parallel, locks, priority, submitted_at, not_before,"
-                " timeout_s, stall_timeout_s, max_attempts, retry_backoff_s, reason, changed_at)"
+                " timeout_s, stall_timeout_s, max_attempts, retry_backoff_s, reason, changed_at,"
+                " memory_max, pids_max, cpu_max)"
                 " VALUES ('waiting', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-                " 'submitted', ?)",
+                " 'submitted', ?, ?, ?, ?)",
                 (
                     json.dumps(list(spec.argv)),
                     spec.cwd,
@@ -610,6 +612,9 @@ class SQLiteStore(Store):
                     spec.max_attempts,
                     spec.retry_backoff_s,
                     now,
+                    spec.memory_max,
+                    spec.pids_max,
+                    spec.cpu_max,
                 ),
             )
             task_id = cur.lastrowid
