@@ -13,6 +13,10 @@ Sections (`--only` takes one of these names):
   the next queued task's process starts, vs the same with bare asyncio.
 - `first_start_with_backlog`: boot to first process start with 100,000 waiting
   tasks vs 1,000, and the pool process's RSS growth while doing it.
+- `containment`: the throughput run three ways in one run, interleaved: the bare
+  asyncio loop, the pool with a cgroup per task (made, joined before exec, killed
+  and removed for each one), and the pool with process groups only; the figure is
+  the ratio cgroup / process-group.
 - `postgres`: the PostgreSQL store (server from `--pg-dsn`), each measurement on a
   fresh throwaway database: a raw asyncpg INSERT transaction loop vs
   `PostgresStore.submit` (sequential and concurrent); `true` tasks through
@@ -56,6 +60,7 @@ SECTIONS = (
     "throughput",
     "kill_to_slot_free",
     "first_start_with_backlog",
+    "containment",
     "postgres",
 )
 #: Store durability settings compared: the default (submits fsynced at once, the pool's
@@ -274,7 +279,9 @@ async def bare_asyncio_run(n: int, concurrency: int) -> float:
     return time.perf_counter() - start
 
 
-async def pool_run(path: Path, mode: str, n: int, concurrency: int) -> Json:
+async def pool_run(
+    path: Path, mode: str, n: int, concurrency: int, containment: str = "auto"
+) -> Json:
     """Submit n `true` tasks, then run them all through a fresh pool; return timings."""
     spec = TaskSpec.build(["true"])
     store = SQLiteStore(path, fsync_interval_s=FSYNC_INTERVAL_S[mode])
@@ -286,7 +293,7 @@ async def pool_run(path: Path, mode: str, n: int, concurrency: int) -> Json:
 
         not_done = [Status.WAITING, Status.RUNNING]
         boot = time.time()
-        async with TaskPool(store, max_parallel=concurrency) as pool:
+        async with TaskPool(store, max_parallel=concurrency, containment=containment) as pool:
 
             async def all_done() -> bool | None:
                 return True if not await pool.list_tasks(statuses=not_done, limit=1) else None
@@ -369,6 +376,37 @@ async def bench_throughput(cfg: Config, workdir: Path) -> Json:
             "paired_ratios": [round(p / b, 3) for p, b in zip(pool_rates, base_rates, strict=True)],
         }
     return out
+
+
+async def bench_containment(cfg: Config, workdir: Path) -> Json:
+    n, c, reps = cfg.throughput_tasks, cfg.concurrency, cfg.throughput_repeats
+    modes = ("cgroup", "process-group")
+    rates: dict[str, list[float]] = {"baseline": [], **{m: [] for m in modes}}
+    for rep in range(reps):
+        progress(f"containment #{rep + 1}: bare asyncio baseline, {n} x true at {c}")
+        rates["baseline"].append(per_s(n, await bare_asyncio_run(n, c)))
+        for mode in modes:
+            progress(f"containment #{rep + 1}: pool in {mode} mode")
+            run = await pool_run(
+                new_db(workdir, f"containment-{mode}-{rep}"), "default", n, c, mode
+            )
+            rates[mode].append(per_s(n, run["run_s"]))
+    best = {name: max(values) for name, values in rates.items()}
+    return {
+        "tasks": n,
+        "concurrency": c,
+        "repeats": reps,
+        "what": (
+            "tasks/s from first claim to last terminal event, best of the repeats, the three"
+            " runs interleaved; cgroup mode makes, joins (between fork and exec), kills and"
+            " removes a cgroup per task; ratio = cgroup / process-group"
+        ),
+        "tasks_per_s": best,
+        "all_tasks_per_s": rates,
+        "ratio_cgroup_to_process_group": round(best["cgroup"] / best["process-group"], 3),
+        "ratio_cgroup_to_baseline": round(best["cgroup"] / best["baseline"], 3),
+        "ratio_process_group_to_baseline": round(best["process-group"] / best["baseline"], 3),
+    }
 
 
 # -- kill to slot free -----------------------------------------------------------------
@@ -914,6 +952,7 @@ BENCHES: dict[str, Callable[[Config, Path], Awaitable[Json]]] = {
     "throughput": bench_throughput,
     "kill_to_slot_free": bench_kill_to_slot_free,
     "first_start_with_backlog": bench_first_start_with_backlog,
+    "containment": bench_containment,
     "postgres": bench_postgres,
 }
 
