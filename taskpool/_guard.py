@@ -94,6 +94,11 @@ FREEZE_KILL_BUDGET_S = 1.0
 PARENT_POLL_S = 0.5
 HAS_PIDFD = hasattr(os, "pidfd_open")
 LEASE_EXPIRED = "lease deadline passed without a renewal"
+POOL_DIED = "the pool process died"
+#: A dying process closes its files before it turns into a zombie, so the guard often
+#: sees this EOF before the pool's pidfd says it died; it does not wait to tell which.
+POOL_HUNG_UP = "the pool closed the guard's socket (it died, or dropped the guard unclosed)"
+GUARD_CLOSED = "the guard was closed"
 _FD_SIZE = array.array("i").itemsize
 
 
@@ -510,11 +515,10 @@ class GuardProcess:
             if any(fd == self.sock.fileno() and ev & select.POLLOUT for fd, ev in events):
                 self.flush()
             if self.pool_died():
-                self.kill(self.watched.values(), "the pool process died")
+                self.kill(self.watched.values(), POOL_DIED)
                 return 0
             if not self.receive():
-                # EOF without a close: the pool's end was closed or it is dying.
-                self.kill(self.watched.values(), "the pool closed its end of the guard's socket")
+                self.kill(self.watched.values(), POOL_HUNG_UP)
                 return 0
             self.expire()  # after the messages: a renewal that arrived in time counts
             for seq in self.pings:
@@ -522,7 +526,7 @@ class GuardProcess:
             self.pings.clear()
             if self.closing:
                 killed = len(self.watched)
-                self.kill(self.watched.values(), "the guard was closed")
+                self.kill(self.watched.values(), GUARD_CLOSED)
                 self.reply({"closed": killed})
                 self._flush_before_exit()
                 return 0
