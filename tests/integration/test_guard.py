@@ -471,6 +471,17 @@ def cgroup_pids(path: Path) -> list[int]:
     return [int(pid) for pid in (path / "cgroup.procs").read_text().split()]
 
 
+def escaped_session(path: Path, sid: int) -> list[psutil.Process]:
+    """Processes in the cgroup that run `sleep` in another session than `sid`."""
+    found = []
+    for pid in cgroup_pids(path):
+        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+            proc = psutil.Process(pid)
+            if os.getsid(pid) != sid and proc.name() == "sleep":
+                found.append(proc)
+    return found
+
+
 def start_in_cgroup(key: str, path: Path, script: str, at_least: int) -> subprocess.Popen[bytes]:
     """Start `sh -c script` in `path` (moved there before it forks anything) and wait
     until the cgroup holds `at_least` processes."""
@@ -495,8 +506,11 @@ async def test_the_guard_kills_a_whole_cgroup_with_cgroup_kill(guard: Guard, cgr
     script = "setsid sleep 600 & sleep 600 & exec sleep 600"
     leader = start_in_cgroup(key, cgroup, script, at_least=3)
     with cleanup(leader):
-        escaped = [p for p in cgroup_pids(cgroup) if os.getsid(p) != leader.pid]
-        assert escaped, "the setsid sleep should have left the attempt's session"
+
+        async def escaped() -> list[psutil.Process]:  # setsid runs a moment after its fork
+            return escaped_session(cgroup, leader.pid)
+
+        await eventually(escaped)
         deadline = time.monotonic() + SHORT_S
         guard.watch(key, leader_pid=leader.pid, cgroup=str(cgroup), deadline=deadline)
         assert wait_empty(cgroup)
