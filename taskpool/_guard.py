@@ -70,19 +70,13 @@ import os
 import select
 import signal
 import socket
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import IO, Any
 
-try:  # the pool side; the guard process runs this file as a script and needs none of it
-    import anyio
-
-    from ._errors import TaskpoolError
-except ImportError:
-    TaskpoolError = Exception  # type: ignore[misc,assignment]
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only: the guard process imports as little as it can
+    from collections.abc import Callable, Iterable, Mapping
+    from typing import IO, Any
 
 #: Largest message either side accepts; a renewal of 100,000 attempts is ~6 MB.
 MAX_LINE_BYTES = 32 * 1024 * 1024
@@ -151,25 +145,46 @@ class _Lines:
 
 
 # -- the guard process -----------------------------------------------------------
-@dataclass(slots=True)
+# Plain classes, not dataclasses, on this side: `dataclasses` imports `inspect`, which
+# would double the guard's start time and add megabytes to each node.
 class _Watched:
-    key: str
-    pid: int
-    ticks: int | None  # the leader's start time in ticks, read by the pool at watch time
-    pidfd: int | None  # a pidfd on the leader, opened by the pool while it was unreaped
-    cgroup: str | None
-    deadline: float
-    leader_seen_reaped: bool = False  # at receipt its pid already named another process
+    __slots__ = ("cgroup", "deadline", "key", "leader_seen_reaped", "pid", "pidfd", "ticks")
+
+    def __init__(
+        self,
+        key: str,
+        pid: int,
+        ticks: int | None,  # the leader's start time in ticks, read by the pool at watch time
+        pidfd: int | None,  # a pidfd on the leader, opened by the pool while it was unreaped
+        cgroup: str | None,
+        deadline: float,
+        leader_seen_reaped: bool = False,  # at receipt its pid already named another process
+    ) -> None:
+        self.key = key
+        self.pid = pid
+        self.ticks = ticks
+        self.pidfd = pidfd
+        self.cgroup = cgroup
+        self.deadline = deadline
+        self.leader_seen_reaped = leader_seen_reaped
 
 
-@dataclass(frozen=True, slots=True)
 class KillPlan:
     """What killing one attempt will do, decided before any signal is sent."""
 
-    cgroup: str | None
-    group: int | None  # a process group to SIGKILL (its leader is verified)
-    pidfd: int | None  # the leader's pidfd, to SIGKILL it race-free
-    skipped: str | None  # why the process group is not signalled
+    __slots__ = ("cgroup", "group", "pidfd", "skipped")
+
+    def __init__(
+        self,
+        cgroup: str | None,
+        group: int | None,  # a process group to SIGKILL (its leader is verified)
+        pidfd: int | None,  # the leader's pidfd, to SIGKILL it race-free
+        skipped: str | None,  # why the process group is not signalled
+    ) -> None:
+        self.cgroup = cgroup
+        self.group = group
+        self.pidfd = pidfd
+        self.skipped = skipped
 
     def describe(self) -> list[str]:
         what = []
@@ -499,10 +514,10 @@ class GuardProcess:
         # Round up: waking a millisecond early would only loop once more.
         return math.ceil(min(waits) * 1000)
 
-    def pool_died(self) -> bool:
+    def pool_died(self, pidfd_fired: bool) -> bool:
         if self.pool_pidfd is not None:
-            return bool(select.select([self.pool_pidfd], [], [], 0)[0])
-        return os.getppid() != self.pool_pid
+            return pidfd_fired
+        return os.getppid() != self.pool_pid  # reparented: the pool is gone
 
     def serve(self) -> int:
         self.reply({"ready": os.getpid()})
@@ -511,10 +526,10 @@ class GuardProcess:
             poller.register(self.pool_pidfd, select.POLLIN)
         while True:
             poller.register(self.sock, select.POLLIN | (select.POLLOUT if self.outbox else 0))
-            events = poller.poll(self.timeout_ms())
-            if any(fd == self.sock.fileno() and ev & select.POLLOUT for fd, ev in events):
+            events = dict(poller.poll(self.timeout_ms()))
+            if events.get(self.sock.fileno(), 0) & select.POLLOUT:
                 self.flush()
-            if self.pool_died():
+            if self.pool_died(self.pool_pidfd in events):
                 self.kill(self.watched.values(), POOL_DIED)
                 return 0
             if not self.receive():
@@ -570,7 +585,19 @@ def main(argv: list[str] | None = None) -> int:
     return GuardProcess(sock, pool_pid, pool_pidfd, log).serve()
 
 
+if __name__ == "__main__":
+    sys.exit(main())
+
 # -- the pool side -----------------------------------------------------------------
+# Never run in the guard process, which exits above: these imports cost it nothing.
+import subprocess  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import anyio  # noqa: E402
+
+from ._errors import TaskpoolError  # noqa: E402
+
+
 class GuardError(TaskpoolError):
     """The guard process could not be started or stopped answering."""
 
@@ -701,7 +728,11 @@ class Guard:
         self._send(_encode(message), pidfd)
 
     def renew(self, deadlines: Mapping[str, float]) -> None:
-        """Move the deadlines of watched attempts (one message for all); others are ignored."""
+        """Move the deadlines of watched attempts (one message for all); others are ignored.
+
+        Pass only leases the store has just renewed, with deadlines computed from when
+        the renewal was *sent*: a deadline the store did not grant would let an attempt
+        run past its lease."""
         if deadlines:
             self._send(_encode({"op": "renew", "deadlines": dict(deadlines)}))
 
@@ -729,19 +760,24 @@ class Guard:
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Stop the guard: it kills whatever is still watched (see the module docstring)
-        and exits; then it is reaped. Killed with SIGKILL if it does not exit in time."""
+        and exits; then it is reaped. Killed with SIGKILL if it does not answer within
+        `timeout_s`. Shielded from cancellation: the guard is always reaped."""
         if self._popen.returncode is not None and self._sock.fileno() < 0:
-            return
-        self._send(_encode({"op": "close"}))
-        with anyio.move_on_after(timeout_s):
-            with contextlib.suppress(GuardError):
+            return  # closed already
+        with anyio.CancelScope(shield=True):
+            self._send(_encode({"op": "close"}))
+            with anyio.move_on_after(timeout_s), contextlib.suppress(GuardError):
                 await self._wait_for(lambda: self._closed is not None or self._eof)
-        await self._stop(kill=self._closed is None)
+            await self._stop(kill=self._closed is None, timeout_s=timeout_s)
 
-    async def _stop(self, *, kill: bool) -> None:
-        if kill and self._popen.poll() is None:
-            self._popen.kill()
-        await self._wait_exited()
+    async def _stop(self, *, kill: bool, timeout_s: float = 5.0) -> None:
+        with anyio.CancelScope(shield=True):
+            if not kill:  # it said it closed: it is exiting
+                with anyio.move_on_after(timeout_s):
+                    await self._wait_exited()
+            if self._popen.poll() is None:
+                self._popen.kill()
+                await self._wait_exited()
         self._receive()
         self._sock.close()
         for out in self._outbox:
@@ -852,7 +888,3 @@ class Guard:
                     await anyio.wait_writable(self._sock)
                 else:
                     await anyio.wait_readable(self._sock)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

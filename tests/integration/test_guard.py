@@ -204,6 +204,35 @@ async def test_a_dead_guard_is_noticed_and_never_blocks_the_pool(tmp_path: Path)
         assert leader.poll() is None  # nobody killed it: the pool must act on `alive`
 
 
+async def test_a_stopped_guard_never_blocks_the_pool(guard: Guard) -> None:
+    """While the guard is stopped (SIGSTOP), renewals far beyond the socket's buffer
+    return at once and wait in the pool's outbox; after SIGCONT they are all delivered
+    in order, the last one counting."""
+    key = new_key()
+    leader = spawn(key)
+    with cleanup(leader):
+        guard.watch(key, leader_pid=leader.pid, deadline=time.monotonic() + 600)
+        await guard.sync()
+        others = {new_key(): 0.0 for _ in range(100)}  # unknown keys: bulk, ignored
+        os.kill(guard.pid, signal.SIGSTOP)
+        try:
+            sent = 0
+            while guard.pending_bytes == 0 or sent < 100:
+                guard.renew({**others, key: time.monotonic() + 600 + sent})
+                sent += 1
+                assert sent < 100_000, "the socket never filled up"
+            last = time.monotonic() + 700
+            guard.renew({key: last})
+            assert guard.pending_bytes > 0
+        finally:
+            os.kill(guard.pid, signal.SIGCONT)
+        await guard.sync()
+        assert guard.pending_bytes == 0
+        assert leader.poll() is None
+    await guard.close()
+    assert guard.killed()[key].deadline == last
+
+
 async def test_bad_messages_are_ignored_and_the_guard_keeps_working(
     guard: Guard, tmp_path: Path
 ) -> None:
