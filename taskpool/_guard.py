@@ -40,7 +40,9 @@ Noticing the pool's death. The guard holds a pidfd on the pool process and also 
 EOF on its socket; either one makes it kill everything it watches and exit.
 `PR_SET_PDEATHSIG` is not used: it fires when the parent *thread* that forked the
 guard exits (an executor thread, a loop in a thread), not when the pool process dies,
-so it would kill a live node's attempts or, as SIGKILL of the guard, none.
+so it would either kill a live node's attempts or, were the signal fatal to the
+guard, leave them unguarded. The pidfd also works when a child forked without exec
+(multiprocessing's fork) keeps the pool's end of the socket open, which hides the EOF.
 
 `close` is an orderly stop: the guard kills whatever is still watched (in a correct
 pool nothing is: each runner forgets its attempt before it ends, so a kill at close is
@@ -53,6 +55,15 @@ leader die can already read who killed it), `pong`, `closed`. What the guard doe
 also logged to its stderr (the pool's), one line each. A bad line is logged and
 ignored. Writes never block either side: what the socket does not take now is kept
 and sent at the next call (the pool) or when the socket is writable (the guard).
+
+Limits. The guard is a backup: the pool's own self-fencing stays the first line. The
+guard cannot act while it is stopped itself (a paused VM stops everything; a SIGSTOP
+sent to the pool's process group misses it: it runs in its own session). A dead guard
+kills nothing: the pool must check `alive` (at each heartbeat) and act. Without
+cgroups, a leader that had exited (unreaped) when the pool died is reaped by init at
+once, and its group is then skipped: survivors of such a group are left to the next
+boot's reconciliation. Log lines are written after the kills they report, but with
+blocking writes: a stderr that nobody reads (a full pipe) would delay later kills.
 
 The guard process runs this file as a script (`python -I -S .../_guard.py`): it
 imports the standard library only, so it starts in tens of milliseconds and takes a
@@ -740,7 +751,8 @@ class Guard:
         """Stop watching `key`; call once its leader has exited, before reaping it.
 
         Returns how the guard killed the attempt if it did (its report precedes the
-        kill, so it is here by the time the leader is seen dead), else None."""
+        kill, so it is here by the time the leader is seen dead, unless more reports
+        than the socket buffers, ~200 KiB, were waiting unread), else None."""
         self._send(_encode({"op": "forget", "key": key}))
         return self._kills.pop(key, None)
 
