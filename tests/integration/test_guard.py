@@ -328,8 +328,14 @@ import anyio
 from taskpool._guard import Guard
 
 async def main():
-    keys, deadline_in_s = json.loads(sys.argv[1])
+    keys, deadline_in_s, fork_holder = json.loads(sys.argv[1])
     guard = await Guard.start()
+    holder = None
+    if fork_holder:  # a child forked without exec: it holds our end of the guard's socket
+        holder = os.fork()
+        if holder == 0:
+            time.sleep(600)
+            os._exit(0)
     procs = {}
     deadline = time.monotonic() + deadline_in_s
     for key in keys:
@@ -339,7 +345,7 @@ async def main():
         guard.watch(key, leader_pid=procs[key].pid, deadline=deadline)
     await guard.sync()
     print(json.dumps({"guard": guard.pid, "pids": {k: p.pid for k, p in procs.items()},
-                      "deadline": deadline}), flush=True)
+                      "deadline": deadline, "holder": holder}), flush=True)
     await anyio.wait_readable(sys.stdin.fileno())
     sys.stdin.readline()
     report = {}
@@ -354,10 +360,10 @@ anyio.run(main)
 
 
 def start_owner(
-    keys: list[str], deadline_in_s: float
+    keys: list[str], deadline_in_s: float, *, fork_holder: bool = False
 ) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     owner = subprocess.Popen(
-        [sys.executable, "-c", OWNER, json.dumps([keys, deadline_in_s])],
+        [sys.executable, "-c", OWNER, json.dumps([keys, deadline_in_s, fork_holder])],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -415,6 +421,36 @@ def test_sigkill_of_the_pool_kills_every_watched_attempt_at_once() -> None:
     finally:
         for fd in pidfds:
             os.close(fd)
+        stop_owner(owner)
+
+
+def test_the_pools_death_is_seen_even_when_a_forked_child_holds_its_socket() -> None:
+    """A child the pool forked without exec keeps the guard's socket open, so no EOF
+    comes; the guard still sees the pool die (its pidfd) and kills every attempt."""
+    keys = [new_key() for _ in range(2)]
+    owner, info = start_owner(keys, deadline_in_s=600, fork_holder=True)
+    pidfds: list[int] = []
+    holder = -1
+    try:
+        pidfds = [os.pidfd_open(pid) for pid in [*info["pids"].values(), info["guard"]]]
+        holder = os.pidfd_open(info["holder"])
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait()
+        assert all(wait_exited(fd, is_fd=True) for fd in pidfds)
+        assert not exited_now(holder)  # the socket is still open in it
+        signal.pidfd_send_signal(holder, signal.SIGKILL)
+        assert wait_exited(holder, is_fd=True)
+        assert owner.stderr is not None
+        log = owner.stderr.read().decode()
+        reasons = {k: why for line in log.splitlines() for k, why, _ in [kill_line(line)]}
+        assert reasons == dict.fromkeys(keys, POOL_DIED)
+    finally:
+        for fd in pidfds:
+            os.close(fd)
+        if holder >= 0:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(holder, signal.SIGKILL)
+            os.close(holder)
         stop_owner(owner)
 
 
