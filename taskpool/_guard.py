@@ -95,6 +95,11 @@ MAX_LINE_BYTES = 32 * 1024 * 1024
 MAX_KEY_CHARS = 512
 #: The cgroup freeze fallback gives up after this long (a process stuck in the kernel).
 FREEZE_KILL_BUDGET_S = 1.0
+#: Linux's largest possible pid (PID_MAX_LIMIT on 64-bit).
+PID_MAX_LIMIT = 4 * 1024 * 1024
+#: The longest the guard sleeps: poll() takes an int of milliseconds, and a deadline may
+#: lie far in the future.
+MAX_SLEEP_S = 3600.0
 #: Without a pidfd on the pool, how often the guard checks that its parent lives.
 PARENT_POLL_S = 0.5
 HAS_PIDFD = hasattr(os, "pidfd_open")
@@ -315,9 +320,13 @@ class _BadMessage(ValueError):
 def _number(value: object, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _BadMessage(f"{what} is not a number")
-    if not math.isfinite(value):
+    try:
+        number = float(value)  # an int too large for a float raises
+    except OverflowError as exc:
+        raise _BadMessage(f"{what} is out of range") from exc
+    if not math.isfinite(number):
         raise _BadMessage(f"{what} is not finite")
-    return float(value)
+    return number
 
 
 def _key(value: object) -> str:
@@ -404,6 +413,8 @@ class GuardProcess:
                     self.handle(line)
                 except _BadMessage as exc:
                     self.log(f"ignored a bad message ({exc}): {line[:120]!r}")
+                except Exception as exc:  # the guard must outlive any input: never crash
+                    self.log(f"ignored a message that failed ({exc!r}): {line[:120]!r}")
 
     def handle(self, line: bytes) -> None:
         try:
@@ -443,7 +454,7 @@ class GuardProcess:
         try:
             key = _key(message.get("key"))
             pid = message.get("pid")
-            if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 1:
+            if isinstance(pid, bool) or not isinstance(pid, int) or not 1 < pid <= PID_MAX_LIMIT:
                 raise _BadMessage("pid is not a process id")
             if pid in (os.getpid(), self.pool_pid):
                 raise _BadMessage("pid is the guard's or the pool's")
@@ -498,7 +509,7 @@ class GuardProcess:
                     "targets": plan.describe(),
                 }
             )
-        done = [execute(plan) for plan in plans]
+        done = [self._execute(plan) for plan in plans]
         for w, what in zip(victims, done, strict=True):
             late = now - w.deadline
             self.log(
@@ -508,20 +519,24 @@ class GuardProcess:
             )
             self.release(w)
 
+    def _execute(self, plan: KillPlan) -> list[str]:
+        try:
+            return execute(plan)
+        except Exception as exc:  # one failed kill must not stop the others
+            return [f"failed: {exc!r}"]
+
     def expire(self) -> None:
         now = self.clock()
         due = [w for w in self.watched.values() if w.deadline <= now]
         if due:
             self.kill(due, LEASE_EXPIRED)
 
-    def timeout_ms(self) -> int | None:
-        waits = []
+    def timeout_ms(self) -> int:
+        waits = [MAX_SLEEP_S]
         if self.watched:
             waits.append(max(0.0, min(w.deadline for w in self.watched.values()) - self.clock()))
         if self.pool_pidfd is None:
             waits.append(PARENT_POLL_S)
-        if not waits:
-            return None
         # Round up: waking a millisecond early would only loop once more.
         return math.ceil(min(waits) * 1000)
 

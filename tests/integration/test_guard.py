@@ -256,6 +256,9 @@ async def test_bad_messages_are_ignored_and_the_guard_keeps_working(
             b'{"op": "watch", "key": "k:1:1", "pid": 1, "deadline": 1}',
             b'{"op": "watch", "key": "k:1:1", "pid": -5, "deadline": 1}',
             b'{"op": "watch", "key": "k:1:1", "pid": %d, "deadline": 1}' % os.getpid(),
+            b'{"op": "watch", "key": "k:1:1", "pid": 1%s, "deadline": 1}' % (b"0" * 30),
+            b'{"op": "watch", "key": "k:1:1", "pid": %d, "deadline": 1%s}'
+            % (leader.pid, b"0" * 400),
             b'{"op": "watch", "key": "k:1:1", "pid": %d, "deadline": NaN}' % leader.pid,
             b'{"op": "watch", "key": "k:1:1", "pid": %d, "deadline": 1, "cgroup": "../x"}'
             % leader.pid,
@@ -272,6 +275,14 @@ async def test_bad_messages_are_ignored_and_the_guard_keeps_working(
         assert leader.wait() == -signal.SIGKILL
         assert kill is not None
         assert kill.deadline == deadline  # the bad renewal was not half-applied
+        # A deadline far in the future is valid, and the only one left: the guard must
+        # still wake (its poll timeout is capped), not overflow.
+        other = new_key()
+        far = spawn(other)
+        with cleanup(far):
+            guard.watch(other, leader_pid=far.pid, deadline=1e300)
+            await guard.sync()
+            assert guard.forget(other) is None
         assert guard.alive
     ignored = [line for line in guard_log(tmp_path) if "ignored a bad message" in line]
     assert len(ignored) == len(bad)
