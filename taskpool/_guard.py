@@ -684,6 +684,8 @@ class Guard:
         self._outbox: collections.deque[_Outgoing] = collections.deque()
         self._lines = _Lines()
         self._kills: dict[str, GuardKill] = {}
+        # Keys watched and not forgotten: a report that crosses a `forget` is dropped.
+        self._watching: set[str] = set()
         self._ready = False
         self._pongs: dict[int, float] = {}
         self._seq = 0
@@ -751,6 +753,7 @@ class Guard:
             "deadline": deadline,
             "pidfd": pidfd is not None,
         }
+        self._watching.add(key)
         self._send(_encode(message), pidfd)
 
     def renew(self, deadlines: Mapping[str, float]) -> None:
@@ -769,6 +772,7 @@ class Guard:
         kill, so it is here by the time the leader is seen dead, unless more reports
         than the socket buffers, ~200 KiB, were waiting unread), else None."""
         self._send(_encode({"op": "forget", "key": key}))
+        self._watching.discard(key)
         return self._kills.pop(key, None)
 
     def killed(self) -> dict[str, GuardKill]:
@@ -885,7 +889,8 @@ class Guard:
                     message["why"],
                     tuple(message["targets"]),
                 )
-                self._kills[kill.key] = kill
+                if kill.key in self._watching:
+                    self._kills[kill.key] = kill
             elif "pong" in message:
                 self._pongs[message["pong"]] = message["now"]
             elif "ready" in message:
