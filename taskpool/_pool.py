@@ -37,8 +37,9 @@ import anyio.to_thread
 from anyio.abc import TaskGroup
 
 from . import _containment, _procs
-from ._containment import Containment
+from ._containment import Box, CgroupBox, Containment
 from ._errors import LeaseLost, PoolClosed, PoolCrashed, StoreUnavailable
+from ._guard import Guard, GuardError
 from ._models import (
     Claim,
     Limits,
@@ -87,6 +88,37 @@ class _StoreSink:
         self._pool._output_changed()
 
 
+class _GuardWatch:
+    """Hands one attempt to the node's guard (the runner's `AttemptWatcher`)."""
+
+    def __init__(self, pool: TaskPool, key: tuple[int, int], marker: str, box: Box) -> None:
+        self._pool = pool
+        self._key = key
+        self._marker = marker
+        self._cgroup = str(box.path) if isinstance(box, CgroupBox) else None
+
+    def started(self, pid: int) -> None:
+        pool = self._pool
+        pool._guarded[self._key] = (self._marker, pid, self._cgroup)
+        if pool._guard is not None:
+            pool._guard.watch(
+                self._marker,
+                leader_pid=pid,
+                cgroup=self._cgroup,
+                deadline=pool._guard_deadline(self._key),
+            )
+
+    def exited(self) -> str | None:
+        pool = self._pool
+        pool._guarded.pop(self._key, None)
+        kill = pool._guard.forget(self._marker) if pool._guard is not None else None
+        if kill is None:
+            return None
+        return (
+            f"stopped at lease expiry by the node's guard ({kill.why}; {', '.join(kill.targets)})"
+        )
+
+
 class TaskPool:
     """A pool of subprocess runners embedded in the caller's event loop.
 
@@ -120,6 +152,7 @@ class TaskPool:
         store_call_timeout_s: float | None = None,
         containment: str = "auto",
         cgroup_mount: str | os.PathLike[str] | None = None,
+        guard: bool = True,
         default_limits: ResourceLimits | None = None,
         metrics: Metrics | None = None,
     ) -> None:
@@ -168,6 +201,13 @@ class TaskPool:
         self.default_limits = default_limits or ResourceLimits()
         #: Chosen at start: a cgroup per attempt where possible, else process groups.
         self.containment: Containment | None = None
+        self.use_guard = guard
+        # The node's guard process (see _guard.py): kills attempts whose lease ran out
+        # when this process cannot (frozen, dead). What it watches, to watch it again
+        # should it have to be restarted: attempt key -> (marker, leader pid, cgroup).
+        self._guard: Guard | None = None
+        self._guard_note = "off"
+        self._guarded: dict[tuple[int, int], tuple[str, int, str | None]] = {}
         self._telemetry = Telemetry("-", metrics)
         self.node: NodeInfo | None = None
         self._tg: TaskGroup | None = None
@@ -226,7 +266,8 @@ class TaskPool:
             self.containment = _containment.choose(
                 self.store.store_id, mode=self.containment_mode, cgroup_mount=self.cgroup_mount
             )
-            self.node = dataclasses.replace(self.node, containment=self.containment.describe())
+            await self._start_guard()
+            self.node = dataclasses.replace(self.node, containment=self._containment_text())
             self._telemetry = Telemetry(self.node.id, self.metrics)
             await self.store.register_node(self.node)
             # Recovery before work: nothing is claimed until predecessors are settled.
@@ -234,13 +275,50 @@ class TaskPool:
             self._tg = anyio.create_task_group()
             await self._tg.__aenter__()
         except BaseException:
-            if self._owns_store:
-                with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True):
+                if self._guard is not None:
+                    await self._guard.close()
+                if self._owns_store:
                     await self.store.close()
             raise
         self._tg.start_soon(self._run_services, name="taskpool services")
-        self._telemetry.node_started(self.containment.describe(), self.containment.mode)
+        self._telemetry.node_started(self._containment_text(), self.containment.mode)
         return self
+
+    def _containment_text(self) -> str:
+        assert self.containment is not None
+        return f"{self.containment.describe()}; guard: {self._guard_note}"
+
+    async def _start_guard(self) -> None:
+        """Start the node's guard process, or say why there is none (never silently)."""
+        if not self.use_guard:
+            self._guard_note = "off (disabled)"
+            return
+        try:
+            self._guard = await Guard.start()
+        except GuardError as exc:
+            self._guard, self._guard_note = None, f"off (could not start: {exc})"
+            return
+        self._guard_note = f"process {self._guard.pid}"
+
+    async def _check_guard(self) -> None:
+        """A dead guard kills nothing: start a new one and hand it every running attempt."""
+        if self._guard is None or self._guard.alive:
+            return
+        self._telemetry.note(
+            logging.WARNING, "guard_restarted", "the guard process died: starting a new one"
+        )
+        await self._guard.close()
+        await self._start_guard()
+        guard = self._guard
+        if guard is None:
+            return
+        for key, (marker, pid, cgroup) in list(self._guarded.items()):
+            guard.watch(marker, leader_pid=pid, cgroup=cgroup, deadline=self._guard_deadline(key))
+
+    def _guard_deadline(self, key: tuple[int, int]) -> float:
+        """The guard acts after the pool's own self-fencing would, before the lease ends."""
+        return self._lease_deadlines.get(key, time.monotonic()) - self.self_fence_margin_s / 2
 
     async def __aexit__(
         self,
@@ -273,6 +351,8 @@ class TaskPool:
         if self._owns_store:
             with anyio.CancelScope(shield=True):
                 await self.store.close()
+        if self._guard is not None:
+            await self._guard.close()  # shielded and bounded; every runner has ended
         if self.containment is not None:
             self.containment.close()
         if failure is not None:
@@ -431,12 +511,14 @@ class TaskPool:
             # A store whose file was deleted or replaced raises a fatal StoreError here,
             # before anything is renewed in it: the pool crashes rather than split.
             await self._with_store(self.store.check_identity)
+            await self._check_guard()
             before = dict(self._runners)  # only runners whose claim committed before the renewal
             asked_at = time.monotonic()
             renewal = await self._with_store(
                 lambda: self.store.renew_leases(self.node_id, self.lease_ttl_s)
             )
             await self._hand_back_strays(renewal.held)
+            renewed: list[tuple[int, int]] = []
             for (task_id, fence), control in before.items():
                 key = (task_id, fence)
                 if renewal.held.get(task_id) != fence:
@@ -453,9 +535,18 @@ class TaskPool:
                     continue
                 if key in self._lease_deadlines:
                     self._lease_deadlines[key] = asked_at + self.lease_ttl_s
+                    renewed.append(key)
                 if task_id in renewal.cancel_requests:
                     force = renewal.cancel_requests[task_id] == "force"
                     control.stop(StopKind.CANCELLED, "cancelled by request", force=force)
+            if self._guard is not None:  # only leases the store has just granted
+                self._guard.renew(
+                    {
+                        self._guarded[key][0]: self._guard_deadline(key)
+                        for key in renewed
+                        if key in self._guarded
+                    }
+                )
 
     async def _hand_back_strays(self, held: Mapping[int, int]) -> None:
         """Hand back leases this node holds but runs nothing for, seen at two renewals in
@@ -551,18 +642,20 @@ class TaskPool:
                     OutcomeKind.SPAWN_FAILED, f"could not make the attempt's cgroup: {exc}"
                 )
             else:
+                marker = _procs.attempt_marker(self.store.store_id, task.id, fence)
                 request = RunRequest(
                     argv=spec.argv,
                     cwd=spec.cwd,
                     env=spec.env,
                     pass_env=spec.pass_env,
                     inherit_env=spec.inherit_env,
-                    marker=_procs.attempt_marker(self.store.store_id, task.id, fence),
+                    marker=marker,
                     timeout_s=spec.timeout_s,
                     stall_timeout_s=spec.stall_timeout_s,
                     kill_grace_s=self.kill_grace_s,
                     max_log_bytes=self.max_log_bytes,
                     box=box,
+                    watcher=_GuardWatch(self, (task.id, fence), marker, box),
                 )
                 outcome = await run_attempt(
                     request, _StoreSink(self, task.id, fence), control, on_spawn

@@ -528,10 +528,12 @@ async def run_attempt(
         return Outcome(OutcomeKind.LEASE_LOST, request.reason, proc.exit_code)
     code = proc.exit_code
     assert code is not None
-    if attempt.stop is not None:
-        outcome = Outcome(attempt.stop.kind, attempt.stop.reason, code)
-    elif proc.killed_by is not None:
+    self_fenced = attempt.stop is not None and attempt.stop.kind is OutcomeKind.SELF_FENCED
+    if proc.killed_by is not None and (attempt.stop is None or self_fenced):
+        # The guard got there first (this process was frozen or slow): say so.
         outcome = Outcome(OutcomeKind.SELF_FENCED, proc.killed_by, code)
+    elif attempt.stop is not None:
+        outcome = Outcome(attempt.stop.kind, attempt.stop.reason, code)
     else:
         outcome = Outcome(OutcomeKind.EXITED, describe_exit(code), code)
     notes = []
