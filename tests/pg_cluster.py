@@ -17,6 +17,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -85,11 +86,12 @@ class Cluster:
     def __repr__(self) -> str:
         return f"<Cluster {self.dsn} data={self.data}>"
 
-    def _run(self, *argv: str) -> None:
-        command = list(argv)
+    def _command(self, *argv: str) -> list[str]:
         user = server_user()
-        if user is not None:
-            command = ["runuser", "-u", user, "--", *command]
+        return ["runuser", "-u", user, "--", *argv] if user is not None else list(argv)
+
+    def _run(self, *argv: str) -> None:
+        command = self._command(*argv)
         try:
             # cwd: the server user may not be allowed into ours.
             subprocess.run(command, check=True, capture_output=True, timeout=120, cwd=self.root)
@@ -123,8 +125,38 @@ class Cluster:
             "start",
         )  # fmt: skip
 
+    def _stop_argv(self) -> list[str]:
+        return [f"{self._bin}/pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop"]
+
     def stop(self) -> None:
-        self._run(f"{self._bin}/pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        self._run(*self._stop_argv())
+
+    def watchdog(self) -> subprocess.Popen[bytes]:
+        """A process that stops the server and removes its files once this process is
+        gone: a test run killed hard (SIGKILL, `timeout`'s SIGTERM) leaks no server."""
+        stop = self._command(*self._stop_argv())
+        return subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(self.root), *stop],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C meant for pytest is not meant for it
+        )
+
+
+_WATCHDOG = """
+import os, select, shutil, subprocess, sys, time
+pid, root, stop = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+try:
+    select.select([os.pidfd_open(pid)], [], [])  # readable once the process is gone
+except ProcessLookupError:
+    pass
+except (AttributeError, OSError):  # no pidfd: poll
+    while os.path.exists(f"/proc/{pid}"):
+        time.sleep(1)
+subprocess.run(stop, capture_output=True, timeout=120)
+shutil.rmtree(root, ignore_errors=True)
+"""
 
 
 @contextmanager
@@ -137,10 +169,13 @@ def private_cluster(settings: Mapping[str, str] | None = None) -> Iterator[Clust
             shutil.chown(root, user)
         cluster = Cluster(root, settings)
         cluster.init()
-        cluster.start()
+        watchdog = cluster.watchdog()
         try:
+            cluster.start()
             yield cluster
         finally:
+            watchdog.kill()
+            watchdog.wait()
             with contextlib.suppress(subprocess.CalledProcessError):  # stopped by the test
                 cluster.stop()
     finally:

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -103,13 +103,13 @@ class Reaper:
 
     def __init__(self) -> None:
         # Held across a whole spawn, so a child that exits at once is recorded before
-        # the reaper can see it as an unknown zombie.
-        self._lock = threading.Lock()
+        # the reaper can see it as an unknown zombie. Reentrant: a signal handler may
+        # spawn while the interrupted code is spawning.
+        self._lock = threading.RLock()
         self._spawned: weakref.WeakSet[subprocess.Popen[Any]] = weakref.WeakSet()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._original: Callable[..., None] | None = None
-        self.reaped: list[int] = []
 
     def start(self) -> None:
         original = subprocess.Popen._execute_child  # type: ignore[attr-defined]
@@ -144,23 +144,8 @@ class Reaper:
                 with contextlib.suppress(ChildProcessError):
                     if os.waitpid(pid, os.WNOHANG)[0] == pid:
                         reaped.append(pid)
-        self.reaped.extend(reaped)
         return reaped
 
     def _serve(self) -> None:
         while not self._stop.wait(REAP_INTERVAL_S):
             self.reap_once()
-
-
-@contextlib.contextmanager
-def subreaping() -> Iterator[Reaper | None]:
-    """Be a subreaper and reap orphans for the duration; None where that is unsupported."""
-    if not become_subreaper():
-        yield None
-        return
-    reaper = Reaper()
-    reaper.start()
-    try:
-        yield reaper
-    finally:
-        reaper.stop()
