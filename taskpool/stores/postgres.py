@@ -170,6 +170,11 @@ class PostgresStore(Store):
                 connection_class=_quiet_connection_class(),
                 timeout=self.connect_timeout_s,
                 command_timeout=self.command_timeout_s,
+                # A client frozen inside a transaction (SIGSTOP, a paused VM) must not
+                # hold its row locks, and so block every rescue, for longer than this.
+                server_settings={
+                    "idle_in_transaction_session_timeout": str(int(self.command_timeout_s * 1000))
+                },
             )
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             error = _map_error(_scrub(exc, self.dsn))

@@ -4,6 +4,7 @@ processes."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -116,3 +117,32 @@ async def test_a_postgres_database_replaced_under_a_pool_crashes_it(tmp_path: Pa
         assert isinstance(crash.value.__cause__, StoreError)
         assert "no longer the one opened" in str(crash.value.__cause__)
         assert not leader.is_running() or leader.status() == psutil.STATUS_ZOMBIE
+
+
+async def test_a_client_frozen_inside_a_transaction_cannot_block_a_rescue() -> None:
+    """A node frozen while it holds a task row locked (to the server: a session idle in
+    a transaction) is cut off after the store's command timeout, so the rescue that
+    SKIP LOCKED had to pass over gets the task."""
+    import asyncpg
+
+    from taskpool import Limits, PostgresStore, TaskSpec
+
+    async with fresh_postgres_database() as dsn:
+        frozen = PostgresStore(dsn, command_timeout_s=1.0)
+        rescuer = PostgresStore(dsn)
+        async with frozen, rescuer:
+            task = await frozen.submit(TaskSpec.build(["true"], max_attempts=2))
+            await frozen.claim("gone", Limits(), lease_ttl_s=0.01)
+            assert frozen._pool is not None
+            conn = await frozen._pool.acquire()
+            transaction = conn.transaction()
+            await transaction.start()
+            await conn.execute("SELECT 1 FROM taskpool_tasks WHERE id = $1 FOR UPDATE", task)
+            # ... and then nothing, as a frozen process would send nothing.
+
+            async def rescued() -> bool:
+                return [t.id for t in await rescuer.rescue_expired()] == [task]
+
+            await eventually(rescued)
+            with contextlib.suppress(asyncpg.InterfaceError):  # the server cut it off
+                await frozen._pool.release(conn)
