@@ -94,3 +94,12 @@ def both_containments(request: pytest.FixtureRequest, monkeypatch: pytest.Monkey
 
     monkeypatch.setenv(CONTAINMENT_ENV, request.param)
     return str(request.param)
+
+
+@pytest.fixture
+def without_guard(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pools started in processes of their own run with no guard process: the guard would
+    kill a SIGKILLed pool's orphans at once (tests/acceptance/test_guard_bound.py), and
+    these tests prove what is left when the guard is gone too: the next boot's (or a
+    live sibling's) reconciliation."""
+    monkeypatch.setenv("TASKPOOL_TEST_GUARD", "off")

@@ -22,6 +22,7 @@ async def serve(db: str, max_parallel: int, lease_ttl_s: float, outage_s: float)
         lease_ttl_s=lease_ttl_s,
         store_outage_tolerance_s=outage_s,
         containment=os.environ.get("TASKPOOL_TEST_CONTAINMENT", "auto"),
+        guard=os.environ.get("TASKPOOL_TEST_GUARD", "on") != "off",
         poll_interval_s=0.05,
         reaper_interval_s=0.2,
         kill_grace_s=0.5,

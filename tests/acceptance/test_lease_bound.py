@@ -203,7 +203,10 @@ async def test_a_paused_pool_never_marks_its_own_task_lost(database: str, tmp_pa
         async with open_store(database) as store:
             events = await store.events(task)
             handed_back = next(e for e in events if e.fence == 1 and e.to_status is Status.WAITING)
-            assert handed_back.reason.startswith(f"self-fenced: node {node} could not renew")
+            # Stopped by the pool itself when it woke, or already by its guard meanwhile.
+            assert handed_back.reason.startswith(
+                (f"self-fenced: node {node} could not renew", "stopped at lease expiry by the")
+            )
             assert Status.LOST not in {e.to_status for e in events}
             await store.request_cancel(task, force=True)
 

@@ -22,7 +22,7 @@ from tests.helpers import (
 from tests.postgres import fresh_postgres_database
 
 #: Every case runs in both containment modes: a cgroup per attempt, and process groups.
-pytestmark = pytest.mark.usefixtures("both_containments")
+pytestmark = pytest.mark.usefixtures("both_containments", "without_guard")
 
 
 async def test_two_nodes_never_overlap_on_a_template(database: str) -> None:

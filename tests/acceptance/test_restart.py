@@ -30,7 +30,7 @@ from tests.helpers import (
 ROOT = Path(__file__).resolve().parents[2]
 
 #: Every case runs in both containment modes: a cgroup per attempt, and process groups.
-pytestmark = pytest.mark.usefixtures("both_containments")
+pytestmark = pytest.mark.usefixtures("both_containments", "without_guard")
 
 
 @contextmanager

@@ -31,6 +31,7 @@ async def two_databases(
             yield a, b
 
 
+@pytest.mark.usefixtures("without_guard")
 @pytest.mark.parametrize("settled_by", ["next boot", "live sibling"])
 async def test_a_restarting_pool_never_kills_another_stores_task(
     two_databases: tuple[str, str], tmp_path: Path, settled_by: str

@@ -157,6 +157,7 @@ async def test_node_wide_default_limits_apply_to_tasks_that_set_none(db: Path) -
         assert (await pool.wait(allowed)).status is Status.SUCCEEDED
 
 
+@pytest.mark.usefixtures("without_guard")
 async def test_the_next_boot_kills_a_dead_pools_attempt_by_its_cgroup(db: Path) -> None:
     """A pool SIGKILLed while its task runs daemons: the next pool finds the attempt's
     cgroup, kills everything in it (no process-table scan) and removes it."""
