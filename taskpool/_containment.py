@@ -31,14 +31,23 @@ import os
 import resource
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ._models import CONTROLLERS, ResourceLimits
 
-#: Directory, under the pool's cgroup, that holds one store's attempt cgroups.
+#: Directory, under the pool's cgroup, that holds one store's attempt cgroups (one
+#: directory per node inside it, then one cgroup per attempt).
 STORE_DIR_PREFIX = "taskpool."
+#: Run by /bin/sh as `sh -c JOIN_SCRIPT name N procs_1 .. procs_N argv...`: writes "0"
+#: (this process) to each cgroup.procs, then becomes the task.
+JOIN_SCRIPT = (
+    'n=$1; shift; while [ "$n" -gt 0 ]; do echo 0 > "$1" || exit 125; shift;'
+    ' n=$((n - 1)); done; exec "$@"'
+)
+#: The exit code of a task whose child could not join its cgroup (it never ran).
+JOIN_FAILED_EXIT = 125
 CPU_PERIOD_US = 100_000
 
 
@@ -113,13 +122,19 @@ class Box(abc.ABC):
     name: str
     #: The box knows its members exactly (a cgroup): no descendant scans are needed.
     exact = False
+    #: The task runs behind a wrapper (`wrap`), which reports a missing program only as
+    #: an exit code: the runner checks the program first.
+    wraps = False
 
     @abc.abstractmethod
     def preexec(self) -> Callable[[], None] | None:
-        """Run in the child between fork and exec (joins the cgroup, sets rlimits)."""
+        """Run in the child between fork and exec (sets rlimits); None when there is
+        nothing to do, which lets the spawn use vfork (a Python callable here forces a
+        full fork of the pool process: about three times the cost of a spawn)."""
 
-    def spawned(self) -> None:  # noqa: B027 - most boxes hold nothing for the spawn
-        """The child was started (or could not be): release what `preexec` needed."""
+    def wrap(self, argv: list[str]) -> list[str]:
+        """The command that actually runs the task (a cgroup box prefixes a join)."""
+        return argv
 
     def members(self) -> list[int]:
         """Pids still in the box, when the box can tell; else []."""
@@ -173,6 +188,7 @@ class CgroupBox(Box):
     carry limits the v2 hierarchy has no controller for."""
 
     exact = True
+    wraps = True
 
     def __init__(
         self,
@@ -188,7 +204,6 @@ class CgroupBox(Box):
         self._extra = list(v1_dirs.values())
         self._v1 = v1_dirs
         self._v2_controllers = v2_controllers
-        self._fds: list[int] = []
         self._rlimits = _rlimits(
             limits,
             memory="memory" not in v2_controllers and "memory" not in v1_dirs,
@@ -201,11 +216,6 @@ class CgroupBox(Box):
             for directory in self._extra:
                 directory.mkdir(exist_ok=True)
             self._write_limits()
-            # Opened here, written in the child: the child moves itself before exec.
-            self._fds = [
-                os.open(d / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
-                for d in [self.path, *self._extra]
-            ]
         except BaseException:
             self.remove()
             raise
@@ -235,24 +245,16 @@ class CgroupBox(Box):
                 _write(self._v1["cpu"] / "cpu.cfs_period_us", str(CPU_PERIOD_US))
                 _write(self._v1["cpu"] / "cpu.cfs_quota_us", str(quota))
 
-    def preexec(self) -> Callable[[], None]:
-        fds, rlimit_setter = self._fds, _rlimit_preexec(self._rlimits)
+    def preexec(self) -> Callable[[], None] | None:
+        return _rlimit_preexec(self._rlimits)
 
-        def join() -> None:
-            # Between fork and exec: only a write per hierarchy ("0": this process).
-            for fd in fds:
-                os.write(fd, b"0")
-            if rlimit_setter is not None:
-                rlimit_setter()
-
-        return join
-
-    def spawned(self) -> None:
-        """The child has joined (or failed to start): the parent's fds are done with."""
-        fds, self._fds = self._fds, []
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+    def wrap(self, argv: list[str]) -> list[str]:
+        """The child joins its cgroups (v2, and v1 ones for limits) before it executes
+        the task, so nothing the task starts can be outside them. A tiny shell does it,
+        not a Python `preexec_fn`: that keeps the spawn a vfork, and the join is one
+        write per hierarchy. If a join fails, the task never runs: exit code 125."""
+        procs = [str(d / "cgroup.procs") for d in [self.path, *self._extra]]
+        return ["/bin/sh", "-c", JOIN_SCRIPT, "taskpool-join", str(len(procs)), *procs, *argv]
 
     def members(self) -> list[int]:
         try:
@@ -293,7 +295,6 @@ class CgroupBox(Box):
         return "; ".join(reports) or None
 
     def remove(self) -> None:
-        self.spawned()
         for directory in [self.path, *self._extra]:
             # Still busy (a process stuck in uninterruptible sleep): the next boot's
             # reconciliation removes it.
@@ -400,19 +401,26 @@ class Containment(abc.ABC):
     def describe(self) -> str:
         """One line for the node's info and log: the mode and how each limit is enforced."""
 
+    #: The cgroup holding every attempt of this node, if there is one: the guard kills it
+    #: whole when the pool dies or stops renewing its leases.
+    node_cgroup: Path | None = None
+
     @abc.abstractmethod
     def box(self, name: str, limits: ResourceLimits) -> Box:
         """A new, empty box for the attempt named `name` (`<task id>.<fence>`)."""
 
-    def reclaim(self, name: str) -> list[int] | None:
-        """Kill and remove what is left of a dead predecessor's attempt `name`; the pids
+    def reclaim(self, node_id: str, name: str) -> list[int] | None:
+        """Kill and remove what is left of dead node `node_id`'s attempt `name`; the pids
         killed, or None when this containment cannot find it exactly (the caller falls
         back to pid, start time and marker)."""
-        del name
+        del node_id, name
         return None
 
+    def forget_node(self, node_id: str) -> None:  # noqa: B027 - nothing kept per node
+        """Remove what is left (empty) of a dead node once its attempts are settled."""
+
     def close(self) -> None:  # noqa: B027 - nothing to release for a process group
-        """Release what the node made for itself (an empty store directory)."""
+        """Release what the node made for itself (its empty directories)."""
 
 
 class ProcessGroupContainment(Containment):
@@ -437,14 +445,21 @@ class CgroupContainment(Containment):
     def __init__(
         self,
         store_dir: Path,
+        node_id: str,
         v2_controllers: frozenset[str],
         v1_store_dirs: dict[str, Path],
         kill_file: bool,
     ) -> None:
         self.store_dir = store_dir
+        self.node_id = node_id
+        self.node_cgroup = store_dir / node_id
         self.v2_controllers = v2_controllers
         self.v1_store_dirs = v1_store_dirs
         self.kill_file = kill_file
+
+    def attempt_dir(self, name: str) -> Path:
+        assert self.node_cgroup is not None
+        return self.node_cgroup / name
 
     def describe(self) -> str:
         how = []
@@ -464,13 +479,13 @@ class CgroupContainment(Containment):
 
     def box(self, name: str, limits: ResourceLimits) -> Box:
         wanted = set(limits.wanted())
-        v1 = {c: d / name for c, d in self.v1_store_dirs.items() if c in wanted}
-        box = CgroupBox(name, self.store_dir / name, limits, self.v2_controllers & wanted, v1)
+        v1 = {c: d / self.node_id / name for c, d in self.v1_store_dirs.items() if c in wanted}
+        box = CgroupBox(name, self.attempt_dir(name), limits, self.v2_controllers & wanted, v1)
         box.create()
         return box
 
-    def reclaim(self, name: str) -> list[int] | None:
-        path = self.store_dir / name
+    def reclaim(self, node_id: str, name: str) -> list[int] | None:
+        path = self.store_dir / node_id / name
         if not path.is_dir():
             return None
         pids = [int(p) for p in (path / "cgroup.procs").read_text().split()]
@@ -479,13 +494,19 @@ class CgroupContainment(Containment):
             if cgroup_is_empty(path):
                 break
             time.sleep(0.002)
-        extra = [d / name for d in self.v1_store_dirs.values()]
+        extra = [d / node_id / name for d in self.v1_store_dirs.values()]
         for directory in [path, *extra]:
             with contextlib.suppress(OSError):
                 _rmdir(directory)
         return pids
 
+    def forget_node(self, node_id: str) -> None:
+        for directory in [self.store_dir, *self.v1_store_dirs.values()]:
+            with contextlib.suppress(OSError):
+                (directory / node_id).rmdir()  # only if empty
+
     def close(self) -> None:
+        self.forget_node(self.node_id)
         for directory in [self.store_dir, *self.v1_store_dirs.values()]:
             with contextlib.suppress(OSError):
                 directory.rmdir()  # only if empty: a sibling pool may still use it
@@ -498,6 +519,7 @@ def _read(path: str) -> str:
 
 def choose(
     store_id: str,
+    node_id: str,
     *,
     mode: str = "auto",
     cgroup_mount: str | os.PathLike[str] | None = None,
@@ -513,7 +535,7 @@ def choose(
     if mode == "process-group":
         return ProcessGroupContainment("chosen by configuration")
     try:
-        return _cgroup_containment(store_id, cgroup_mount, mountinfo, proc_cgroup)
+        return _cgroup_containment(store_id, node_id, cgroup_mount, mountinfo, proc_cgroup)
     except (OSError, LookupError) as exc:
         if mode == "cgroup":
             raise RuntimeError(f"cgroup containment is not possible here: {exc}") from exc
@@ -522,6 +544,7 @@ def choose(
 
 def _cgroup_containment(
     store_id: str,
+    node_id: str,
     cgroup_mount: str | os.PathLike[str] | None,
     mountinfo: str | None,
     proc_cgroup: str | None,
@@ -549,7 +572,9 @@ def _cgroup_containment(
         kill_file = (probe / "cgroup.kill").exists()
     finally:
         probe.rmdir()
-    v2 = _enable_v2_controllers(own_dir, store_dir)
+    node_dir = store_dir / node_id
+    node_dir.mkdir(exist_ok=True)
+    v2 = _enable_v2_controllers(own_dir, store_dir, node_dir)
     v1: dict[str, Path] = {}
     for name in CONTROLLERS:
         if name in v2:
@@ -563,11 +588,12 @@ def _cgroup_containment(
         directory = _join(mount, own[name]) / f"{STORE_DIR_PREFIX}{store_id}"
         with contextlib.suppress(OSError):
             directory.mkdir(exist_ok=True)
+            (directory / node_id).mkdir(exist_ok=True)
             v1[name] = directory
-    return CgroupContainment(store_dir, frozenset(v2), v1, kill_file)
+    return CgroupContainment(store_dir, node_id, frozenset(v2), v1, kill_file)
 
 
-def _enable_v2_controllers(own_dir: Path, store_dir: Path) -> set[str]:
+def _enable_v2_controllers(own_dir: Path, store_dir: Path, node_dir: Path) -> set[str]:
     """Enable memory, pids and cpu for the attempts' cgroups where the host allows it.
 
     Needs each controller in the parent's `cgroup.subtree_control`: granted in a
@@ -582,7 +608,7 @@ def _enable_v2_controllers(own_dir: Path, store_dir: Path) -> set[str]:
         if name not in available:
             continue
         try:
-            for directory in (own_dir, store_dir):
+            for directory in (own_dir, store_dir, node_dir):
                 current = set((directory / "cgroup.subtree_control").read_text().split())
                 if name not in current:
                     _write(directory / "cgroup.subtree_control", f"+{name}")
@@ -590,11 +616,3 @@ def _enable_v2_controllers(own_dir: Path, store_dir: Path) -> set[str]:
             continue
         enabled.add(name)
     return enabled
-
-
-def names_in(store_dir: Path) -> Iterable[str]:
-    """Attempt cgroups under a store directory (for reports and tests)."""
-    with contextlib.suppress(FileNotFoundError):
-        for entry in store_dir.iterdir():
-            if entry.is_dir() and not entry.name.startswith("probe."):
-                yield entry.name

@@ -169,7 +169,7 @@ class _Watched:
     def __init__(
         self,
         key: str,
-        pid: int,
+        pid: int | None,  # None: a whole cgroup with no leader of its own (a node's)
         ticks: int | None,  # the leader's start time in ticks, read by the pool at watch time
         pidfd: int | None,  # a pidfd on the leader, opened by the pool while it was unreaped
         cgroup: str | None,
@@ -216,7 +216,7 @@ class KillPlan:
 def leader_unreaped(w: _Watched) -> bool:
     """True while the watched leader is alive or a zombie: its pid, which is its group's
     id, cannot have been reused, so signalling the group reaches that attempt only."""
-    if w.leader_seen_reaped:
+    if w.leader_seen_reaped or w.pid is None:
         return False
     if w.pidfd is not None:
         try:
@@ -231,6 +231,8 @@ def leader_unreaped(w: _Watched) -> bool:
 
 
 def plan_kill(w: _Watched) -> KillPlan:
+    if w.pid is None:
+        return KillPlan(w.cgroup, None, None, None)
     if leader_unreaped(w):
         return KillPlan(w.cgroup, w.pid, w.pidfd, None)
     return KillPlan(w.cgroup, None, None, f"process group {w.pid} skipped: its leader was reaped")
@@ -454,7 +456,11 @@ class GuardProcess:
         try:
             key = _key(message.get("key"))
             pid = message.get("pid")
-            if isinstance(pid, bool) or not isinstance(pid, int) or not 1 < pid <= PID_MAX_LIMIT:
+            if pid is None and message.get("cgroup") is None:
+                raise _BadMessage("neither a pid nor a cgroup")
+            if pid is not None and (
+                isinstance(pid, bool) or not isinstance(pid, int) or not 1 < pid <= PID_MAX_LIMIT
+            ):
                 raise _BadMessage("pid is not a process id")
             if pid in (os.getpid(), self.pool_pid):
                 raise _BadMessage("pid is the guard's or the pool's")
@@ -478,7 +484,7 @@ class GuardProcess:
             raise
         # Sent while the leader was unreaped; if it has since been reaped and its pid
         # reused, the start time differs: never signal that group.
-        seen_reaped = ticks is not None and start_ticks(pid) != ticks
+        seen_reaped = pid is not None and ticks is not None and start_ticks(pid) != ticks
         old = self.watched.pop(key, None)
         if old is not None:
             self.release(old)
@@ -731,24 +737,29 @@ class Guard:
         return f"<Guard pid={self.pid} {state} pending={self.pending_bytes}B>"
 
     def watch(
-        self, key: str, *, leader_pid: int, deadline: float, cgroup: str | None = None
+        self, key: str, *, leader_pid: int | None, deadline: float, cgroup: str | None = None
     ) -> None:
         """Kill attempt `key` unless its deadline is renewed before it passes.
 
         Call while `leader_pid` is this process's child and not reaped yet (right after
         the spawn): its identity is captured here. Its process group must be its own
-        (`start_new_session=True`); `cgroup` is the attempt's cgroup v2 directory, if any."""
-        if leader_pid <= 1:
+        (`start_new_session=True`); `cgroup` is the attempt's cgroup v2 directory, if any.
+        With `leader_pid=None` the key names a whole cgroup (a node's, holding all its
+        attempts' cgroups): killed whole when its deadline passes or the pool dies.
+        Watching a key again replaces what was watched under it."""
+        if leader_pid is None and cgroup is None:
+            raise ValueError("watch needs a leader pid or a cgroup")
+        if leader_pid is not None and leader_pid <= 1:
             raise ValueError(f"invalid leader pid {leader_pid}")
         pidfd = None
-        if HAS_PIDFD:
+        if HAS_PIDFD and leader_pid is not None:
             with contextlib.suppress(OSError):
                 pidfd = os.pidfd_open(leader_pid)
         message = {
             "op": "watch",
             "key": key,
             "pid": leader_pid,
-            "ticks": start_ticks(leader_pid),
+            "ticks": start_ticks(leader_pid) if leader_pid is not None else None,
             "cgroup": cgroup,
             "deadline": deadline,
             "pidfd": pidfd is not None,

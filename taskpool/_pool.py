@@ -95,21 +95,31 @@ class _GuardWatch:
         self._pool = pool
         self._key = key
         self._marker = marker
-        self._cgroup = str(box.path) if isinstance(box, CgroupBox) else None
+        # A cgroup box lives in the node's cgroup, which the guard watches whole.
+        self._in_node_cgroup = isinstance(box, CgroupBox)
+        self._started_at = time.monotonic()
 
     def started(self, pid: int) -> None:
         pool = self._pool
-        pool._guarded[self._key] = (self._marker, pid, self._cgroup)
+        if self._in_node_cgroup:
+            return
+        pool._guarded[self._key] = (self._marker, pid, None)
         if pool._guard is not None:
             pool._guard.watch(
                 self._marker,
                 leader_pid=pid,
-                cgroup=self._cgroup,
                 deadline=pool._guard_deadline(self._key),
             )
 
     def exited(self) -> str | None:
         pool = self._pool
+        if self._in_node_cgroup:
+            if pool._node_kill_since(self._started_at) is None:
+                return None
+            return (
+                "stopped at lease expiry by the node's guard (no renewal came in time:"
+                " it killed the node's cgroup)"
+            )
         pool._guarded.pop(self._key, None)
         kill = pool._guard.forget(self._marker) if pool._guard is not None else None
         if kill is None:
@@ -208,6 +218,8 @@ class TaskPool:
         self._guard: Guard | None = None
         self._guard_note = "off"
         self._guarded: dict[tuple[int, int], tuple[str, int, str | None]] = {}
+        self._node_killed_at: float | None = None  # the guard killed the node's cgroup
+        self._leases_renewed_at = time.monotonic()  # when the last renewal was sent
         self._telemetry = Telemetry("-", metrics)
         self.node: NodeInfo | None = None
         self._tg: TaskGroup | None = None
@@ -264,7 +276,10 @@ class TaskPool:
                 max_parallel=self.limits.max_parallel,
             )
             self.containment = _containment.choose(
-                self.store.store_id, mode=self.containment_mode, cgroup_mount=self.cgroup_mount
+                self.store.store_id,
+                self.node.id,
+                mode=self.containment_mode,
+                cgroup_mount=self.cgroup_mount,
             )
             await self._start_guard()
             self.node = dataclasses.replace(self.node, containment=self._containment_text())
@@ -300,6 +315,39 @@ class TaskPool:
             self._guard, self._guard_note = None, f"off (could not start: {exc})"
             return
         self._guard_note = f"process {self._guard.pid}"
+        self._watch_node(self._leases_renewed_at)
+
+    @property
+    def _node_guard_key(self) -> str:
+        return f"node:{self.node_id}"
+
+    def _watch_node(self, asked_at: float) -> None:
+        """In cgroup mode the guard watches the node's cgroup, which holds every attempt:
+        it kills it whole when the pool dies, or when no renewal came for a lease. So no
+        attempt needs a message of its own (watched anew at each renewal: a watch the
+        guard acted on is gone, and a kill it reported is noted first)."""
+        guard, containment = self._guard, self.containment
+        if guard is None or containment is None or containment.node_cgroup is None:
+            return
+        kill = guard.forget(self._node_guard_key)
+        if kill is not None:
+            self._node_killed_at = kill.at
+        deadline = asked_at + self.lease_ttl_s - self.self_fence_margin_s / 2
+        guard.watch(
+            self._node_guard_key,
+            leader_pid=None,
+            cgroup=str(containment.node_cgroup),
+            deadline=deadline,
+        )
+
+    def _node_kill_since(self, started_at: float) -> float | None:
+        """When the guard killed the node's cgroup, if it did after `started_at`."""
+        if self._guard is not None:
+            kill = self._guard.killed().get(self._node_guard_key)
+            if kill is not None:
+                self._node_killed_at = kill.at
+        at = self._node_killed_at
+        return at if at is not None and at >= started_at else None
 
     async def _check_guard(self) -> None:
         """A dead guard kills nothing: start a new one and hand it every running attempt."""
@@ -352,7 +400,8 @@ class TaskPool:
             with anyio.CancelScope(shield=True):
                 await self.store.close()
         if self._guard is not None:
-            await self._guard.close()  # shielded and bounded; every runner has ended
+            self._guard.forget(self._node_guard_key)  # empty: every runner has ended
+            await self._guard.close()  # shielded and bounded
         if self.containment is not None:
             self.containment.close()
         if failure is not None:
@@ -456,13 +505,17 @@ class TaskPool:
             ]
             # Off the event loop: exactly by cgroup where the attempt had one, else one
             # scan of the process table for all the others.
-            killed = await anyio.to_thread.run_sync(_reclaim, self.containment, orphans, leftovers)
+            killed = await anyio.to_thread.run_sync(
+                _reclaim, self.containment, node.id, orphans, leftovers
+            )
             for orphan, leftover in zip(orphans, leftovers, strict=True):
                 kills = killed[leftover.marker]
                 found = f"killed leftover {', '.join(kills)}" if kills else "no process was left"
                 reason = f"owner node {node.id} (pid {node.pid}) died; {how_found}; {found}"
                 info = await self.store.settle_orphan(orphan.task_id, orphan.fence, reason)
                 self._telemetry.settled(info, "reconciled")
+            if self.containment is not None:
+                self.containment.forget_node(node.id)
             await self.store.stop_node(node.id, f"{how_found}: its process is gone")
 
     # -- the loops ---------------------------------------------------------
@@ -539,6 +592,8 @@ class TaskPool:
                 if task_id in renewal.cancel_requests:
                     force = renewal.cancel_requests[task_id] == "force"
                     control.stop(StopKind.CANCELLED, "cancelled by request", force=force)
+            self._leases_renewed_at = asked_at
+            self._watch_node(asked_at)
             if self._guard is not None:  # only leases the store has just granted
                 self._guard.renew(
                     {
@@ -849,6 +904,7 @@ class TaskPool:
 
 def _reclaim(
     containment: Containment | None,
+    node_id: str,
     orphans: Sequence[Orphan],
     leftovers: Sequence[_procs.Leftover],
 ) -> dict[str, list[str]]:
@@ -859,7 +915,7 @@ def _reclaim(
     rest = []
     for orphan, leftover in zip(orphans, leftovers, strict=True):
         name = f"{orphan.task_id}.{orphan.fence}"
-        pids = None if containment is None else containment.reclaim(name)
+        pids = None if containment is None else containment.reclaim(node_id, name)
         if pids is None:
             rest.append(leftover)
         elif pids:

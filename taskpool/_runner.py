@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -191,16 +192,19 @@ def task_environment(
     return child
 
 
-def _spawn(req: RunRequest) -> subprocess.Popen[bytes]:
-    env = task_environment(
+def _environment(req: RunRequest) -> dict[bytes, bytes]:
+    return task_environment(
         os.environb,
         env=req.env,
         pass_env=req.pass_env,
         inherit_env=req.inherit_env,
         marker=req.marker,
     )
+
+
+def _spawn(req: RunRequest, env: dict[bytes, bytes]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        list(req.argv),
+        req.box.wrap(list(req.argv)),  # a cgroup box joins its cgroup first, then execs
         cwd=req.cwd,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -208,9 +212,24 @@ def _spawn(req: RunRequest) -> subprocess.Popen[bytes]:
         stderr=subprocess.STDOUT,
         start_new_session=True,  # own session and process group: killpg reaches grandchildren
         close_fds=True,
-        # Joins the attempt's cgroup before exec: nothing the task starts is outside it.
-        preexec_fn=req.box.preexec(),
+        preexec_fn=req.box.preexec(),  # rlimits only, and only when asked for
     )
+
+
+def _unstartable(req: RunRequest, env: Mapping[bytes, bytes]) -> str | None:
+    """Why the program cannot be executed, as exec would say, or None. Checked before a
+    spawn through a wrapper (which would only report it as an exit code)."""
+    program = req.argv[0]
+    if "/" in program:
+        path: str | None = os.path.join(req.cwd or ".", program)
+    else:
+        search = os.fsdecode(env.get(b"PATH", os.fsencode(os.defpath)))
+        path = shutil.which(program, mode=os.F_OK, path=search)
+    if path is None or not os.path.exists(path):
+        return f"could not start {program!r}: No such file or directory"
+    if os.path.isdir(path) or not os.access(path, os.X_OK):
+        return f"could not start {program!r}: Permission denied"
+    return None
 
 
 def _spawn_error(req: RunRequest, exc: OSError) -> str:
@@ -479,14 +498,17 @@ async def run_attempt(
         # Stopped before it started (shutdown began, a cancel or a lost lease won the
         # race): nothing to spawn.
         return Outcome(_OUTCOME_OF_STOP[request.kind], f"{request.reason} before it started")
+    env = _environment(req)
+    if req.box.wraps:
+        problem = _unstartable(req, env)
+        if problem is not None:
+            return Outcome(OutcomeKind.SPAWN_FAILED, problem)
     try:
-        popen = _spawn(req)
+        popen = _spawn(req, env)
     except OSError as exc:
         return Outcome(OutcomeKind.SPAWN_FAILED, _spawn_error(req, exc))
     except subprocess.SubprocessError as exc:  # the child could not join its cgroup
         return Outcome(OutcomeKind.SPAWN_FAILED, f"could not start {req.argv[0]!r}: {exc}")
-    finally:
-        req.box.spawned()
     proc = _Process(popen, req.box, req.watcher)
     control.pid = proc.pid
     attempt = _Attempt(req, sink, control, proc, on_spawn)

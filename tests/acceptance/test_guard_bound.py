@@ -102,7 +102,7 @@ async def test_a_killed_pools_processes_die_at_once_and_the_next_boot_clears_up(
     else:  # a group of two: escapers would outlive a process-group guard, as documented
         argv = ["sh", "-c", f"sleep 600 & echo $! >> {pids}; echo $$ >> {pids}; wait"]
     (task,) = await _submit_all(database, [TaskSpec.build(argv)])
-    with pool_process(database, "1", "60") as (proc, _):
+    with pool_process(database, "1", "60") as (proc, dead_node):
 
         async def started() -> bool:
             return len(recorded(pids)) == 2
@@ -119,4 +119,4 @@ async def test_a_killed_pools_processes_die_at_once_and_the_next_boot_clears_up(
         info = await pool.get(task)
         assert info.status is Status.LOST
         if isinstance(pool.containment, CgroupContainment):
-            assert not (pool.containment.store_dir / f"{task}.1").exists()
+            assert not (pool.containment.store_dir / dead_node).exists()  # cleared up

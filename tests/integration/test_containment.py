@@ -60,7 +60,7 @@ def alive(pid: int) -> bool:
 @pytest.fixture
 def cgroup_only() -> None:
     """These cases are about the cgroup mode: it must be available on the test host."""
-    probe = choose("probe" + os.urandom(8).hex())
+    probe = choose("probe" + os.urandom(8).hex(), "node")
     assert isinstance(probe, CgroupContainment), probe.describe()
     probe.close()
 
@@ -103,7 +103,7 @@ async def test_daemons_and_cleared_environments_die_with_their_task(db: Path, ho
         assert [pid for pid in recorded(pids) if alive(pid)] == []
         assert pool.containment is not None
         assert isinstance(pool.containment, CgroupContainment)
-        assert not (pool.containment.store_dir / f"{task}.1").exists()
+        assert not pool.containment.attempt_dir(f"{task}.1").exists()
     expected = {
         "exit": Status.FAILED,
         "cancel": Status.CANCELLED,
@@ -138,7 +138,7 @@ async def test_a_fork_bomb_under_a_process_limit_ends_naming_it(db: Path) -> Non
         info = await pool.wait(task)
         assert pool.containment is not None
         assert isinstance(pool.containment, CgroupContainment)
-        assert not (pool.containment.store_dir / f"{task}.1").exists()
+        assert not pool.containment.attempt_dir(f"{task}.1").exists()
     # It may collapse by itself or run into its timeout: either way the limit is named.
     assert info.status in (Status.SUCCEEDED, Status.FAILED, Status.TIMED_OUT)
     assert info.reason is not None
@@ -164,7 +164,7 @@ async def test_the_next_boot_kills_a_dead_pools_attempt_by_its_cgroup(db: Path) 
     pids = db.parent / "pids"
     async with open_store(str(db)) as store:
         task = await store.submit(TaskSpec.build(escapers(pids, "sleep 600")))
-    with pool_process(db, "1") as (proc, _):
+    with pool_process(db, "1") as (proc, dead_node):
 
         async def started() -> bool:
             return len(recorded(pids)) == 2
@@ -177,7 +177,8 @@ async def test_the_next_boot_kills_a_dead_pools_attempt_by_its_cgroup(db: Path) 
         info = await pool.get(task)
         assert [pid for pid in recorded(pids) if alive(pid)] == []
         assert isinstance(pool.containment, CgroupContainment)
-        assert not (pool.containment.store_dir / f"{task}.1").exists()
+        assert (pool.containment.store_dir / dead_node).parent.exists()
+        assert not (pool.containment.store_dir / dead_node).exists()  # removed, emptied
     assert info.reason is not None
     assert f"killed leftover cgroup of attempt {task}.1 (" in info.reason
 
