@@ -280,7 +280,12 @@ async def bare_asyncio_run(n: int, concurrency: int) -> float:
 
 
 async def pool_run(
-    path: Path, mode: str, n: int, concurrency: int, containment: str = "auto"
+    path: Path,
+    mode: str,
+    n: int,
+    concurrency: int,
+    containment: str = "auto",
+    guard: bool = True,
 ) -> Json:
     """Submit n `true` tasks, then run them all through a fresh pool; return timings."""
     spec = TaskSpec.build(["true"])
@@ -293,7 +298,9 @@ async def pool_run(
 
         not_done = [Status.WAITING, Status.RUNNING]
         boot = time.time()
-        async with TaskPool(store, max_parallel=concurrency, containment=containment) as pool:
+        async with TaskPool(
+            store, max_parallel=concurrency, containment=containment, guard=guard
+        ) as pool:
 
             async def all_done() -> bool | None:
                 return True if not await pool.list_tasks(statuses=not_done, limit=1) else None
@@ -380,25 +387,32 @@ async def bench_throughput(cfg: Config, workdir: Path) -> Json:
 
 async def bench_containment(cfg: Config, workdir: Path) -> Json:
     n, c, reps = cfg.throughput_tasks, cfg.concurrency, cfg.throughput_repeats
-    modes = ("cgroup", "process-group")
-    rates: dict[str, list[float]] = {"baseline": [], **{m: [] for m in modes}}
+    variants = {  # name -> (containment, guard)
+        "cgroup": ("cgroup", True),
+        "process-group": ("process-group", True),
+        "cgroup-no-guard": ("cgroup", False),
+        "process-group-no-guard": ("process-group", False),
+    }
+    rates: dict[str, list[float]] = {"baseline": [], **{m: [] for m in variants}}
     for rep in range(reps):
         progress(f"containment #{rep + 1}: bare asyncio baseline, {n} x true at {c}")
         rates["baseline"].append(per_s(n, await bare_asyncio_run(n, c)))
-        for mode in modes:
-            progress(f"containment #{rep + 1}: pool in {mode} mode")
-            run = await pool_run(
-                new_db(workdir, f"containment-{mode}-{rep}"), "default", n, c, mode
-            )
-            rates[mode].append(per_s(n, run["run_s"]))
+        for name, (mode, guard) in variants.items():
+            progress(f"containment #{rep + 1}: pool, {name}")
+            db = new_db(workdir, f"containment-{name}-{rep}")
+            run = await pool_run(db, "default", n, c, mode, guard)
+            rates[name].append(per_s(n, run["run_s"]))
     best = {name: max(values) for name, values in rates.items()}
     return {
         "tasks": n,
         "concurrency": c,
         "repeats": reps,
         "what": (
-            "tasks/s from first claim to last terminal event, best of the repeats, the three"
-            " runs interleaved; cgroup mode makes, joins (between fork and exec), kills and"
+            "tasks/s from first claim to last terminal event, best of the repeats, all runs"
+            " interleaved; cgroup mode makes, joins (a /bin/sh wrapper before exec), kills"
+            " and removes a cgroup per task; the guard process is on unless said"
+            " (no-guard); ratio = cgroup / process-group, both with the guard"
+        ), kills and"
             " removes a cgroup per task; ratio = cgroup / process-group"
         ),
         "tasks_per_s": best,
@@ -406,6 +420,10 @@ async def bench_containment(cfg: Config, workdir: Path) -> Json:
         "ratio_cgroup_to_process_group": round(best["cgroup"] / best["process-group"], 3),
         "ratio_cgroup_to_baseline": round(best["cgroup"] / best["baseline"], 3),
         "ratio_process_group_to_baseline": round(best["process-group"] / best["baseline"], 3),
+        "ratio_guard_cost_cgroup": round(best["cgroup"] / best["cgroup-no-guard"], 3),
+        "ratio_guard_cost_process_group": round(
+            best["process-group"] / best["process-group-no-guard"], 3
+        ),
     }
 
 
