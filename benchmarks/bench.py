@@ -412,8 +412,6 @@ async def bench_containment(cfg: Config, workdir: Path) -> Json:
             " interleaved; cgroup mode makes, joins (a /bin/sh wrapper before exec), kills"
             " and removes a cgroup per task; the guard process is on unless said"
             " (no-guard); ratio = cgroup / process-group, both with the guard"
-        ), kills and"
-            " removes a cgroup per task; ratio = cgroup / process-group"
         ),
         "tasks_per_s": best,
         "all_tasks_per_s": rates,
