@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import _guard
 from ._models import CONTROLLERS, ResourceLimits
 
 #: Directory, under the pool's cgroup, that holds one store's attempt cgroups (one
@@ -345,28 +346,13 @@ def _kill_listed(procs_file: Path) -> None:
         return
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)  # in the cgroup now: frozen, so it stays ours
+            os.kill(pid, signal.SIGKILL)  # listed in the cgroup: ours at this moment
 
 
 def kill_cgroup(path: Path) -> None:
-    """SIGKILL every process in the cgroup, racy forkers included."""
-    try:
-        _write(path / "cgroup.kill", "1")
-        return
-    except FileNotFoundError:
-        if not path.exists():
-            return
-    # Before cgroup.kill (kernel < 5.14): freeze so nothing forks while we kill, then
-    # thaw so the SIGKILLs are delivered.
-    with contextlib.suppress(OSError):
-        _write(path / "cgroup.freeze", "1")
-        for _ in range(100):
-            if "frozen 1" in (path / "cgroup.events").read_text().splitlines():
-                break
-            time.sleep(0.001)
-    _kill_listed(path / "cgroup.procs")
-    with contextlib.suppress(OSError):
-        _write(path / "cgroup.freeze", "0")
+    """SIGKILL every process in the cgroup, racy forkers included: the guard's own
+    routine (`cgroup.kill`, or freeze, kill every member, thaw where it is missing)."""
+    _guard.kill_cgroup(str(path), use_kill_file=True)
 
 
 def _rmdir(path: Path) -> None:
