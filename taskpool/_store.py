@@ -32,7 +32,7 @@ class Renewal:
     """What a node learns from renewing its leases."""
 
     held: Mapping[int, int]  # task id -> fence of every lease the node still holds
-    cancel_requests: Mapping[int, str]  # task id -> 'graceful' | 'force', for held tasks
+    cancel_requests: Mapping[int, str]  # task id -> a `CancelMode` value, for held tasks
 
 
 @dataclass(frozen=True, slots=True)

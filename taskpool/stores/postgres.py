@@ -21,32 +21,35 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
-from .._errors import LeaseLost, StoreError, StoreUnavailable, TaskNotFound
-from .._models import (
-    Claim,
-    Limits,
-    NodeInfo,
-    Outcome,
-    Status,
-    TaskEvent,
-    TaskInfo,
-    TaskSpec,
-    Transition,
-    decide_finish,
-    decide_handback,
-    decide_orphan,
+from .._decisions import (
+    CancelRequest,
+    Ending,
+    EventRecord,
+    check_fence,
+    plan_cancel,
+    plan_finish,
+    plan_handback,
+    plan_orphan_settlement,
+    plan_rescue,
 )
+from .._errors import StoreError, StoreUnavailable
+from .._models import Claim, Limits, NodeInfo, Outcome, Status, TaskEvent, TaskInfo, TaskSpec
 from .._redact import dsn_secrets, redact
-from .._rules import Slot
 from .._store import Orphan, OutputChunk, Renewal, Store
 from ._common import (
+    EVENT_COLUMNS,
+    NODE_COLUMNS,
+    alive_filter,
     check_schema_version,
-    ended_columns,
+    ending_columns,
     event_from_row,
-    handback_reason,
+    event_values,
+    no_task,
     node_from_row,
-    rescue_reason,
+    node_values,
+    renewal,
     task_info,
+    task_state,
 )
 
 if TYPE_CHECKING:
@@ -263,17 +266,9 @@ class PostgresStore(Store):
     async def register_node(self, node: NodeInfo) -> None:
         async def op(conn: asyncpg.Connection) -> None:
             await conn.execute(
-                "INSERT INTO taskpool_nodes (id, host, pid, pid_started_at, started_at,"
-                " heartbeat_at, max_parallel, containment)"
+                f"INSERT INTO taskpool_nodes ({NODE_COLUMNS})"
                 " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                node.id,
-                node.host,
-                node.pid,
-                node.pid_started_at,
-                node.started_at,
-                node.heartbeat_at,
-                node.max_parallel,
-                node.containment,
+                *node_values(node),
             )
 
         await self._tx(op)
@@ -297,11 +292,7 @@ class PostgresStore(Store):
                 node_id,
             )
             for row in rows:
-                transition = decide_handback(
-                    handback_reason(node_id, reason),
-                    cancel_requested=row["cancel_requested"] is not None,
-                )
-                await _apply(conn, row, transition, now, "handed_back", None)
+                await _end(conn, plan_handback(task_state(row), node_id, reason, now))
 
         await self._tx(op)
 
@@ -310,10 +301,7 @@ class PostgresStore(Store):
     ) -> list[NodeInfo]:
         async def op(conn: asyncpg.Connection) -> list[NodeInfo]:
             sql = "SELECT * FROM taskpool_nodes WHERE ($1::text IS NULL OR host = $1)"
-            if alive is True:
-                sql += " AND stopped_at IS NULL"
-            elif alive is False:
-                sql += " AND stopped_at IS NOT NULL"
+            sql += alive_filter(alive)
             rows = await conn.fetch(sql + " ORDER BY started_at", host)
             return [node_from_row(r) for r in rows]
 
@@ -431,12 +419,7 @@ class PostgresStore(Store):
             await conn.execute(
                 "UPDATE taskpool_nodes SET heartbeat_at = $2 WHERE id = $1", node_id, now
             )
-            return Renewal(
-                held={r["id"]: r["fence"] for r in rows},
-                cancel_requests={
-                    r["id"]: r["cancel_requested"] for r in rows if r["cancel_requested"]
-                },
-            )
+            return renewal(rows)
 
         return await self._tx(op)
 
@@ -454,21 +437,11 @@ class PostgresStore(Store):
                 " FOR UPDATE OF t SKIP LOCKED",
                 now,
             )
-            rescued = []
-            for row in rows:
-                if (row["id"], row["fence"]) in spared:
-                    continue
-                reason = rescue_reason(
-                    row["owner_node"], row["node_heartbeat_at"], row["lease_expires_at"]
-                )
-                transition = decide_orphan(
-                    attempts_used=row["attempts_used"],
-                    max_attempts=row["max_attempts"],
-                    reason=reason,
-                    cancel_requested=row["cancel_requested"] is not None,
-                )
-                rescued.append(_info(await _apply(conn, row, transition, now, "rescued", None)))
-            return rescued
+            return [
+                _info(await _end(conn, plan_rescue(task_state(r), r["node_heartbeat_at"], now)))
+                for r in rows
+                if (r["id"], r["fence"]) not in spared
+            ]
 
         return await self._tx(op)
 
@@ -479,23 +452,15 @@ class PostgresStore(Store):
                 " WHERE status = 'running' AND owner_node = $1 ORDER BY id",
                 node_id,
             )
-            return [Orphan(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+            return [Orphan(*r) for r in rows]
 
         return await self._tx(op)
 
     async def settle_orphan(self, task_id: int, fence: int, reason: str) -> TaskInfo:
         async def op(conn: asyncpg.Connection) -> TaskInfo:
             row = await _row(conn, task_id, lock=True)
-            if row["status"] != Status.RUNNING or row["fence"] != fence:
-                return _info(row)  # someone settled it already
-            transition = decide_orphan(
-                attempts_used=row["attempts_used"],
-                max_attempts=row["max_attempts"],
-                reason=reason,
-                cancel_requested=row["cancel_requested"] is not None,
-            )
-            now: float = await conn.fetchval(_NOW)
-            return _info(await _apply(conn, row, transition, now, "orphaned", None))
+            ending = plan_orphan_settlement(task_state(row), fence, reason, row["now"])
+            return _info(row if ending is None else await _end(conn, ending))
 
         return await self._tx(op)
 
@@ -537,27 +502,16 @@ class PostgresStore(Store):
     async def request_cancel(self, task_id: int, *, force: bool = False) -> TaskInfo:
         async def op(conn: asyncpg.Connection) -> TaskInfo:
             row = await _row(conn, task_id, lock=True)
-            status = Status(row["status"])
-            now: float = await conn.fetchval(_NOW)
-            if status is Status.WAITING:
-                transition = Transition(Status.CANCELLED, False, reason="cancelled while waiting")
-                return _info(await _apply(conn, row, transition, now, None, None))
-            if status is Status.RUNNING:
-                mode = "force" if force or row["cancel_requested"] == "force" else "graceful"
+            plan = plan_cancel(task_state(row), force=force, now=row["now"])
+            if isinstance(plan, Ending):
+                return _info(await _end(conn, plan))
+            if isinstance(plan, CancelRequest):
                 updated = await conn.fetchrow(
                     "UPDATE taskpool_tasks SET cancel_requested = $2 WHERE id = $1 RETURNING *",
                     task_id,
-                    mode,
+                    plan.mode.value,
                 )
-                await conn.execute(
-                    "INSERT INTO taskpool_events (task_id, at, fence, node_id, from_status,"
-                    " to_status, reason) VALUES ($1, $2, $3, $4, 'running', 'running', $5)",
-                    task_id,
-                    now,
-                    row["fence"],
-                    row["owner_node"],
-                    f"cancel requested ({mode})",
-                )
+                await _log(conn, plan.event)
                 return _info(updated)
             return _info(row)
 
@@ -619,58 +573,41 @@ class PostgresStore(Store):
 
 
 async def _row(conn: asyncpg.Connection, task_id: int, *, lock: bool = False) -> Any:
-    sql = "SELECT * FROM taskpool_tasks WHERE id = $1" + (" FOR UPDATE" if lock else "")
-    row = await conn.fetchrow(sql, task_id)
+    """The task's row, with the database's clock as `now`; `lock`: FOR UPDATE."""
+    sql = f"SELECT t.*, ({_NOW}) AS now FROM taskpool_tasks t WHERE id = $1"
+    row = await conn.fetchrow(sql + (" FOR UPDATE" if lock else ""), task_id)
     if row is None:
-        raise TaskNotFound(f"no task {task_id}")
+        raise no_task(task_id)
     return row
 
 
 async def _fenced(conn: asyncpg.Connection, task_id: int, fence: int) -> Any:
-    """The locked task row if `fence` still owns it, else `LeaseLost` (see sqlite's)."""
-    row = await conn.fetchrow(
-        f"SELECT t.*, ({_NOW}) AS now FROM taskpool_tasks t WHERE id = $1 FOR UPDATE", task_id
-    )
-    if row is None:
-        raise TaskNotFound(f"no task {task_id}")
-    if row["status"] != Status.RUNNING or row["fence"] != fence:
-        raise LeaseLost(
-            f"task {task_id}: fence {fence} is stale"
-            f" (task is {row['status']}, fence {row['fence']})"
-        )
+    """The locked task row if `fence` still owns it, else `LeaseLost` (see `check_fence`)."""
+    row = await _row(conn, task_id, lock=True)
+    check_fence(task_state(row), fence)
     return row
 
 
-async def _finish(conn: asyncpg.Connection, task_id: int, fence: int, outcome: Outcome) -> Any:
-    row = await _fenced(conn, task_id, fence)
-    transition = decide_finish(
-        outcome,
-        attempts_used=row["attempts_used"],
-        max_attempts=row["max_attempts"],
-        backoff_s=row["retry_backoff_s"],
-        now=row["now"],
-        cancel_requested=row["cancel_requested"] is not None,
+async def _log(conn: asyncpg.Connection, event: EventRecord) -> None:
+    """Log an event the trigger does not (one that changes neither status nor fence)."""
+    await conn.execute(
+        f"INSERT INTO taskpool_events ({EVENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        *event_values(event),
     )
-    updated = await _apply(conn, row, transition, row["now"], outcome.kind.value, outcome.exit_code)
-    return updated
 
 
-async def _apply(
-    conn: asyncpg.Connection,
-    row: Any,
-    transition: Transition,
-    now: float,
-    outcome: str | None,
-    exit_code: int | None,
-) -> Any:
+async def _end(conn: asyncpg.Connection, ending: Ending) -> Any:
     """Write the end of an attempt (or of a waiting task); the trigger logs the event."""
-    columns = ended_columns(row, transition, now, exit_code)
+    columns = ending_columns(ending)
     names = list(columns)
     assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(names, 2))
     values = [columns[name] for name in names]
-    if row["status"] != Status.RUNNING:
+    attempt = ending.attempt
+    if attempt is None:
         return await conn.fetchrow(
-            f"UPDATE taskpool_tasks SET {assignments} WHERE id = $1 RETURNING *", row["id"], *values
+            f"UPDATE taskpool_tasks SET {assignments} WHERE id = $1 RETURNING *",
+            ending.task_id,
+            *values,
         )
     # The attempt's record is closed in the same statement (one round trip).
     n = len(names) + 2
@@ -679,51 +616,19 @@ async def _apply(
         f" attempt AS (UPDATE taskpool_attempts SET finished_at = ${n}, outcome = ${n + 1},"
         f" exit_code = ${n + 2}, reason = ${n + 3} WHERE task_id = $1 AND fence = ${n + 4})"
         " SELECT * FROM ended",
-        row["id"],
+        ending.task_id,
         *values,
-        now,
-        outcome,
-        exit_code,
-        transition.reason,
-        row["fence"],
+        ending.at,
+        attempt.outcome.value,
+        attempt.exit_code,
+        attempt.reason,
+        attempt.fence,
     )
 
 
-def _slot(row: Any) -> Slot:
-    return Slot(
-        task_id=row["id"],
-        project=row["project"],
-        template=row["template"],
-        template_parallel=row["template_parallel"],
-        locks=frozenset(row["locks"]),
-    )
-
-
-#: Filters that drop waiting tasks certainly blocked by what already runs, each added
-#: only when its list is non-empty so the common query stays a plain index walk.
-_CANDIDATE_FILTERS = {
-    "full_projects": "project <> ALL({})",
-    "templates_exclusive": "(template IS NULL OR template <> ALL({}))",
-    "templates_any": "(template IS NULL OR template_parallel OR template <> ALL({}))",
-    "locks_held": "NOT (locks && {})",
-}
-
-
-async def _candidates(
-    conn: asyncpg.Connection, now: float, window: int, blocked: dict[str, list[str]]
-) -> list[Any]:
-    where = ["status = 'waiting'", "not_before <= $1"]
-    args: list[Any] = [now, window]
-    for name, values in blocked.items():
-        if values:
-            args.append(values)
-            where.append(_CANDIDATE_FILTERS[name].format(f"${len(args)}::text[]"))
-    sql = (
-        "SELECT id, project, template, template_parallel, locks FROM taskpool_tasks WHERE "
-        + " AND ".join(where)
-        + " ORDER BY priority DESC, id LIMIT $2"
-    )
-    return list(await conn.fetch(sql, *args))
+async def _finish(conn: asyncpg.Connection, task_id: int, fence: int, outcome: Outcome) -> Any:
+    row = await _row(conn, task_id, lock=True)
+    return await _end(conn, plan_finish(task_state(row), fence, outcome, row["now"]))
 
 
 async def _claim(
@@ -743,11 +648,7 @@ async def _claim(
         json.dumps(dict(limits.project_limits)),
         lease_ttl_s,
     )
-    claims = []
-    for row in rows:
-        info = _info(row)
-        claims.append(Claim(info, info.fence))
-    return claims
+    return [Claim(_info(row)) for row in rows]
 
 
 def _info(r: Any) -> TaskInfo:
