@@ -18,13 +18,13 @@ from pathlib import Path
 
 import anyio
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 
 from taskpool import Limits, Store, TaskSpec
 from taskpool._decisions import claim_reason
 from taskpool._rules import Slot, plan_claims
 from tests.integration.test_store_contract import BACKENDS, handles
-from tests.strategies import CLAIMING_NODE, NODES, ClaimWorld, claim_worlds
+from tests.strategies import CLAIMING_NODE, NODES, ClaimWorld, WaitingTask, claim_worlds
 
 
 @pytest.fixture(params=sorted(BACKENDS))
@@ -82,12 +82,28 @@ async def build(stores: list[Store], world: ClaimWorld) -> dict[int, int]:
     return slot_of
 
 
+#: A parallel task that blocks the exclusive tasks of its template behind it, more of
+#: them than SQLite reads in one window: SQLite's claim once chose the first task again
+#: from its second window (claimed twice, the first claim's fence stale at once).
+PARALLEL_BEFORE_A_FULL_WINDOW = ClaimWorld(
+    running=[],
+    waiting=[
+        WaitingTask(Slot(1, "alpha", "build", True), 0, True),
+        *(WaitingTask(Slot(i, "alpha", "build"), 0, True) for i in range(2, 8)),
+        WaitingTask(Slot(8, "alpha", "lint"), 0, True),
+    ],
+    max_parallel=2,
+    project_limits={},
+)
+
+
 @settings(
     max_examples=40,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(world=claim_worlds())
+@example(world=PARALLEL_BEFORE_A_FULL_WINDOW)
 def test_every_backend_claims_what_plan_claims_chooses(backend: str, world: ClaimWorld) -> None:
     """The same world through `plan_claims` and through the backend's claim gives the
     same ordered task ids, each claimed once, as a first attempt with its reason."""
