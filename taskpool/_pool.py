@@ -187,9 +187,10 @@ class TaskPool:
         # fence): a claim whose result never reached the pool. Handed back when seen
         # twice in a row, so a claim still on its way is never mistaken for one.
         self._strays: dict[int, int] = {}
-        # When each running attempt's lease surely runs out, on this process's monotonic
-        # clock: (time its claim or last renewal was *sent*) + TTL. The store's expiry
-        # is computed when the request arrives, so it is never earlier than this.
+        # When each running attempt's lease surely runs out, on the system's monotonic
+        # clock (time.monotonic(), which the guard process shares): (time its claim or
+        # last renewal was *sent*) + TTL. The store's expiry is computed when the
+        # request arrives, so it is never earlier than this.
         self._lease_deadlines: dict[tuple[int, int], float] = {}
         self._hurried = False  # hurry_shutdown was called: no drain, no grace
 
@@ -392,7 +393,7 @@ class TaskPool:
             while not self._closing:
                 self._wake = anyio.Event()
                 if len(self._runners) < self.limits.max_parallel:
-                    asked_at = anyio.current_time()
+                    asked_at = time.monotonic()
                     try:
                         claims = await self._with_store(
                             lambda: self.store.claim(self.node_id, self.limits, self.lease_ttl_s),
@@ -431,7 +432,7 @@ class TaskPool:
             # before anything is renewed in it: the pool crashes rather than split.
             await self._with_store(self.store.check_identity)
             before = dict(self._runners)  # only runners whose claim committed before the renewal
-            asked_at = anyio.current_time()
+            asked_at = time.monotonic()
             renewal = await self._with_store(
                 lambda: self.store.renew_leases(self.node_id, self.lease_ttl_s)
             )
@@ -439,7 +440,7 @@ class TaskPool:
             for (task_id, fence), control in before.items():
                 key = (task_id, fence)
                 if renewal.held.get(task_id) != fence:
-                    if self._lease_deadlines.get(key, math.inf) <= anyio.current_time():
+                    if self._lease_deadlines.get(key, math.inf) <= time.monotonic():
                         # Not renewed because it ran out while the store was unreachable
                         # (or this process was paused): ours unless rescued; hand it back.
                         control.stop(StopKind.SELF_FENCED, self._self_fence_reason(), force=True)
@@ -498,7 +499,7 @@ class TaskPool:
         ours, whether the store is down, the network is cut or silent. The stopped
         attempt is handed back without using an attempt once the store answers."""
         while True:
-            now = anyio.current_time()
+            now = time.monotonic()
             margin = self.self_fence_margin_s
             wake_at = now + self.heartbeat_interval_s  # new leases run out later than this
             for key, deadline in list(self._lease_deadlines.items()):
@@ -509,7 +510,7 @@ class TaskPool:
                     control.stop(StopKind.SELF_FENCED, self._self_fence_reason(), force=True)
                 else:
                     wake_at = min(wake_at, deadline - margin)
-            await anyio.sleep(max(wake_at - anyio.current_time(), 0.01))
+            await anyio.sleep(max(wake_at - time.monotonic(), 0.01))
 
     async def _reaper_loop(self) -> None:
         while True:
@@ -607,7 +608,7 @@ class TaskPool:
             # A self-fenced node is in trouble with its store: no new work until it renews.
             await self._with_store(lambda: self.store.finish(task_id, fence, outcome))
             return False
-        asked_at = anyio.current_time()
+        asked_at = time.monotonic()
         claims = await self._with_store(
             lambda: self.store.finish_and_claim(
                 task_id,

@@ -120,6 +120,17 @@ class RunnerControl:
         return f"<RunnerControl pid={self.pid} request={self.request}>"
 
 
+class AttemptWatcher(Protocol):
+    """Someone outside the runner that keeps an eye on the attempt (the node's guard):
+    told the leader's pid once it is spawned, and told before the leader is reaped
+    (while its pid cannot be reused) that it exited; answers then how it killed the
+    attempt, if it did."""
+
+    def started(self, pid: int) -> None: ...
+
+    def exited(self) -> str | None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class RunRequest:
     argv: Sequence[str]
@@ -135,6 +146,7 @@ class RunRequest:
     inherit_env: bool = True  # start from the worker's environment (minus taskpool's own)
     #: Where the attempt's processes live (its cgroup, or just its process group).
     box: Box = field(default_factory=lambda: ProcessGroupBox("-", ResourceLimits()))
+    watcher: AttemptWatcher | None = None
 
 
 SpawnHook = Callable[[int, float], Awaitable[None]]
@@ -211,9 +223,13 @@ def _spawn_error(req: RunRequest, exc: OSError) -> str:
 class _Process:
     """A spawned leader and its group, awaited without reaping until we choose to."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], box: Box) -> None:
+    def __init__(
+        self, popen: subprocess.Popen[bytes], box: Box, watcher: AttemptWatcher | None
+    ) -> None:
         self.popen = popen
         self.box = box
+        self.watcher = watcher
+        self.killed_by: str | None = None  # what the watcher says killed it
         self.pid = popen.pid
         self.exit_code: int | None = None
         self.exited = anyio.Event()  # the leader is dead (a zombie until reaped)
@@ -263,6 +279,8 @@ class _Process:
 
     def reap(self) -> int:
         if self.exit_code is None:
+            if self.watcher is not None:  # before the pid is freed for reuse
+                self.killed_by = self.watcher.exited()
             _, status = os.waitpid(self.pid, 0)
             self.exit_code = os.waitstatus_to_exitcode(status)
             self.popen.returncode = self.exit_code  # so Popen never warns or re-waits
@@ -469,12 +487,14 @@ async def run_attempt(
         return Outcome(OutcomeKind.SPAWN_FAILED, f"could not start {req.argv[0]!r}: {exc}")
     finally:
         req.box.spawned()
-    proc = _Process(popen, req.box)
+    proc = _Process(popen, req.box, req.watcher)
     control.pid = proc.pid
     attempt = _Attempt(req, sink, control, proc, on_spawn)
     control._kill_now = attempt.kill_now
     survivors = 0
     try:
+        if req.watcher is not None:
+            req.watcher.started(proc.pid)
         async with anyio.create_task_group() as tg:
             tg.start_soon(attempt.pump_output)
             tg.start_soon(attempt.watch)
@@ -510,6 +530,8 @@ async def run_attempt(
     assert code is not None
     if attempt.stop is not None:
         outcome = Outcome(attempt.stop.kind, attempt.stop.reason, code)
+    elif proc.killed_by is not None:
+        outcome = Outcome(OutcomeKind.SELF_FENCED, proc.killed_by, code)
     else:
         outcome = Outcome(OutcomeKind.EXITED, describe_exit(code), code)
     notes = []
