@@ -7,9 +7,7 @@ The sqlite3 calls run in threads; a transaction in flight always runs to its
 end even if the awaiting task is cancelled, so cancellation never leaves half
 an operation behind.
 
-Each operation reads rows, asks `taskpool._decisions` (or, for a claim,
-`taskpool._rules`) what to do, and writes the answer; the triggers of the first
-migration log every transition.
+The operations themselves, run inside a transaction, are in `_sqlite_ops.py`.
 """
 
 from __future__ import annotations
@@ -20,46 +18,24 @@ import sqlite3
 import time
 import urllib.parse
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import anyio
 import anyio.to_thread
 
-from .._decisions import (
-    CancelRequest,
-    Ending,
-    EventRecord,
-    TaskState,
-    check_fence,
-    plan_cancel,
-    plan_finish,
-    plan_handback,
-    plan_orphan_settlement,
-    plan_rescue,
-    plan_start,
-)
 from .._errors import StoreError, StoreUnavailable
 from .._models import Claim, Limits, NodeInfo, Outcome, Status, TaskEvent, TaskInfo, TaskSpec
-from .._rules import Prefilter, Slot, claim_in_windows
 from .._store import Orphan, OutputChunk, Renewal, Store
+from . import _sqlite_ops as ops
 from ._common import (
-    EVENT_COLUMNS,
     NODE_COLUMNS,
     alive_filter,
     check_schema_version,
-    ending_columns,
     event_from_row,
-    event_values,
-    no_task,
     node_from_row,
     node_values,
-    renewal,
-    start_columns,
-    task_info,
-    task_state,
 )
 from ._sqlite_files import (
     FileIdentity,
@@ -279,21 +255,7 @@ class SQLiteStore(Store):
         await self._write(op)
 
     async def stop_node(self, node_id: str, reason: str) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            now = self._clock()
-            conn.execute(
-                "UPDATE nodes SET stopped_at = ?, stop_reason = ?"
-                " WHERE id = ? AND stopped_at IS NULL",
-                (now, reason, node_id),
-            )
-            # In the same transaction, so a stopped node never owns a running attempt.
-            rows = conn.execute(
-                "SELECT * FROM tasks WHERE status = 'running' AND owner_node = ?", (node_id,)
-            ).fetchall()
-            for row in rows:
-                _end(conn, plan_handback(task_state(row), node_id, reason, now))
-
-        await self._write(op)
+        await self._write(lambda conn: ops.stop_node(conn, node_id, reason, self._clock()))
 
     async def list_nodes(
         self, *, host: str | None = None, alive: bool | None = None
@@ -353,40 +315,18 @@ class SQLiteStore(Store):
 
     async def claim(self, node_id: str, limits: Limits, lease_ttl_s: float) -> list[Claim]:
         return await self._write(
-            lambda conn: _claim(conn, node_id, limits, lease_ttl_s, self._clock())
+            lambda conn: ops.claim(conn, node_id, limits, lease_ttl_s, self._clock())
         )
 
     async def record_spawn(self, task_id: int, fence: int, pid: int, pid_started_at: float) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            _fenced(conn, task_id, fence)
-            conn.execute(
-                "UPDATE tasks SET pid = ?, pid_started_at = ? WHERE id = ?",
-                (pid, pid_started_at, task_id),
-            )
-            conn.execute(
-                "UPDATE attempts SET pid = ?, pid_started_at = ? WHERE task_id = ? AND fence = ?",
-                (pid, pid_started_at, task_id, fence),
-            )
-
-        await self._write(op)
+        await self._write(lambda conn: ops.record_spawn(conn, task_id, fence, pid, pid_started_at))
 
     async def append_output(self, task_id: int, fence: int, texts: Sequence[str]) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            _fenced(conn, task_id, fence)
-            (last,) = conn.execute(
-                "SELECT COALESCE(MAX(seq), 0) FROM output WHERE task_id = ? AND fence = ?",
-                (task_id, fence),
-            ).fetchone()
-            conn.executemany(
-                "INSERT INTO output (task_id, fence, seq, text) VALUES (?, ?, ?, ?)",
-                [(task_id, fence, last + i, text) for i, text in enumerate(texts, 1)],
-            )
-
-        await self._write(op)
+        await self._write(lambda conn: ops.append_output(conn, task_id, fence, texts))
 
     async def finish(self, task_id: int, fence: int, outcome: Outcome) -> TaskInfo:
         def op(conn: sqlite3.Connection) -> TaskInfo:
-            return _info(_finish(conn, task_id, fence, outcome, self._clock()))
+            return ops.info(ops.finish(conn, task_id, fence, outcome, self._clock()))
 
         return await self._write(op)
 
@@ -402,44 +342,21 @@ class SQLiteStore(Store):
     ) -> list[Claim]:
         def op(conn: sqlite3.Connection) -> list[Claim]:
             now = self._clock()
-            _finish(conn, task_id, fence, outcome, now)
-            return _claim(conn, node_id, limits, lease_ttl_s, now)
+            ops.finish(conn, task_id, fence, outcome, now)
+            return ops.claim(conn, node_id, limits, lease_ttl_s, now)
 
         return await self._write(op)
 
     async def renew_leases(self, node_id: str, lease_ttl_s: float) -> Renewal:
-        def op(conn: sqlite3.Connection) -> Renewal:
-            now = self._clock()
-            rows = conn.execute(
-                "UPDATE tasks SET lease_expires_at = ? WHERE owner_node = ? AND status = 'running'"
-                " AND lease_expires_at >= ? RETURNING id, fence, cancel_requested",
-                (now + lease_ttl_s, node_id, now),
-            ).fetchall()
-            conn.execute("UPDATE nodes SET heartbeat_at = ? WHERE id = ?", (now, node_id))
-            return renewal(rows)
-
-        return await self._write(op)
+        return await self._write(
+            lambda conn: ops.renew_leases(conn, node_id, lease_ttl_s, self._clock())
+        )
 
     async def rescue_expired(
         self, *, except_attempts: Collection[tuple[int, int]] = ()
     ) -> list[TaskInfo]:
         spared = set(except_attempts)
-
-        def op(conn: sqlite3.Connection) -> list[TaskInfo]:
-            now = self._clock()
-            rows = conn.execute(
-                "SELECT t.*, n.heartbeat_at AS node_heartbeat_at FROM tasks t"
-                " LEFT JOIN nodes n ON n.id = t.owner_node"
-                " WHERE t.status = 'running' AND t.lease_expires_at < ?",
-                (now,),
-            ).fetchall()
-            return [
-                _info(_end(conn, plan_rescue(task_state(r), r["node_heartbeat_at"], now)))
-                for r in rows
-                if (r["id"], r["fence"]) not in spared
-            ]
-
-        return await self._write(op)
+        return await self._write(lambda conn: ops.rescue_expired(conn, spared, self._clock()))
 
     async def orphans_of(self, node_id: str) -> list[Orphan]:
         def op(conn: sqlite3.Connection) -> list[Orphan]:
@@ -453,33 +370,19 @@ class SQLiteStore(Store):
         return await self._read(op)
 
     async def settle_orphan(self, task_id: int, fence: int, reason: str) -> TaskInfo:
-        def op(conn: sqlite3.Connection) -> TaskInfo:
-            row = _row(conn, task_id)
-            ending = plan_orphan_settlement(task_state(row), fence, reason, self._clock())
-            return _info(row if ending is None else _end(conn, ending))
-
-        return await self._write(op)
+        return await self._write(
+            lambda conn: ops.settle_orphan(conn, task_id, fence, reason, self._clock())
+        )
 
     # -- operator actions --------------------------------------------------
     async def request_cancel(self, task_id: int, *, force: bool = False) -> TaskInfo:
-        def op(conn: sqlite3.Connection) -> TaskInfo:
-            row = _row(conn, task_id)
-            plan = plan_cancel(task_state(row), force=force, now=self._clock())
-            if isinstance(plan, Ending):
-                return _info(_end(conn, plan))
-            if isinstance(plan, CancelRequest):
-                conn.execute(
-                    "UPDATE tasks SET cancel_requested = ? WHERE id = ?", (plan.mode.value, task_id)
-                )
-                _log(conn, plan.event)
-                return _info(_row(conn, task_id))
-            return _info(row)
-
-        return await self._write(op, durable=True)
+        return await self._write(
+            lambda conn: ops.request_cancel(conn, task_id, force, self._clock()), durable=True
+        )
 
     # -- reads -------------------------------------------------------------
     async def get(self, task_id: int) -> TaskInfo:
-        return await self._read(lambda conn: _info(_row(conn, task_id)))
+        return await self._read(lambda conn: ops.info(ops.task_row(conn, task_id)))
 
     async def list_tasks(
         self,
@@ -496,7 +399,7 @@ class SQLiteStore(Store):
                 " AND (? IS NULL OR project = ?) ORDER BY id DESC LIMIT ?",
                 (wanted, wanted, project, project, limit),
             ).fetchall()
-            return [_info(r) for r in rows]
+            return [ops.info(r) for r in rows]
 
         return await self._read(op)
 
@@ -539,159 +442,3 @@ def _split_sql(script: str) -> list[str]:
     ):
         raise StoreError(f"incomplete SQL statement in migration: {buffer.strip()[:80]!r}")
     return statements
-
-
-def _row(conn: sqlite3.Connection, task_id: int) -> sqlite3.Row:
-    row = conn.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
-    if row is None:
-        raise no_task(task_id)
-    return row  # type: ignore[no-any-return]
-
-
-def _fenced(conn: sqlite3.Connection, task_id: int, fence: int) -> sqlite3.Row:
-    """The task row if `fence` still owns it, else `LeaseLost` (see `check_fence`)."""
-    row = _row(conn, task_id)
-    check_fence(task_state(row), fence)
-    return row
-
-
-def _log(conn: sqlite3.Connection, event: EventRecord) -> None:
-    """Log an event the triggers do not (one that changes neither status nor fence)."""
-    conn.execute(
-        f"INSERT INTO events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", event_values(event)
-    )
-
-
-def _update(conn: sqlite3.Connection, task_id: int, columns: dict[str, Any]) -> sqlite3.Row:
-    """Set a task's columns; the triggers log the transition. The row as written."""
-    assignments = ", ".join(f"{name} = :{name}" for name in columns)
-    return conn.execute(  # type: ignore[no-any-return]
-        f"UPDATE tasks SET {assignments} WHERE id = :id RETURNING *", {**columns, "id": task_id}
-    ).fetchone()
-
-
-def _end(conn: sqlite3.Connection, ending: Ending) -> sqlite3.Row:
-    """Write the end of an attempt (or of a waiting task), and close the attempt's record."""
-    updated = _update(conn, ending.task_id, ending_columns(ending))
-    attempt = ending.attempt
-    if attempt is not None:
-        conn.execute(
-            "UPDATE attempts SET finished_at = ?, outcome = ?, exit_code = ?, reason = ?"
-            " WHERE task_id = ? AND fence = ?",
-            (
-                ending.at,
-                attempt.outcome.value,
-                attempt.exit_code,
-                attempt.reason,
-                ending.task_id,
-                attempt.fence,
-            ),
-        )
-    return updated
-
-
-def _finish(
-    conn: sqlite3.Connection, task_id: int, fence: int, outcome: Outcome, now: float
-) -> sqlite3.Row:
-    return _end(conn, plan_finish(task_state(_row(conn, task_id)), fence, outcome, now))
-
-
-def _locks(text: str) -> frozenset[str]:
-    return frozenset(json.loads(text)) if text != "[]" else frozenset()
-
-
-def _slot(row: sqlite3.Row) -> Slot:
-    return Slot(
-        task_id=row["id"],
-        project=row["project"],
-        template=row["template"],
-        template_parallel=bool(row["template_parallel"]),
-        locks=_locks(row["locks"]),
-    )
-
-
-#: The query's form of each list of `Prefilter` (and of the tasks already taken), each
-#: added only when its list is non-empty so the common query stays a plain index walk.
-_PREFILTER_SQL = {
-    "full_projects": "project NOT IN (SELECT value FROM json_each(:full_projects))",
-    "templates_exclusive": "(template IS NULL OR template NOT IN "
-    "(SELECT value FROM json_each(:templates_exclusive)))",
-    "templates_any": "(template IS NULL OR template_parallel "
-    "OR template NOT IN (SELECT value FROM json_each(:templates_any)))",
-    "locks_held": "NOT EXISTS (SELECT 1 FROM task_locks l WHERE l.task_id = tasks.id "
-    "AND l.lock_name IN (SELECT value FROM json_each(:locks_held)))",
-    "taken": "id NOT IN (SELECT value FROM json_each(:taken))",
-}
-
-#: The columns a claim reads of a waiting task: its routing and its state.
-_CANDIDATE_COLUMNS = (
-    "id, project, template, template_parallel, locks, status, fence, attempts_used,"
-    " max_attempts, retry_backoff_s, owner_node, lease_expires_at, cancel_requested"
-)
-
-
-def _candidates(
-    conn: sqlite3.Connection, now: float, prefilter: Prefilter, taken: Sequence[int], window: int
-) -> list[sqlite3.Row]:
-    """Waiting tasks in queue order, minus those certainly blocked or already taken."""
-    where = ["status = 'waiting'", "not_before <= :now"]
-    params: dict[str, object] = {"now": now, "window": window}
-    lists = {f.name: getattr(prefilter, f.name) for f in fields(prefilter)}
-    for name, values in {**lists, "taken": taken}.items():
-        if values:
-            where.append(_PREFILTER_SQL[name])
-            params[name] = json.dumps(list(values))
-    sql = (
-        f"SELECT {_CANDIDATE_COLUMNS} FROM tasks WHERE "
-        + " AND ".join(where)
-        + " ORDER BY priority DESC, id LIMIT :window"
-    )
-    return conn.execute(sql, params).fetchall()
-
-
-def _claim(
-    conn: sqlite3.Connection, node_id: str, limits: Limits, lease_ttl_s: float, now: float
-) -> list[Claim]:
-    node = conn.execute("SELECT stopped_at FROM nodes WHERE id = ?", (node_id,)).fetchone()
-    if node is not None and node["stopped_at"] is not None:
-        return []  # a stopped node runs nothing: its claim would be left for lease expiry
-    rows = conn.execute(
-        "SELECT id, project, template, template_parallel, locks, owner_node FROM tasks"
-        " WHERE status = 'running' AND lease_expires_at >= ?",
-        (now,),
-    ).fetchall()
-    states: dict[int, TaskState] = {}
-
-    def fetch(prefilter: Prefilter, taken: Sequence[int], window: int) -> list[Slot]:
-        found = _candidates(conn, now, prefilter, taken, window)
-        states.update((r["id"], task_state(r)) for r in found)
-        return [_slot(r) for r in found]
-
-    chosen = claim_in_windows(
-        fetch,
-        [_slot(r) for r in rows],
-        node_running=sum(1 for r in rows if r["owner_node"] == node_id),
-        max_parallel=limits.max_parallel,
-        project_limits=limits.project_limits,
-    )
-    claims = []
-    for slot in chosen:
-        start = plan_start(states[slot.task_id], node_id, now, lease_ttl_s)
-        row = _update(conn, slot.task_id, start_columns(start))
-        conn.execute(
-            "INSERT INTO attempts (task_id, fence, node_id, claimed_at) VALUES (?, ?, ?, ?)",
-            (slot.task_id, start.fence, node_id, now),
-        )
-        claims.append(Claim(_info(row)))
-    return claims
-
-
-def _info(r: sqlite3.Row) -> TaskInfo:
-    env = r["env"]
-    return task_info(
-        r,
-        argv=json.loads(r["argv"]),
-        env=json.loads(env) if env is not None else None,
-        pass_env=json.loads(r["pass_env"]),
-        locks=sorted(_locks(r["locks"])),
-    )
