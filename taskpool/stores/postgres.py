@@ -17,39 +17,22 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from importlib import resources
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 
-from .._decisions import (
-    CancelRequest,
-    Ending,
-    EventRecord,
-    check_fence,
-    plan_cancel,
-    plan_finish,
-    plan_handback,
-    plan_orphan_settlement,
-    plan_rescue,
-)
 from .._errors import StoreError, StoreUnavailable
 from .._models import Claim, Limits, NodeInfo, Outcome, Status, TaskEvent, TaskInfo, TaskSpec
 from .._redact import dsn_secrets, redact
 from .._store import Orphan, OutputChunk, Renewal, Store
+from . import _postgres_ops as ops
 from ._common import (
-    EVENT_COLUMNS,
     NODE_COLUMNS,
     alive_filter,
     check_schema_version,
-    ending_columns,
     event_from_row,
-    event_values,
-    no_task,
     node_from_row,
     node_values,
-    renewal,
-    task_info,
-    task_state,
 )
 
 if TYPE_CHECKING:
@@ -62,11 +45,7 @@ log = logging.getLogger("taskpool")
 #: claim (submits, ends, retries, rescues).
 WORK_CHANNEL = "taskpool_work"
 
-#: Key of the advisory lock that serializes claims (and migrations, with +1).
-CLAIM_LOCK = 0x7A5C_9001
-MIGRATION_LOCK = CLAIM_LOCK + 1
-
-_NOW = "SELECT extract(epoch FROM clock_timestamp())::float8"
+_NOW = ops.NOW
 
 #: SQLSTATE classes worth retrying: connection exceptions, insufficient resources,
 #: operator intervention (shutdown), and serialization failures or deadlocks.
@@ -191,7 +170,7 @@ class PostgresStore(Store):
     @staticmethod
     async def _migrate(conn: asyncpg.Connection, *, create: bool = True) -> None:
         async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", ops.MIGRATION_LOCK)
             if not create and not await conn.fetchval(
                 "SELECT to_regclass('taskpool_schema_version') IS NOT NULL"
             ):
@@ -274,27 +253,7 @@ class PostgresStore(Store):
         await self._tx(op)
 
     async def stop_node(self, node_id: str, reason: str) -> None:
-        async def op(conn: asyncpg.Connection) -> None:
-            now: float = await conn.fetchval(_NOW)
-            await conn.execute(
-                "UPDATE taskpool_nodes SET stopped_at = $3, stop_reason = $2"
-                " WHERE id = $1 AND stopped_at IS NULL",
-                node_id,
-                reason,
-                now,
-            )
-            # In the same transaction, so a stopped node never owns a running attempt: a
-            # claim holds the node's row (FOR SHARE) until it commits, so this statement
-            # runs after any claim of the node and sees what it claimed.
-            rows = await conn.fetch(
-                "SELECT * FROM taskpool_tasks WHERE status = 'running' AND owner_node = $1"
-                " FOR UPDATE",
-                node_id,
-            )
-            for row in rows:
-                await _end(conn, plan_handback(task_state(row), node_id, reason, now))
-
-        await self._tx(op)
+        await self._tx(lambda conn: ops.stop_node(conn, node_id, reason))
 
     async def list_nodes(
         self, *, host: str | None = None, alive: bool | None = None
@@ -345,47 +304,17 @@ class PostgresStore(Store):
         return await self._tx(op)
 
     async def claim(self, node_id: str, limits: Limits, lease_ttl_s: float) -> list[Claim]:
-        return await self._tx(lambda conn: _claim(conn, node_id, limits, lease_ttl_s))
+        return await self._tx(lambda conn: ops.claim(conn, node_id, limits, lease_ttl_s))
 
     async def record_spawn(self, task_id: int, fence: int, pid: int, pid_started_at: float) -> None:
-        async def op(conn: asyncpg.Connection) -> None:
-            await _fenced(conn, task_id, fence)
-            await conn.execute(
-                "UPDATE taskpool_tasks SET pid = $2, pid_started_at = $3 WHERE id = $1",
-                task_id,
-                pid,
-                pid_started_at,
-            )
-            await conn.execute(
-                "UPDATE taskpool_attempts SET pid = $3, pid_started_at = $4"
-                " WHERE task_id = $1 AND fence = $2",
-                task_id,
-                fence,
-                pid,
-                pid_started_at,
-            )
-
-        await self._tx(op)
+        await self._tx(lambda conn: ops.record_spawn(conn, task_id, fence, pid, pid_started_at))
 
     async def append_output(self, task_id: int, fence: int, texts: Sequence[str]) -> None:
-        async def op(conn: asyncpg.Connection) -> None:
-            await _fenced(conn, task_id, fence)
-            last: int = await conn.fetchval(
-                "SELECT COALESCE(MAX(seq), 0) FROM taskpool_output"
-                " WHERE task_id = $1 AND fence = $2",
-                task_id,
-                fence,
-            )
-            await conn.executemany(
-                "INSERT INTO taskpool_output (task_id, fence, seq, text) VALUES ($1, $2, $3, $4)",
-                [(task_id, fence, last + i, text) for i, text in enumerate(texts, 1)],
-            )
-
-        await self._tx(op)
+        await self._tx(lambda conn: ops.append_output(conn, task_id, fence, texts))
 
     async def finish(self, task_id: int, fence: int, outcome: Outcome) -> TaskInfo:
         async def op(conn: asyncpg.Connection) -> TaskInfo:
-            return _info(await _finish(conn, task_id, fence, outcome))
+            return ops.info(await ops.finish(conn, task_id, fence, outcome))
 
         return await self._tx(op)
 
@@ -400,50 +329,19 @@ class PostgresStore(Store):
         lease_ttl_s: float,
     ) -> list[Claim]:
         async def op(conn: asyncpg.Connection) -> list[Claim]:
-            await _finish(conn, task_id, fence, outcome)
-            return await _claim(conn, node_id, limits, lease_ttl_s)
+            await ops.finish(conn, task_id, fence, outcome)
+            return await ops.claim(conn, node_id, limits, lease_ttl_s)
 
         return await self._tx(op)
 
     async def renew_leases(self, node_id: str, lease_ttl_s: float) -> Renewal:
-        async def op(conn: asyncpg.Connection) -> Renewal:
-            now: float = await conn.fetchval(_NOW)
-            rows = await conn.fetch(
-                "UPDATE taskpool_tasks SET lease_expires_at = $3 WHERE owner_node = $1"
-                " AND status = 'running' AND lease_expires_at >= $2"
-                " RETURNING id, fence, cancel_requested",
-                node_id,
-                now,
-                now + lease_ttl_s,
-            )
-            await conn.execute(
-                "UPDATE taskpool_nodes SET heartbeat_at = $2 WHERE id = $1", node_id, now
-            )
-            return renewal(rows)
-
-        return await self._tx(op)
+        return await self._tx(lambda conn: ops.renew_leases(conn, node_id, lease_ttl_s))
 
     async def rescue_expired(
         self, *, except_attempts: Collection[tuple[int, int]] = ()
     ) -> list[TaskInfo]:
         spared = set(except_attempts)
-
-        async def op(conn: asyncpg.Connection) -> list[TaskInfo]:
-            now: float = await conn.fetchval(_NOW)
-            rows = await conn.fetch(
-                "SELECT t.*, n.heartbeat_at AS node_heartbeat_at FROM taskpool_tasks t"
-                " LEFT JOIN taskpool_nodes n ON n.id = t.owner_node"
-                " WHERE t.status = 'running' AND t.lease_expires_at < $1"
-                " FOR UPDATE OF t SKIP LOCKED",
-                now,
-            )
-            return [
-                _info(await _end(conn, plan_rescue(task_state(r), r["node_heartbeat_at"], now)))
-                for r in rows
-                if (r["id"], r["fence"]) not in spared
-            ]
-
-        return await self._tx(op)
+        return await self._tx(lambda conn: ops.rescue_expired(conn, spared))
 
     async def orphans_of(self, node_id: str) -> list[Orphan]:
         async def op(conn: asyncpg.Connection) -> list[Orphan]:
@@ -457,12 +355,7 @@ class PostgresStore(Store):
         return await self._tx(op)
 
     async def settle_orphan(self, task_id: int, fence: int, reason: str) -> TaskInfo:
-        async def op(conn: asyncpg.Connection) -> TaskInfo:
-            row = await _row(conn, task_id, lock=True)
-            ending = plan_orphan_settlement(task_state(row), fence, reason, row["now"])
-            return _info(row if ending is None else await _end(conn, ending))
-
-        return await self._tx(op)
+        return await self._tx(lambda conn: ops.settle_orphan(conn, task_id, fence, reason))
 
     async def watch_for_work(self, on_work: Callable[[], None]) -> None:
         """LISTEN on `taskpool_work` (NOTIFYed by submits, retries and rescues) on a
@@ -500,27 +393,12 @@ class PostgresStore(Store):
 
     # -- operator actions --------------------------------------------------
     async def request_cancel(self, task_id: int, *, force: bool = False) -> TaskInfo:
-        async def op(conn: asyncpg.Connection) -> TaskInfo:
-            row = await _row(conn, task_id, lock=True)
-            plan = plan_cancel(task_state(row), force=force, now=row["now"])
-            if isinstance(plan, Ending):
-                return _info(await _end(conn, plan))
-            if isinstance(plan, CancelRequest):
-                updated = await conn.fetchrow(
-                    "UPDATE taskpool_tasks SET cancel_requested = $2 WHERE id = $1 RETURNING *",
-                    task_id,
-                    plan.mode.value,
-                )
-                await _log(conn, plan.event)
-                return _info(updated)
-            return _info(row)
-
-        return await self._tx(op)
+        return await self._tx(lambda conn: ops.request_cancel(conn, task_id, force))
 
     # -- reads -------------------------------------------------------------
     async def get(self, task_id: int) -> TaskInfo:
         async def op(conn: asyncpg.Connection) -> TaskInfo:
-            return _info(await _row(conn, task_id))
+            return ops.info(await ops.task_row(conn, task_id))
 
         return await self._tx(op)
 
@@ -539,7 +417,7 @@ class PostgresStore(Store):
                 project,
                 limit,
             )
-            return [_info(r) for r in rows]
+            return [ops.info(r) for r in rows]
 
         return await self._tx(op)
 
@@ -567,96 +445,3 @@ class PostgresStore(Store):
             return [OutputChunk(r[0], r[1], r[2]) for r in rows]
 
         return await self._tx(op)
-
-
-# -- operations, run inside a transaction ------------------------------------
-
-
-async def _row(conn: asyncpg.Connection, task_id: int, *, lock: bool = False) -> Any:
-    """The task's row, with the database's clock as `now`; `lock`: FOR UPDATE."""
-    sql = f"SELECT t.*, ({_NOW}) AS now FROM taskpool_tasks t WHERE id = $1"
-    row = await conn.fetchrow(sql + (" FOR UPDATE" if lock else ""), task_id)
-    if row is None:
-        raise no_task(task_id)
-    return row
-
-
-async def _fenced(conn: asyncpg.Connection, task_id: int, fence: int) -> Any:
-    """The locked task row if `fence` still owns it, else `LeaseLost` (see `check_fence`)."""
-    row = await _row(conn, task_id, lock=True)
-    check_fence(task_state(row), fence)
-    return row
-
-
-async def _log(conn: asyncpg.Connection, event: EventRecord) -> None:
-    """Log an event the trigger does not (one that changes neither status nor fence)."""
-    await conn.execute(
-        f"INSERT INTO taskpool_events ({EVENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        *event_values(event),
-    )
-
-
-async def _end(conn: asyncpg.Connection, ending: Ending) -> Any:
-    """Write the end of an attempt (or of a waiting task); the trigger logs the event."""
-    columns = ending_columns(ending)
-    names = list(columns)
-    assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(names, 2))
-    values = [columns[name] for name in names]
-    attempt = ending.attempt
-    if attempt is None:
-        return await conn.fetchrow(
-            f"UPDATE taskpool_tasks SET {assignments} WHERE id = $1 RETURNING *",
-            ending.task_id,
-            *values,
-        )
-    # The attempt's record is closed in the same statement (one round trip).
-    n = len(names) + 2
-    return await conn.fetchrow(
-        f"WITH ended AS (UPDATE taskpool_tasks SET {assignments} WHERE id = $1 RETURNING *),"
-        f" attempt AS (UPDATE taskpool_attempts SET finished_at = ${n}, outcome = ${n + 1},"
-        f" exit_code = ${n + 2}, reason = ${n + 3} WHERE task_id = $1 AND fence = ${n + 4})"
-        " SELECT * FROM ended",
-        ending.task_id,
-        *values,
-        ending.at,
-        attempt.outcome.value,
-        attempt.exit_code,
-        attempt.reason,
-        attempt.fence,
-    )
-
-
-async def _finish(conn: asyncpg.Connection, task_id: int, fence: int, outcome: Outcome) -> Any:
-    row = await _row(conn, task_id, lock=True)
-    return await _end(conn, plan_finish(task_state(row), fence, outcome, row["now"]))
-
-
-async def _claim(
-    conn: asyncpg.Connection, node_id: str, limits: Limits, lease_ttl_s: float
-) -> list[Claim]:
-    """One claim at a time across the cluster (an advisory lock), decided and written by
-    `taskpool_claim` (migration 0002) in one round trip."""
-    # A stopped node claims nothing (its claim would be left for lease expiry); the
-    # node's row is held FOR SHARE so that `stop_node` waits for this claim to commit.
-    # An uncorrelated condition is a one-time filter: the function does not run at all.
-    rows = await conn.fetch(
-        "SELECT * FROM taskpool_claim($1, $2, $3, $4::jsonb, $5) WHERE COALESCE("
-        "(SELECT stopped_at IS NULL FROM taskpool_nodes WHERE id = $2 FOR SHARE), true)",
-        CLAIM_LOCK,
-        node_id,
-        limits.max_parallel,
-        json.dumps(dict(limits.project_limits)),
-        lease_ttl_s,
-    )
-    return [Claim(_info(row)) for row in rows]
-
-
-def _info(r: Any) -> TaskInfo:
-    env = r["env"]
-    return task_info(
-        r,
-        argv=list(r["argv"]),
-        env=json.loads(env) if env is not None else None,
-        pass_env=list(r["pass_env"]),
-        locks=list(r["locks"]),
-    )
