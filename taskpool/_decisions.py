@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 
 from ._errors import LeaseLost
-from ._models import Outcome, OutcomeKind, Status, TaskInfo
+from ._models import Outcome, OutcomeKind, Status, TaskEvent, TaskInfo
 
 
 class Settlement(enum.StrEnum):
@@ -122,24 +122,11 @@ class Start:
 
 
 @dataclass(frozen=True, slots=True)
-class EventRecord:
-    """One row of a task's event log, before the store numbers it."""
-
-    task_id: int
-    at: float
-    fence: int | None
-    node_id: str | None
-    from_status: Status | None
-    to_status: Status
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
 class CancelRequest:
     """A cancel asked of a running task's owner: the mode to record, and its event."""
 
     mode: CancelMode
-    event: EventRecord
+    event: TaskEvent  # id 0: the store numbers it
 
 
 # -- leases and fences ---------------------------------------------------------
@@ -392,7 +379,8 @@ def plan_cancel(state: TaskState, *, force: bool, now: float) -> Ending | Cancel
     if state.status is Status.RUNNING:
         forced = force or state.cancel_requested == CancelMode.FORCE
         mode = CancelMode.FORCE if forced else CancelMode.GRACEFUL
-        event = EventRecord(
+        event = TaskEvent(
+            UNNUMBERED,
             state.id,
             now,
             state.fence,
@@ -405,15 +393,19 @@ def plan_cancel(state: TaskState, *, force: bool, now: float) -> Ending | Cancel
     return None
 
 
+#: The id of an event a decision returns: the store numbers it as it appends it.
+UNNUMBERED = 0
+
+
 def logged_transition(
     old: TaskState | None, new: TaskState, at: float, reason: str
-) -> EventRecord | None:
+) -> TaskEvent | None:
     """The event a change of a task logs, or None: a task logs its submission and every
     change of status or fence, with the attempt's fence and node when it starts or
     leaves `running`. (The SQL stores' triggers, in their first migration, say the
     same; the contract suite compares the event logs.)"""
     if old is None:
-        return EventRecord(new.id, at, None, None, None, new.status, reason)
+        return TaskEvent(UNNUMBERED, new.id, at, None, None, None, new.status, reason)
     if new.status is old.status and new.fence == old.fence:
         return None
     fence: int | None
@@ -422,4 +414,4 @@ def logged_transition(
     else:
         fence = old.fence if old.status is Status.RUNNING else None
         node = old.owner_node
-    return EventRecord(new.id, at, fence, node, old.status, new.status, reason)
+    return TaskEvent(UNNUMBERED, new.id, at, fence, node, old.status, new.status, reason)

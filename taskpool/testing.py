@@ -19,7 +19,6 @@ import anyio
 from ._decisions import (
     CancelRequest,
     Ending,
-    EventRecord,
     Start,
     TaskState,
     check_fence,
@@ -91,19 +90,8 @@ class MemoryStore(Store):
         if event is not None:
             self._log(event)
 
-    def _log(self, e: EventRecord) -> None:
-        self._events.append(
-            TaskEvent(
-                len(self._events) + 1,
-                e.task_id,
-                e.at,
-                e.fence,
-                e.node_id,
-                e.from_status,
-                e.to_status,
-                e.reason,
-            )
-        )
+    def _log(self, event: TaskEvent) -> None:
+        self._events.append(dataclasses.replace(event, id=len(self._events) + 1))
 
     def _fenced(self, task_id: int, fence: int) -> _Task:
         task = self._task(task_id)
@@ -198,7 +186,7 @@ class MemoryStore(Store):
             cancel_requested=None,
         )
         self._tasks[task_id] = _Task(info, not_before=spec.not_before or 0.0)
-        self._log(EventRecord(task_id, now, None, None, None, Status.WAITING, "submitted"))
+        self._log(TaskEvent(0, task_id, now, None, None, None, Status.WAITING, "submitted"))
         return task_id
 
     async def claim(self, node_id: str, limits: Limits, lease_ttl_s: float) -> list[Claim]:

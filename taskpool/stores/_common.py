@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from .._decisions import Ending, EventRecord, Start, TaskState
+from .._decisions import Ending, Start, TaskState
 from .._errors import StoreError, TaskNotFound
 from .._models import NodeInfo, Status, TaskEvent, TaskInfo, TaskSpec
 from .._store import Renewal
@@ -78,7 +78,8 @@ def start_columns(s: Start) -> dict[str, Any]:
 EVENT_COLUMNS = "task_id, at, fence, node_id, from_status, to_status, reason"
 
 
-def event_values(e: EventRecord) -> tuple[Any, ...]:
+def event_values(e: TaskEvent) -> tuple[Any, ...]:
+    """An event's values without its id (the database numbers it)."""
     return (
         e.task_id,
         e.at,

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 from .._decisions import (
     CancelRequest,
     Ending,
-    EventRecord,
     check_fence,
     plan_cancel,
     plan_finish,
@@ -24,7 +23,7 @@ from .._decisions import (
     plan_orphan_settlement,
     plan_rescue,
 )
-from .._models import Claim, Limits, Outcome, TaskInfo
+from .._models import Claim, Limits, Outcome, TaskEvent, TaskInfo
 from .._store import Renewal
 from ._common import (
     EVENT_COLUMNS,
@@ -177,7 +176,7 @@ async def fenced(conn: asyncpg.Connection, task_id: int, fence: int) -> Any:
     return row
 
 
-async def log_event(conn: asyncpg.Connection, event: EventRecord) -> None:
+async def log_event(conn: asyncpg.Connection, event: TaskEvent) -> None:
     """Log an event the trigger does not (one that changes neither status nor fence)."""
     await conn.execute(
         f"INSERT INTO taskpool_events ({EVENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)",

@@ -16,7 +16,6 @@ from typing import Any
 from .._decisions import (
     CancelRequest,
     Ending,
-    EventRecord,
     TaskState,
     check_fence,
     plan_cancel,
@@ -26,7 +25,7 @@ from .._decisions import (
     plan_rescue,
     plan_start,
 )
-from .._models import Claim, Limits, Outcome, TaskInfo
+from .._models import Claim, Limits, Outcome, TaskEvent, TaskInfo
 from .._rules import Prefilter, Slot, claim_in_windows
 from .._store import Renewal
 from ._common import (
@@ -144,7 +143,7 @@ def fenced(conn: sqlite3.Connection, task_id: int, fence: int) -> sqlite3.Row:
     return row
 
 
-def log_event(conn: sqlite3.Connection, event: EventRecord) -> None:
+def log_event(conn: sqlite3.Connection, event: TaskEvent) -> None:
     """Log an event the triggers do not (one that changes neither status nor fence)."""
     conn.execute(
         f"INSERT INTO events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", event_values(event)

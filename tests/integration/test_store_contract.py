@@ -264,6 +264,39 @@ async def test_output_reads_in_order_across_attempts(opener: Opener) -> None:
         assert [c.text for c in await store.read_output(task, after=after)] == ["c"]
 
 
+async def test_every_transition_is_logged_with_the_attempt_it_starts_or_ends(
+    opener: Opener,
+) -> None:
+    """The event log of one life (submit, claim, a retry, a claim, cancel asked, a
+    success all the same) is the same on every backend: the SQL triggers and MemoryStore log what
+    `taskpool._decisions.logged_transition` says, and a cancel request its own event."""
+    async with handles(opener, 2) as (one, two):
+        task = await one.submit(TaskSpec.build(["true"], max_attempts=2, retry_backoff_s=0))
+        (first,) = await one.claim("node-0", Limits(), lease_ttl_s=30)
+        await one.renew_leases("node-0", 30)  # neither status nor fence: nothing logged
+        failed = Outcome(OutcomeKind.EXITED, "exited with code 1", 1)
+        await one.finish(task, first.fence, failed)
+        (second,) = await two.claim("node-0", Limits(), lease_ttl_s=30)
+        await two.request_cancel(task)
+        await one.finish(task, second.fence, EXITED_0)
+        events = await two.events(task)
+    assert [(e.from_status, e.to_status, e.fence, e.node_id, e.reason) for e in events] == [
+        (None, Status.WAITING, None, None, "submitted"),
+        (Status.WAITING, Status.RUNNING, 1, "node-0", "claimed by node node-0 (attempt 1 of 2)"),
+        (
+            Status.RUNNING,
+            Status.WAITING,
+            1,
+            "node-0",
+            "exited with code 1; retrying in 0 s (attempt 2 of 2)",
+        ),
+        (Status.WAITING, Status.RUNNING, 2, "node-0", "claimed by node node-0 (attempt 2 of 2)"),
+        (Status.RUNNING, Status.RUNNING, 2, "node-0", "cancel requested (graceful)"),
+        (Status.RUNNING, Status.SUCCEEDED, 2, "node-0", "exited with code 0"),
+    ]
+    assert [e.id for e in events] == sorted(e.id for e in events)
+
+
 ROUTING = st.tuples(
     st.sampled_from(["p1", "p2"]),
     st.one_of(st.none(), st.sampled_from(["t1", "t2"])),
