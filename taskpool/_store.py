@@ -4,8 +4,9 @@ Every method is one atomic operation. Writes made on behalf of an attempt carry
 its fencing token and raise `LeaseLost` when the token is stale: someone else
 took the task over (a lease that merely expired only allows a rescue). What each
 operation decides is written once, in `taskpool._decisions` (and the blocking
-policy in `taskpool._rules`); a backend reads rows, asks, and writes the answer. Backends turn driver errors into `StoreUnavailable` (transient:
-worth retrying) or `StoreError` at this boundary.
+policy in `taskpool._rules`); a backend reads rows, asks, and writes the answer.
+Backends turn driver errors into `StoreUnavailable` (transient: worth retrying)
+or `StoreError` at this boundary.
 """
 
 from __future__ import annotations
