@@ -462,12 +462,16 @@ class NodeInfo:
 class Claim:
     """An attempt a node now owns: run it, and carry `fence` on every write."""
 
-    task: TaskInfo
-    fence: int
+    task: TaskInfo  # as the claim left it: running, under the attempt's fence
+
+    @property
+    def fence(self) -> int:
+        """The attempt's fencing token (the claimed task's own)."""
+        return self.task.fence
 
 
 class OutcomeKind(enum.StrEnum):
-    """Why a runner stopped."""
+    """How an attempt's run ended, as its runner reports it."""
 
     EXITED = "exited"  # the process ended on its own (any exit code or signal)
     SPAWN_FAILED = "spawn_failed"  # the process could never start
@@ -488,105 +492,6 @@ class Outcome:
     kind: OutcomeKind
     reason: str
     exit_code: int | None = None  # negative: killed by that signal number
-
-
-@dataclass(frozen=True, slots=True)
-class Transition:
-    """What the store must write when an attempt ends."""
-
-    status: Status
-    consumes_attempt: bool
-    not_before: float | None = None
-    reason: str = ""
-
-
-_STATUS_OF_STOP = {
-    OutcomeKind.TIMED_OUT: Status.TIMED_OUT,
-    OutcomeKind.STALLED: Status.STALLED,
-    OutcomeKind.CANCELLED: Status.CANCELLED,
-}
-
-
-def retry_delay_s(backoff_s: float, attempts_used: int) -> float:
-    """Exponential backoff: base, 2x base, 4x base ... capped at one hour."""
-    doublings = min(max(attempts_used - 1, 0), 32)  # 2**32 s is past any cap: no overflow
-    return float(min(backoff_s * 2**doublings, 3600.0))
-
-
-def decide_finish(
-    outcome: Outcome,
-    *,
-    attempts_used: int,
-    max_attempts: int,
-    backoff_s: float,
-    now: float,
-    cancel_requested: bool = False,
-) -> Transition:
-    """Decide the next status of a task whose attempt ended with `outcome`.
-
-    `attempts_used` counts the attempt that just ended. Shutdown and self-fencing
-    (stopped before a lease that could not be renewed ran out) never use up an
-    attempt; cancellation and spawn failures are never retried (retrying a missing
-    program only wastes time); other failures are retried while attempts remain.
-    A task someone asked to cancel is never re-queued.
-    """
-    transition = _decide_finish(outcome, attempts_used, max_attempts, backoff_s, now)
-    if cancel_requested and transition.status is Status.WAITING:
-        return Transition(Status.CANCELLED, True, reason=f"cancelled; {outcome.reason}")
-    return transition
-
-
-def _decide_finish(
-    outcome: Outcome, attempts_used: int, max_attempts: int, backoff_s: float, now: float
-) -> Transition:
-    assert outcome.kind is not OutcomeKind.LEASE_LOST, "a lost lease is never written"
-    if outcome.kind in (OutcomeKind.SHUTDOWN, OutcomeKind.SELF_FENCED):
-        return Transition(Status.WAITING, consumes_attempt=False, reason=outcome.reason)
-    if outcome.kind is OutcomeKind.EXITED and outcome.exit_code == 0:
-        return Transition(Status.SUCCEEDED, consumes_attempt=True, reason=outcome.reason)
-    if outcome.kind is OutcomeKind.CANCELLED:
-        return Transition(Status.CANCELLED, consumes_attempt=True, reason=outcome.reason)
-    final = _STATUS_OF_STOP.get(outcome.kind, Status.FAILED)
-    if outcome.kind is not OutcomeKind.SPAWN_FAILED and attempts_used < max_attempts:
-        delay = retry_delay_s(backoff_s, attempts_used)
-        return Transition(
-            Status.WAITING,
-            consumes_attempt=True,
-            not_before=now + delay,
-            reason=f"{outcome.reason}; retrying in {delay:g} s "
-            f"(attempt {attempts_used + 1} of {max_attempts})",
-        )
-    return Transition(final, consumes_attempt=True, reason=outcome.reason)
-
-
-def decide_orphan(
-    *, attempts_used: int, max_attempts: int, reason: str, cancel_requested: bool = False
-) -> Transition:
-    """Decide what happens to an attempt whose owner vanished (crash, kill, host loss).
-
-    The attempt counts as used: the task itself may be what took its owner down.
-    """
-    if cancel_requested:
-        return Transition(Status.CANCELLED, True, reason=f"{reason}; cancel was requested")
-    if attempts_used < max_attempts:
-        return Transition(
-            Status.WAITING,
-            consumes_attempt=True,
-            reason=f"{reason}; re-queued (attempt {attempts_used + 1} of {max_attempts})",
-        )
-    return Transition(Status.LOST, consumes_attempt=True, reason=f"{reason}; no attempts left")
-
-
-def decide_handback(reason: str, *, cancel_requested: bool = False) -> Transition:
-    """Decide what happens to an attempt its node gives up without having run it to
-    an end: the node stopped (or never started the task) and its processes are dead.
-
-    Not the task's fault, so the attempt is refunded; a task someone asked to cancel
-    is cancelled instead of re-queued, as in `decide_finish`.
-    """
-    if cancel_requested:
-        return Transition(Status.CANCELLED, True, reason=f"cancelled; {reason}")
-    return Transition(Status.WAITING, consumes_attempt=False, reason=reason)
 
 
 @dataclass(frozen=True, slots=True)

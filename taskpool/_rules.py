@@ -1,15 +1,19 @@
-"""The blocking policy as a pure function over plain data.
+"""The blocking policy as a pure function over plain data: `plan_claims` is its oracle.
 
-Every backend gathers the same inputs inside its claim transaction (the attempts
-holding a live lease, and waiting candidates in priority order) and calls
-`plan_claims`; the SQL may pre-filter candidates that are certainly blocked, as
-a speed-up only, never as a second policy.
+The in-memory store calls `plan_claims` over every waiting task; SQLite calls it
+through `claim_in_windows`, which reads waiting tasks a window at a time, minus
+those `Prefilter` says are certainly blocked (a speed-up, never a second policy);
+PostgreSQL restates the policy in PL/pgSQL (`taskpool_claim`, migration 0002) to
+decide in one round trip under its claim lock. The differential claim test
+(tests/integration/test_claim_differential.py) runs the same random scenarios
+through `plan_claims` and every backend's claim and requires the same ordered
+choice.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 
@@ -97,4 +101,89 @@ def plan_claims(
             continue
         occ.take(slot, on_this_node=True)
         chosen.append(slot)
+    return chosen
+
+
+@dataclass(frozen=True, slots=True)
+class Prefilter:
+    """What is certainly blocked by an occupancy, as lists a candidate query can filter
+    on: a waiting task `drops` here is blocked by `blocked_by` for a reason other than
+    the node's own limit, and stays blocked while that occupancy only grows."""
+
+    full_projects: tuple[str, ...] = ()
+    templates_exclusive: tuple[str, ...] = ()  # no task of these may start
+    templates_any: tuple[str, ...] = ()  # no non-parallel task of these may start
+    locks_held: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, occ: Occupancy, project_limits: Mapping[str, int]) -> Prefilter:
+        return cls(
+            full_projects=tuple(
+                sorted(p for p, limit in project_limits.items() if occ.per_project[p] >= limit)
+            ),
+            templates_exclusive=tuple(sorted(occ.templates_exclusive)),
+            templates_any=tuple(sorted(occ.templates_any)),
+            locks_held=tuple(sorted(occ.locks_held)),
+        )
+
+    def drops(self, slot: Slot) -> bool:
+        """The filter a backend's query applies, in Python (for the property tests)."""
+        if slot.project in self.full_projects:
+            return True
+        if slot.template is not None:
+            if slot.template in self.templates_exclusive:
+                return True
+            if not slot.template_parallel and slot.template in self.templates_any:
+                return True
+        return not slot.locks.isdisjoint(self.locks_held)
+
+
+#: At most how many waiting tasks one window of `claim_in_windows` reads. Certainly
+#: blocked ones are filtered out by the query, so the first candidate of a window is
+#: always runnable and a few per free slot suffice.
+CLAIM_WINDOW = 64
+
+
+def claim_window(free_slots: int, max_window: int = CLAIM_WINDOW) -> int:
+    return min(max_window, 2 * free_slots + 2)
+
+
+#: Reads at most `window` waiting tasks in queue order, but those the prefilter drops
+#: and those whose ids are given (taken by this claim already, still waiting until the
+#: claim is written).
+FetchCandidates = Callable[[Prefilter, Sequence[int], int], Sequence[Slot]]
+
+
+def claim_in_windows(
+    fetch: FetchCandidates,
+    running: Sequence[Slot],
+    *,
+    node_running: int,
+    max_parallel: int,
+    project_limits: Mapping[str, int],
+    max_window: int = CLAIM_WINDOW,
+) -> list[Slot]:
+    """`plan_claims` over a queue read a window at a time through `fetch`: the same
+    choice, in the same order, without reading every waiting task.
+
+    A full window may hide runnable tasks behind ones blocked by this very claim; the
+    next window is read with a prefilter that drops those, until a window adds nothing
+    or comes back short (the queue is exhausted). Each window leaves out the tasks
+    already chosen: nothing in the prefilter drops a chosen task that blocks nothing of
+    its own kind (a parallel template, no lock), which would be chosen twice."""
+    chosen: list[Slot] = []
+    while node_running + len(chosen) < max_parallel:
+        window = claim_window(max_parallel - node_running - len(chosen), max_window)
+        occ = Occupancy.of([*running, *chosen], node_running=node_running + len(chosen))
+        candidates = fetch(Prefilter.of(occ, project_limits), [s.task_id for s in chosen], window)
+        picked = plan_claims(
+            candidates,
+            [*running, *chosen],
+            node_running=node_running + len(chosen),
+            max_parallel=max_parallel,
+            project_limits=project_limits,
+        )
+        chosen.extend(picked)
+        if not picked or len(candidates) < window:
+            break
     return chosen

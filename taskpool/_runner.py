@@ -6,6 +6,12 @@ timeout, stall, stop request, an exception in the sink, cancellation of the
 task that runs it) the whole process group is killed and the leader reaped
 before it returns or raises: that cleanup runs shielded from cancellation.
 
+Words, each used for one thing: the pool *stops* an attempt by a `StopRequest`
+(`RunnerControl.stop`: cancel, shutdown, lost lease, self-fencing); the runner
+*ends* the process (`_end_process`: SIGTERM, grace, SIGKILL, or SIGKILL at once
+when forced) for a stop request, a timeout or a stall, and records why as the
+attempt's `ending`; the `Outcome` it returns says how the attempt ended.
+
 Exit is awaited on a pidfd (Linux >= 5.3), not through asyncio's child watcher:
 no thread per child, no global watcher to install in the host program, and the
 same code runs on every anyio backend.
@@ -64,6 +70,8 @@ class OutputSink(Protocol):
 
 
 class StopKind(enum.Enum):
+    """Why the pool asks a runner to stop; each becomes the `OutcomeKind` of that name."""
+
     CANCELLED = "cancelled"
     SHUTDOWN = "shutdown"
     LEASE_LOST = "lease_lost"
@@ -72,6 +80,8 @@ class StopKind(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class StopRequest:
+    """The pool's request to stop an attempt (the first one wins, but force escalates)."""
+
     kind: StopKind
     reason: str
     force: bool  # skip SIGTERM and the grace period
@@ -330,7 +340,9 @@ class _Attempt:
         self.decoder = OutputDecoder(req.max_log_bytes)
         self.started = anyio.current_time()
         self.last_output = self.started
-        self.stop: Outcome | None = None  # set when we decided to end the process
+        # Why the runner ends the process, set when it decides to (a stop request, a
+        # timeout, a stall); how it did is added as it goes (see `_end_process`).
+        self.ending: Outcome | None = None
         self.next_descendant_scan = self.started + DESCENDANT_SCAN_INTERVAL_S
         self.output_done = anyio.Event()
         self.pump_scope = anyio.CancelScope()
@@ -362,7 +374,7 @@ class _Attempt:
                 await self.sink.write(text)
 
     def _due(self) -> tuple[float, Outcome | None]:
-        """Seconds until the next check, or the stop that is due now."""
+        """Seconds until the next check, or the ending (timeout, stall) due now."""
         now = anyio.current_time()
         wait = self.req.flush_interval_s
         if self.req.timeout_s is not None:
@@ -383,33 +395,33 @@ class _Attempt:
 
     def kill_now(self) -> None:
         """A forced stop: SIGKILL the group at once, and record why unless a graceful stop
-        in progress already did (`_terminate` then adds how it ended)."""
+        in progress already did (`_end_process` then adds how it ended)."""
         request = self.control.request
         if request is None or self.proc.exited.is_set():
             return
-        if self.stop is None:
-            self.stop = Outcome(
-                _OUTCOME_OF_STOP[request.kind], f"{request.reason}; process group sent SIGKILL"
+        if self.ending is None:
+            self.ending = Outcome(
+                _OUTCOME_OF_REQUEST[request.kind], f"{request.reason}; process group sent SIGKILL"
             )
         self.proc.kill_all()
 
     async def watch(self) -> None:
-        """The watchdog: decide when to stop the process (request, timeout, stall) and do
+        """The watchdog: decide when to end the process (request, timeout, stall) and do
         it; meanwhile record the spawn, flush output, and note escaping descendants."""
         record_at: float | None = self.started + RECORD_SPAWN_DELAY_S
         next_flush = self.started + self.req.flush_interval_s
         while not self.proc.exited.is_set():
-            if self.stop is not None:
+            if self.ending is not None:
                 return  # a forced stop killed the group already (see `kill_now`)
             request = self.control.request
             if request is not None:
-                due: Outcome | None = Outcome(_OUTCOME_OF_STOP[request.kind], request.reason)
+                due: Outcome | None = Outcome(_OUTCOME_OF_REQUEST[request.kind], request.reason)
                 wait = 0.0
             else:
                 wait, due = self._due()
             if due is not None:
-                self.stop = due
-                await self._terminate()
+                self.ending = due
+                await self._end_process()
                 return
             now = anyio.current_time()
             if record_at is not None and now >= record_at:
@@ -442,9 +454,9 @@ class _Attempt:
         except LeaseLost:
             self.control.stop(StopKind.LEASE_LOST, "a write was refused", force=True)
 
-    async def _terminate(self) -> None:
+    async def _end_process(self) -> None:
         """SIGTERM, a grace period, then SIGKILL; a forced stop goes straight to SIGKILL."""
-        assert self.stop is not None
+        assert self.ending is not None
         if not self.control.forced:
             self.proc.signal(signal.SIGTERM)
             deadline = anyio.current_time() + self.req.kill_grace_s
@@ -454,20 +466,20 @@ class _Attempt:
                     break
                 await self.control._sleep(left)
             if self.proc.exited.is_set() and not self.control.forced:
-                self.stop = _with(self.stop, "process group sent SIGTERM")
+                self.ending = _with(self.ending, "process group sent SIGTERM")
                 return
             if not self.control.forced:
                 self.proc.kill_all()
-                self.stop = _with(
-                    self.stop,
+                self.ending = _with(
+                    self.ending,
                     f"SIGTERM ignored for {self.req.kill_grace_s:g} s, process group sent SIGKILL",
                 )
                 return
         self.proc.kill_all()
-        self.stop = _with(self.stop, "process group sent SIGKILL")
+        self.ending = _with(self.ending, "process group sent SIGKILL")
 
 
-_OUTCOME_OF_STOP = {
+_OUTCOME_OF_REQUEST = {
     StopKind.CANCELLED: OutcomeKind.CANCELLED,
     StopKind.SHUTDOWN: OutcomeKind.SHUTDOWN,
     StopKind.LEASE_LOST: OutcomeKind.LEASE_LOST,
@@ -497,7 +509,7 @@ async def run_attempt(
     if request is not None:
         # Stopped before it started (shutdown began, a cancel or a lost lease won the
         # race): nothing to spawn.
-        return Outcome(_OUTCOME_OF_STOP[request.kind], f"{request.reason} before it started")
+        return Outcome(_OUTCOME_OF_REQUEST[request.kind], f"{request.reason} before it started")
     env = _environment(req)
     if req.box.wraps:
         problem = _unstartable(req, env)
@@ -550,16 +562,16 @@ async def run_attempt(
         return Outcome(OutcomeKind.LEASE_LOST, request.reason, proc.exit_code)
     code = proc.exit_code
     assert code is not None
-    self_fenced = attempt.stop is not None and attempt.stop.kind is OutcomeKind.SELF_FENCED
-    if proc.killed_by is not None and (attempt.stop is None or self_fenced):
+    self_fenced = attempt.ending is not None and attempt.ending.kind is OutcomeKind.SELF_FENCED
+    if proc.killed_by is not None and (attempt.ending is None or self_fenced):
         # The guard got there first (this process was frozen or slow): say so.
         outcome = Outcome(OutcomeKind.SELF_FENCED, proc.killed_by, code)
-    elif attempt.stop is not None:
-        outcome = Outcome(attempt.stop.kind, attempt.stop.reason, code)
+    elif attempt.ending is not None:
+        outcome = Outcome(attempt.ending.kind, attempt.ending.reason, code)
     else:
         outcome = Outcome(OutcomeKind.EXITED, describe_exit(code), code)
     notes = []
-    if survivors and attempt.stop is None:
+    if survivors and attempt.ending is None:
         notes.append(
             f"{survivors} descendant process{'es' if survivors > 1 else ''} outlived the"
             " leader and were killed"

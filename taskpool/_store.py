@@ -1,9 +1,12 @@
 """The one narrow interface between the pool and its durable state.
 
 Every method is one atomic operation. Writes made on behalf of an attempt carry
-its fencing token and raise `LeaseLost` when the token is stale or the lease
-has expired. Backends turn driver errors into `StoreUnavailable` (transient:
-worth retrying) or `StoreError` at this boundary.
+its fencing token and raise `LeaseLost` when the token is stale: someone else
+took the task over (a lease that merely expired only allows a rescue). What each
+operation decides is written once, in `taskpool._decisions` (and the blocking
+policy in `taskpool._rules`); a backend reads rows, asks, and writes the answer.
+Backends turn driver errors into `StoreUnavailable` (transient: worth retrying)
+or `StoreError` at this boundary.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ class Renewal:
     """What a node learns from renewing its leases."""
 
     held: Mapping[int, int]  # task id -> fence of every lease the node still holds
-    cancel_requests: Mapping[int, str]  # task id -> 'graceful' | 'force', for held tasks
+    cancel_requests: Mapping[int, str]  # task id -> a `CancelMode` value, for held tasks
 
 
 @dataclass(frozen=True, slots=True)

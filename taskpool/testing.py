@@ -11,29 +11,31 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import anyio
 
-from ._errors import LeaseLost, StoreError, TaskNotFound
-from ._models import (
-    Claim,
-    Limits,
-    NodeInfo,
-    Outcome,
-    Status,
-    TaskEvent,
-    TaskInfo,
-    TaskSpec,
-    Transition,
-    decide_finish,
-    decide_handback,
-    decide_orphan,
+from ._decisions import (
+    CancelRequest,
+    Ending,
+    Start,
+    TaskState,
+    check_fence,
+    lease_live,
+    logged_transition,
+    plan_cancel,
+    plan_finish,
+    plan_handback,
+    plan_orphan_settlement,
+    plan_rescue,
+    plan_start,
 )
+from ._errors import StoreError
+from ._models import Claim, Limits, NodeInfo, Outcome, Status, TaskEvent, TaskInfo, TaskSpec
 from ._rules import Slot, plan_claims
 from ._store import Orphan, OutputChunk, Renewal, Store
-from .stores._common import ended_columns, handback_reason, rescue_reason
+from .stores._common import no_task
 
 
 @dataclass
@@ -53,6 +55,9 @@ class MemoryStore(Store):
         self._events: list[TaskEvent] = []
         self._lock = anyio.Lock()
         self._open = False
+        #: The UNIX time leases, retries and claims are decided on: set your own to
+        #: move time in a test instead of sleeping.
+        self.clock: Callable[[], float] = time.time
         self.store_id = uuid.uuid4().hex
 
     def __repr__(self) -> str:
@@ -72,65 +77,60 @@ class MemoryStore(Store):
         self._check()
         task = self._tasks.get(task_id)
         if task is None:
-            raise TaskNotFound(f"no task {task_id}")
+            raise no_task(task_id)
         return task
 
     def _set(self, task: _Task, now: float, **changes: object) -> None:
-        """Change a task, logging the event when its status or fence changes."""
+        """Change a task, logging the event its change logs (as the SQL triggers do)."""
         old = task.info
-        new = dataclasses.replace(old, **changes)  # type: ignore[arg-type]
-        task.info = new
-        if new.status is not old.status or new.fence != old.fence:
-            running = new.status is Status.RUNNING
-            fence = new.fence if running else old.fence if old.status is Status.RUNNING else None
-            self._log(
-                new.id,
-                now,
-                fence,
-                new.owner_node if running else old.owner_node,
-                old.status,
-                new.status,
-                new.reason or "",
-            )
-
-    def _log(
-        self,
-        task_id: int,
-        at: float,
-        fence: int | None,
-        node_id: str | None,
-        from_status: Status | None,
-        to_status: Status,
-        reason: str,
-    ) -> None:
-        self._events.append(
-            TaskEvent(
-                len(self._events) + 1, task_id, at, fence, node_id, from_status, to_status, reason
-            )
+        task.info = dataclasses.replace(old, **changes)  # type: ignore[arg-type]
+        event = logged_transition(
+            TaskState.of(old), TaskState.of(task.info), now, task.info.reason or ""
         )
+        if event is not None:
+            self._log(event)
 
-    def _fenced(self, task_id: int, fence: int, now: float) -> _Task:
+    def _log(self, event: TaskEvent) -> None:
+        self._events.append(dataclasses.replace(event, id=len(self._events) + 1))
+
+    def _fenced(self, task_id: int, fence: int) -> _Task:
         task = self._task(task_id)
-        info = task.info
-        if info.status is not Status.RUNNING or info.fence != fence:
-            raise LeaseLost(
-                f"task {task_id}: fence {fence} is stale"
-                f" (task is {info.status.value}, fence {info.fence})"
-            )
-        del now  # an expired lease is still the owner's until someone takes over
+        check_fence(TaskState.of(task.info), fence)
         return task
 
-    def _end(self, task: _Task, transition: Transition, now: float, exit_code: int | None) -> None:
-        info = task.info
-        # The same columns the SQL backends write (shutdown refunds the attempt, ...).
-        row = {"status": info.status, "attempts_used": info.attempts_used}
-        columns = ended_columns(row, transition, now, exit_code)
-        task.not_before = columns.pop("not_before", task.not_before)
-        if "pid_started_at" in columns:
-            task.pid_started_at = columns.pop("pid_started_at")
-        del columns["changed_at"]  # the event records when
-        columns["status"] = Status(columns["status"])
-        self._set(task, now, **columns)
+    def _end(self, task: _Task, e: Ending) -> TaskInfo:
+        """Apply an ending as the SQL stores write its columns."""
+        changes: dict[str, object] = {
+            "status": e.status,
+            "attempts_used": e.attempts_used,
+            "lease_expires_at": None,
+            "exit_code": e.exit_code,
+            "reason": e.reason,
+        }
+        if e.requeued:
+            changes.update(owner_node=None, pid=None)
+            task.not_before, task.pid_started_at = e.not_before, None
+        else:
+            changes["finished_at"] = e.at
+        self._set(task, e.at, **changes)
+        return task.info
+
+    def _start(self, task: _Task, s: Start) -> TaskInfo:
+        self._set(
+            task,
+            s.at,
+            status=Status.RUNNING,
+            fence=s.fence,
+            attempts_used=s.attempts_used,
+            owner_node=s.owner_node,
+            lease_expires_at=s.lease_expires_at,
+            started_at=s.at,
+            pid=None,
+            exit_code=None,
+            reason=s.reason,
+        )
+        task.pid_started_at = None
+        return task.info
 
     # -- nodes -------------------------------------------------------------
     async def register_node(self, node: NodeInfo) -> None:
@@ -139,7 +139,7 @@ class MemoryStore(Store):
 
     async def stop_node(self, node_id: str, reason: str) -> None:
         self._check()
-        now = time.time()
+        now = self.clock()
         node = self._nodes.get(node_id)
         if node is not None and node.stopped_at is None:
             self._nodes[node_id] = dataclasses.replace(node, stopped_at=now)
@@ -147,11 +147,7 @@ class MemoryStore(Store):
         for task in self._tasks.values():
             info = task.info
             if info.status is Status.RUNNING and info.owner_node == node_id:
-                transition = decide_handback(
-                    handback_reason(node_id, reason),
-                    cancel_requested=info.cancel_requested is not None,
-                )
-                self._end(task, transition, now, None)
+                self._end(task, plan_handback(TaskState.of(info), node_id, reason, now))
 
     async def list_nodes(
         self, *, host: str | None = None, alive: bool | None = None
@@ -190,7 +186,7 @@ class MemoryStore(Store):
             cancel_requested=None,
         )
         self._tasks[task_id] = _Task(info, not_before=spec.not_before or 0.0)
-        self._log(task_id, now, None, None, None, Status.WAITING, "submitted")
+        self._log(TaskEvent(0, task_id, now, None, None, None, Status.WAITING, "submitted"))
         return task_id
 
     async def claim(self, node_id: str, limits: Limits, lease_ttl_s: float) -> list[Claim]:
@@ -199,14 +195,14 @@ class MemoryStore(Store):
 
     def _claim(self, node_id: str, limits: Limits, lease_ttl_s: float) -> list[Claim]:
         self._check()
-        now = time.time()
+        now = self.clock()
         node = self._nodes.get(node_id)
         if node is not None and node.stopped_at is not None:
             return []  # a stopped node runs nothing
         live = [
             t.info
             for t in self._tasks.values()
-            if t.info.status is Status.RUNNING and (t.info.lease_expires_at or 0) >= now
+            if t.info.status is Status.RUNNING and lease_live(t.info.lease_expires_at, now)
         ]
         waiting = sorted(
             (
@@ -223,51 +219,23 @@ class MemoryStore(Store):
             max_parallel=limits.max_parallel,
             project_limits=limits.project_limits,
         )
-        claims = []
-        for slot in chosen:
-            task = self._tasks[slot.task_id]
-            info = task.info
-            self._set(
-                task,
-                now,
-                status=Status.RUNNING,
-                fence=info.fence + 1,
-                attempts_used=info.attempts_used + 1,
-                owner_node=node_id,
-                lease_expires_at=now + lease_ttl_s,
-                started_at=now,
-                pid=None,
-                exit_code=None,
-                reason=f"claimed by node {node_id} (attempt {info.attempts_used + 1} of "
-                f"{info.spec.max_attempts})",
-            )
-            task.pid_started_at = None
-            claims.append(Claim(task.info, task.info.fence))
-        return claims
+        return [
+            Claim(self._start(task, plan_start(TaskState.of(task.info), node_id, now, lease_ttl_s)))
+            for task in (self._tasks[slot.task_id] for slot in chosen)
+        ]
 
     async def record_spawn(self, task_id: int, fence: int, pid: int, pid_started_at: float) -> None:
-        task = self._fenced(task_id, fence, time.time())
+        task = self._fenced(task_id, fence)
         task.info = dataclasses.replace(task.info, pid=pid)
         task.pid_started_at = pid_started_at
 
     async def append_output(self, task_id: int, fence: int, texts: Sequence[str]) -> None:
-        task = self._fenced(task_id, fence, time.time())
+        task = self._fenced(task_id, fence)
         task.output.setdefault(fence, []).extend(texts)
 
     async def finish(self, task_id: int, fence: int, outcome: Outcome) -> TaskInfo:
-        now = time.time()
-        task = self._fenced(task_id, fence, now)
-        info = task.info
-        transition = decide_finish(
-            outcome,
-            attempts_used=info.attempts_used,
-            max_attempts=info.spec.max_attempts,
-            backoff_s=info.spec.retry_backoff_s,
-            now=now,
-            cancel_requested=info.cancel_requested is not None,
-        )
-        self._end(task, transition, now, outcome.exit_code)
-        return task.info
+        task = self._task(task_id)
+        return self._end(task, plan_finish(TaskState.of(task.info), fence, outcome, self.clock()))
 
     async def finish_and_claim(
         self,
@@ -285,7 +253,7 @@ class MemoryStore(Store):
 
     async def renew_leases(self, node_id: str, lease_ttl_s: float) -> Renewal:
         self._check()
-        now = time.time()
+        now = self.clock()
         held: dict[int, int] = {}
         cancels: dict[int, str] = {}
         for task in self._tasks.values():
@@ -293,7 +261,7 @@ class MemoryStore(Store):
             if (
                 info.status is Status.RUNNING
                 and info.owner_node == node_id
-                and (info.lease_expires_at or 0) >= now
+                and lease_live(info.lease_expires_at, now)
             ):
                 task.info = dataclasses.replace(info, lease_expires_at=now + lease_ttl_s)
                 held[info.id] = info.fence
@@ -309,26 +277,17 @@ class MemoryStore(Store):
     ) -> list[TaskInfo]:
         self._check()
         spared = set(except_attempts)
-        now = time.time()
+        now = self.clock()
         rescued = []
         for task in self._tasks.values():
             info = task.info
-            if info.status is not Status.RUNNING or (info.lease_expires_at or 0) >= now:
+            if info.status is not Status.RUNNING or lease_live(info.lease_expires_at, now):
                 continue
             if (info.id, info.fence) in spared:
                 continue
             owner = self._nodes.get(info.owner_node or "")
-            reason = rescue_reason(
-                info.owner_node, owner.heartbeat_at if owner else None, info.lease_expires_at or 0
-            )
-            transition = decide_orphan(
-                attempts_used=info.attempts_used,
-                max_attempts=info.spec.max_attempts,
-                reason=reason,
-                cancel_requested=info.cancel_requested is not None,
-            )
-            self._end(task, transition, now, None)
-            rescued.append(task.info)
+            heartbeat_at = owner.heartbeat_at if owner else None
+            rescued.append(self._end(task, plan_rescue(TaskState.of(info), heartbeat_at, now)))
         return rescued
 
     async def orphans_of(self, node_id: str) -> list[Orphan]:
@@ -341,42 +300,18 @@ class MemoryStore(Store):
 
     async def settle_orphan(self, task_id: int, fence: int, reason: str) -> TaskInfo:
         task = self._task(task_id)
-        info = task.info
-        if info.status is not Status.RUNNING or info.fence != fence:
-            return info
-        transition = decide_orphan(
-            attempts_used=info.attempts_used,
-            max_attempts=info.spec.max_attempts,
-            reason=reason,
-            cancel_requested=info.cancel_requested is not None,
-        )
-        self._end(task, transition, time.time(), None)
-        return task.info
+        ending = plan_orphan_settlement(TaskState.of(task.info), fence, reason, self.clock())
+        return task.info if ending is None else self._end(task, ending)
 
     # -- operator actions --------------------------------------------------
     async def request_cancel(self, task_id: int, *, force: bool = False) -> TaskInfo:
         task = self._task(task_id)
-        info = task.info
-        now = time.time()
-        if info.status is Status.WAITING:
-            self._end(
-                task,
-                Transition(Status.CANCELLED, False, reason="cancelled while waiting"),
-                now,
-                None,
-            )
-        elif info.status is Status.RUNNING:
-            mode = "force" if force or info.cancel_requested == "force" else "graceful"
-            task.info = dataclasses.replace(info, cancel_requested=mode)
-            self._log(
-                task_id,
-                now,
-                info.fence,
-                info.owner_node,
-                info.status,
-                info.status,
-                f"cancel requested ({mode})",
-            )
+        plan = plan_cancel(TaskState.of(task.info), force=force, now=self.clock())
+        if isinstance(plan, Ending):
+            return self._end(task, plan)
+        if isinstance(plan, CancelRequest):
+            task.info = dataclasses.replace(task.info, cancel_requested=plan.mode.value)
+            self._log(plan.event)
         return task.info
 
     # -- reads -------------------------------------------------------------

@@ -113,3 +113,50 @@ byte_chunks: st.SearchStrategy[list[bytes]] = st.lists(
     ),
     max_size=10,
 )
+
+
+@dataclass(frozen=True)
+class RunningAttempt:
+    """An attempt some node holds: `live` if its lease has not run out."""
+
+    slot: Slot
+    owner: str
+    live: bool
+
+
+@dataclass(frozen=True)
+class WaitingTask:
+    """A waiting task with its priority; `ready` unless its not-before is still ahead."""
+
+    slot: Slot
+    priority: int
+    ready: bool
+
+
+@dataclass(frozen=True)
+class ClaimWorld:
+    """A store's whole state before one claim by `CLAIMING_NODE`, in submission order."""
+
+    running: Sequence[RunningAttempt]
+    waiting: Sequence[WaitingTask]
+    max_parallel: int
+    project_limits: Mapping[str, int]
+
+
+CLAIMING_NODE = "node-0"
+NODES = (CLAIMING_NODE, "node-1", "node-2")
+
+
+@st.composite
+def claim_worlds(draw: st.DrawFn) -> ClaimWorld:
+    """Attempts held by three nodes (some leases run out), waiting tasks with priorities
+    (some not ready yet) and the claiming node's limits."""
+    running = [
+        RunningAttempt(slot, draw(st.sampled_from(NODES)), draw(st.booleans()))
+        for slot in draw(running_sets(first_id=1))
+    ]
+    waiting = [
+        WaitingTask(slot, draw(st.integers(0, 2)), draw(st.booleans() | st.just(True)))
+        for slot in draw(slot_lists(first_id=len(running) + 1, max_size=12))
+    ]
+    return ClaimWorld(running, waiting, draw(max_parallels), draw(project_limit_maps))

@@ -1,17 +1,18 @@
-"""What every SQL backend computes the same way: pure helpers over plain values.
+"""What both SQL backends share: one schema's columns, read and written the same way.
 
-The backends differ in dialect and driver only; the columns an ended attempt
-writes, the reasons recorded and the claim loop's window live here once.
+The decisions themselves (fences, endings, reasons, cancels) live in
+`taskpool._decisions` and the blocking policy in `taskpool._rules`; here is only
+how a row becomes the plain data they take, and how their results become columns.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any, Protocol
 
-from .._errors import StoreError
-from .._models import Limits, NodeInfo, Status, TaskEvent, TaskInfo, TaskSpec, Transition
-from .._rules import Occupancy
+from .._decisions import Ending, Start, TaskState
+from .._errors import StoreError, TaskNotFound
+from .._models import NodeInfo, Status, TaskEvent, TaskInfo, TaskSpec
+from .._store import Renewal
 
 
 class Row(Protocol):
@@ -20,26 +21,106 @@ class Row(Protocol):
     def __getitem__(self, key: str, /) -> Any: ...
 
 
-#: At most how many waiting tasks one claim query looks at. Blocked ones are filtered
-#: in SQL, so the first candidate of a window is always runnable and a few per free
-#: slot suffice (the claim loop looks again when a window came back full).
-CLAIM_WINDOW = 64
+def no_task(task_id: int) -> TaskNotFound:
+    return TaskNotFound(f"no task {task_id}")
 
 
-def claim_window(free_slots: int) -> int:
-    return min(CLAIM_WINDOW, 2 * free_slots + 2)
+def task_state(r: Row) -> TaskState:
+    """What the decisions read of a task row."""
+    return TaskState(
+        id=r["id"],
+        status=Status(r["status"]),
+        fence=r["fence"],
+        attempts_used=r["attempts_used"],
+        max_attempts=r["max_attempts"],
+        retry_backoff_s=r["retry_backoff_s"],
+        owner_node=r["owner_node"],
+        lease_expires_at=r["lease_expires_at"],
+        cancel_requested=r["cancel_requested"],
+    )
 
 
-def blocked_lists(occ: Occupancy, limits: Limits) -> dict[str, list[str]]:
-    """What the running attempts block, as lists the candidate query filters on."""
-    return {
-        "full_projects": sorted(
-            p for p, n in occ.per_project.items() if n >= limits.project_limits.get(p, n + 1)
-        ),
-        "templates_exclusive": sorted(occ.templates_exclusive),
-        "templates_any": sorted(occ.templates_any),
-        "locks_held": sorted(occ.locks_held),
+def ending_columns(e: Ending) -> dict[str, Any]:
+    """The task columns an `Ending` writes."""
+    columns: dict[str, Any] = {
+        "status": e.status.value,
+        "attempts_used": e.attempts_used,
+        "lease_expires_at": None,
+        "exit_code": e.exit_code,
+        "reason": e.reason,
+        "changed_at": e.at,
     }
+    if e.requeued:
+        columns.update(owner_node=None, not_before=e.not_before, pid=None, pid_started_at=None)
+    else:
+        columns["finished_at"] = e.at
+    return columns
+
+
+def start_columns(s: Start) -> dict[str, Any]:
+    """The task columns a `Start` writes."""
+    return {
+        "status": Status.RUNNING.value,
+        "fence": s.fence,
+        "attempts_used": s.attempts_used,
+        "owner_node": s.owner_node,
+        "lease_expires_at": s.lease_expires_at,
+        "started_at": s.at,
+        "changed_at": s.at,
+        "pid": None,
+        "pid_started_at": None,
+        "exit_code": None,
+        "reason": s.reason,
+    }
+
+
+#: The columns of an event row, in the order `event_values` gives them.
+EVENT_COLUMNS = "task_id, at, fence, node_id, from_status, to_status, reason"
+
+
+def event_values(e: TaskEvent) -> tuple[Any, ...]:
+    """An event's values without its id (the database numbers it)."""
+    return (
+        e.task_id,
+        e.at,
+        e.fence,
+        e.node_id,
+        e.from_status.value if e.from_status is not None else None,
+        e.to_status.value,
+        e.reason,
+    )
+
+
+#: The columns of a node row, in the order `node_values` gives them.
+NODE_COLUMNS = "id, host, pid, pid_started_at, started_at, heartbeat_at, max_parallel, containment"
+
+
+def node_values(n: NodeInfo) -> tuple[Any, ...]:
+    return (
+        n.id,
+        n.host,
+        n.pid,
+        n.pid_started_at,
+        n.started_at,
+        n.heartbeat_at,
+        n.max_parallel,
+        n.containment,
+    )
+
+
+def alive_filter(alive: bool | None) -> str:
+    """The condition `list_nodes(alive=...)` adds (none for None)."""
+    if alive is None:
+        return ""
+    return " AND stopped_at IS NULL" if alive else " AND stopped_at IS NOT NULL"
+
+
+def renewal(rows: list[Row]) -> Renewal:
+    """A renewal from the renewed rows (id, fence, cancel_requested)."""
+    return Renewal(
+        held={r["id"]: r["fence"] for r in rows},
+        cancel_requests={r["id"]: r["cancel_requested"] for r in rows if r["cancel_requested"]},
+    )
 
 
 def check_schema_version(applied: set[int], known: list[int]) -> None:
@@ -52,52 +133,6 @@ def check_schema_version(applied: set[int], known: list[int]) -> None:
             f"schema version {newest} is newer than this taskpool supports ({newest_known});"
             " upgrade taskpool to use this database"
         )
-
-
-def iso(ts: float | None) -> str:
-    if ts is None:
-        return "never"
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
-def rescue_reason(owner: str | None, heartbeat_at: float | None, lease_expires_at: float) -> str:
-    said = (
-        f"owner node {owner} stopped heartbeating at {iso(heartbeat_at)}"
-        if heartbeat_at is not None
-        else f"owner node {owner} is unknown"
-    )
-    return f"{said} (lease expired at {iso(lease_expires_at)})"
-
-
-def handback_reason(node_id: str, stop_reason: str) -> str:
-    return (
-        f"handed back without using an attempt: node {node_id} stopped ({stop_reason})"
-        " while it held the task"
-    )
-
-
-def ended_columns(
-    row: Row, transition: Transition, now: float, exit_code: int | None
-) -> dict[str, Any]:
-    """The task columns to write when an attempt (or a waiting task) ends."""
-    attempts_used = row["attempts_used"]
-    if row["status"] == Status.RUNNING and not transition.consumes_attempt:
-        attempts_used -= 1  # shutdown refunds the attempt
-    columns: dict[str, Any] = {
-        "status": str(transition.status),
-        "attempts_used": attempts_used,
-        "lease_expires_at": None,
-        "exit_code": exit_code,
-        "reason": transition.reason,
-        "changed_at": now,
-    }
-    if transition.status is Status.WAITING:
-        columns.update(
-            owner_node=None, not_before=transition.not_before or 0.0, pid=None, pid_started_at=None
-        )
-    else:
-        columns["finished_at"] = now
-    return columns
 
 
 def task_info(

@@ -17,36 +17,22 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from importlib import resources
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 
-from .._errors import LeaseLost, StoreError, StoreUnavailable, TaskNotFound
-from .._models import (
-    Claim,
-    Limits,
-    NodeInfo,
-    Outcome,
-    Status,
-    TaskEvent,
-    TaskInfo,
-    TaskSpec,
-    Transition,
-    decide_finish,
-    decide_handback,
-    decide_orphan,
-)
+from .._errors import StoreError, StoreUnavailable
+from .._models import Claim, Limits, NodeInfo, Outcome, Status, TaskEvent, TaskInfo, TaskSpec
 from .._redact import dsn_secrets, redact
-from .._rules import Slot
 from .._store import Orphan, OutputChunk, Renewal, Store
+from . import _postgres_ops as ops
 from ._common import (
+    NODE_COLUMNS,
+    alive_filter,
     check_schema_version,
-    ended_columns,
     event_from_row,
-    handback_reason,
     node_from_row,
-    rescue_reason,
-    task_info,
+    node_values,
 )
 
 if TYPE_CHECKING:
@@ -59,11 +45,7 @@ log = logging.getLogger("taskpool")
 #: claim (submits, ends, retries, rescues).
 WORK_CHANNEL = "taskpool_work"
 
-#: Key of the advisory lock that serializes claims (and migrations, with +1).
-CLAIM_LOCK = 0x7A5C_9001
-MIGRATION_LOCK = CLAIM_LOCK + 1
-
-_NOW = "SELECT extract(epoch FROM clock_timestamp())::float8"
+_NOW = ops.NOW
 
 #: SQLSTATE classes worth retrying: connection exceptions, insufficient resources,
 #: operator intervention (shutdown), and serialization failures or deadlocks.
@@ -193,7 +175,7 @@ class PostgresStore(Store):
     @staticmethod
     async def _migrate(conn: asyncpg.Connection, *, create: bool = True) -> None:
         async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", ops.MIGRATION_LOCK)
             if not create and not await conn.fetchval(
                 "SELECT to_regclass('taskpool_schema_version') IS NOT NULL"
             ):
@@ -268,57 +250,22 @@ class PostgresStore(Store):
     async def register_node(self, node: NodeInfo) -> None:
         async def op(conn: asyncpg.Connection) -> None:
             await conn.execute(
-                "INSERT INTO taskpool_nodes (id, host, pid, pid_started_at, started_at,"
-                " heartbeat_at, max_parallel, containment)"
+                f"INSERT INTO taskpool_nodes ({NODE_COLUMNS})"
                 " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                node.id,
-                node.host,
-                node.pid,
-                node.pid_started_at,
-                node.started_at,
-                node.heartbeat_at,
-                node.max_parallel,
-                node.containment,
+                *node_values(node),
             )
 
         await self._tx(op)
 
     async def stop_node(self, node_id: str, reason: str) -> None:
-        async def op(conn: asyncpg.Connection) -> None:
-            now: float = await conn.fetchval(_NOW)
-            await conn.execute(
-                "UPDATE taskpool_nodes SET stopped_at = $3, stop_reason = $2"
-                " WHERE id = $1 AND stopped_at IS NULL",
-                node_id,
-                reason,
-                now,
-            )
-            # In the same transaction, so a stopped node never owns a running attempt: a
-            # claim holds the node's row (FOR SHARE) until it commits, so this statement
-            # runs after any claim of the node and sees what it claimed.
-            rows = await conn.fetch(
-                "SELECT * FROM taskpool_tasks WHERE status = 'running' AND owner_node = $1"
-                " FOR UPDATE",
-                node_id,
-            )
-            for row in rows:
-                transition = decide_handback(
-                    handback_reason(node_id, reason),
-                    cancel_requested=row["cancel_requested"] is not None,
-                )
-                await _apply(conn, row, transition, now, "handed_back", None)
-
-        await self._tx(op)
+        await self._tx(lambda conn: ops.stop_node(conn, node_id, reason))
 
     async def list_nodes(
         self, *, host: str | None = None, alive: bool | None = None
     ) -> list[NodeInfo]:
         async def op(conn: asyncpg.Connection) -> list[NodeInfo]:
             sql = "SELECT * FROM taskpool_nodes WHERE ($1::text IS NULL OR host = $1)"
-            if alive is True:
-                sql += " AND stopped_at IS NULL"
-            elif alive is False:
-                sql += " AND stopped_at IS NOT NULL"
+            sql += alive_filter(alive)
             rows = await conn.fetch(sql + " ORDER BY started_at", host)
             return [node_from_row(r) for r in rows]
 
@@ -362,47 +309,17 @@ class PostgresStore(Store):
         return await self._tx(op)
 
     async def claim(self, node_id: str, limits: Limits, lease_ttl_s: float) -> list[Claim]:
-        return await self._tx(lambda conn: _claim(conn, node_id, limits, lease_ttl_s))
+        return await self._tx(lambda conn: ops.claim(conn, node_id, limits, lease_ttl_s))
 
     async def record_spawn(self, task_id: int, fence: int, pid: int, pid_started_at: float) -> None:
-        async def op(conn: asyncpg.Connection) -> None:
-            await _fenced(conn, task_id, fence)
-            await conn.execute(
-                "UPDATE taskpool_tasks SET pid = $2, pid_started_at = $3 WHERE id = $1",
-                task_id,
-                pid,
-                pid_started_at,
-            )
-            await conn.execute(
-                "UPDATE taskpool_attempts SET pid = $3, pid_started_at = $4"
-                " WHERE task_id = $1 AND fence = $2",
-                task_id,
-                fence,
-                pid,
-                pid_started_at,
-            )
-
-        await self._tx(op)
+        await self._tx(lambda conn: ops.record_spawn(conn, task_id, fence, pid, pid_started_at))
 
     async def append_output(self, task_id: int, fence: int, texts: Sequence[str]) -> None:
-        async def op(conn: asyncpg.Connection) -> None:
-            await _fenced(conn, task_id, fence)
-            last: int = await conn.fetchval(
-                "SELECT COALESCE(MAX(seq), 0) FROM taskpool_output"
-                " WHERE task_id = $1 AND fence = $2",
-                task_id,
-                fence,
-            )
-            await conn.executemany(
-                "INSERT INTO taskpool_output (task_id, fence, seq, text) VALUES ($1, $2, $3, $4)",
-                [(task_id, fence, last + i, text) for i, text in enumerate(texts, 1)],
-            )
-
-        await self._tx(op)
+        await self._tx(lambda conn: ops.append_output(conn, task_id, fence, texts))
 
     async def finish(self, task_id: int, fence: int, outcome: Outcome) -> TaskInfo:
         async def op(conn: asyncpg.Connection) -> TaskInfo:
-            return _info(await _finish(conn, task_id, fence, outcome))
+            return ops.info(await ops.finish(conn, task_id, fence, outcome))
 
         return await self._tx(op)
 
@@ -417,65 +334,19 @@ class PostgresStore(Store):
         lease_ttl_s: float,
     ) -> list[Claim]:
         async def op(conn: asyncpg.Connection) -> list[Claim]:
-            await _finish(conn, task_id, fence, outcome)
-            return await _claim(conn, node_id, limits, lease_ttl_s)
+            await ops.finish(conn, task_id, fence, outcome)
+            return await ops.claim(conn, node_id, limits, lease_ttl_s)
 
         return await self._tx(op)
 
     async def renew_leases(self, node_id: str, lease_ttl_s: float) -> Renewal:
-        async def op(conn: asyncpg.Connection) -> Renewal:
-            now: float = await conn.fetchval(_NOW)
-            rows = await conn.fetch(
-                "UPDATE taskpool_tasks SET lease_expires_at = $3 WHERE owner_node = $1"
-                " AND status = 'running' AND lease_expires_at >= $2"
-                " RETURNING id, fence, cancel_requested",
-                node_id,
-                now,
-                now + lease_ttl_s,
-            )
-            await conn.execute(
-                "UPDATE taskpool_nodes SET heartbeat_at = $2 WHERE id = $1", node_id, now
-            )
-            return Renewal(
-                held={r["id"]: r["fence"] for r in rows},
-                cancel_requests={
-                    r["id"]: r["cancel_requested"] for r in rows if r["cancel_requested"]
-                },
-            )
-
-        return await self._tx(op)
+        return await self._tx(lambda conn: ops.renew_leases(conn, node_id, lease_ttl_s))
 
     async def rescue_expired(
         self, *, except_attempts: Collection[tuple[int, int]] = ()
     ) -> list[TaskInfo]:
         spared = set(except_attempts)
-
-        async def op(conn: asyncpg.Connection) -> list[TaskInfo]:
-            now: float = await conn.fetchval(_NOW)
-            rows = await conn.fetch(
-                "SELECT t.*, n.heartbeat_at AS node_heartbeat_at FROM taskpool_tasks t"
-                " LEFT JOIN taskpool_nodes n ON n.id = t.owner_node"
-                " WHERE t.status = 'running' AND t.lease_expires_at < $1"
-                " FOR UPDATE OF t SKIP LOCKED",
-                now,
-            )
-            rescued = []
-            for row in rows:
-                if (row["id"], row["fence"]) in spared:
-                    continue
-                reason = rescue_reason(
-                    row["owner_node"], row["node_heartbeat_at"], row["lease_expires_at"]
-                )
-                transition = decide_orphan(
-                    attempts_used=row["attempts_used"],
-                    max_attempts=row["max_attempts"],
-                    reason=reason,
-                    cancel_requested=row["cancel_requested"] is not None,
-                )
-                rescued.append(_info(await _apply(conn, row, transition, now, "rescued", None)))
-            return rescued
-
-        return await self._tx(op)
+        return await self._tx(lambda conn: ops.rescue_expired(conn, spared))
 
     async def orphans_of(self, node_id: str) -> list[Orphan]:
         async def op(conn: asyncpg.Connection) -> list[Orphan]:
@@ -484,25 +355,12 @@ class PostgresStore(Store):
                 " WHERE status = 'running' AND owner_node = $1 ORDER BY id",
                 node_id,
             )
-            return [Orphan(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+            return [Orphan(*r) for r in rows]
 
         return await self._tx(op)
 
     async def settle_orphan(self, task_id: int, fence: int, reason: str) -> TaskInfo:
-        async def op(conn: asyncpg.Connection) -> TaskInfo:
-            row = await _row(conn, task_id, lock=True)
-            if row["status"] != Status.RUNNING or row["fence"] != fence:
-                return _info(row)  # someone settled it already
-            transition = decide_orphan(
-                attempts_used=row["attempts_used"],
-                max_attempts=row["max_attempts"],
-                reason=reason,
-                cancel_requested=row["cancel_requested"] is not None,
-            )
-            now: float = await conn.fetchval(_NOW)
-            return _info(await _apply(conn, row, transition, now, "orphaned", None))
-
-        return await self._tx(op)
+        return await self._tx(lambda conn: ops.settle_orphan(conn, task_id, fence, reason))
 
     async def watch_for_work(self, on_work: Callable[[], None]) -> None:
         """LISTEN on `taskpool_work` (NOTIFYed by submits, retries and rescues) on a
@@ -540,38 +398,12 @@ class PostgresStore(Store):
 
     # -- operator actions --------------------------------------------------
     async def request_cancel(self, task_id: int, *, force: bool = False) -> TaskInfo:
-        async def op(conn: asyncpg.Connection) -> TaskInfo:
-            row = await _row(conn, task_id, lock=True)
-            status = Status(row["status"])
-            now: float = await conn.fetchval(_NOW)
-            if status is Status.WAITING:
-                transition = Transition(Status.CANCELLED, False, reason="cancelled while waiting")
-                return _info(await _apply(conn, row, transition, now, None, None))
-            if status is Status.RUNNING:
-                mode = "force" if force or row["cancel_requested"] == "force" else "graceful"
-                updated = await conn.fetchrow(
-                    "UPDATE taskpool_tasks SET cancel_requested = $2 WHERE id = $1 RETURNING *",
-                    task_id,
-                    mode,
-                )
-                await conn.execute(
-                    "INSERT INTO taskpool_events (task_id, at, fence, node_id, from_status,"
-                    " to_status, reason) VALUES ($1, $2, $3, $4, 'running', 'running', $5)",
-                    task_id,
-                    now,
-                    row["fence"],
-                    row["owner_node"],
-                    f"cancel requested ({mode})",
-                )
-                return _info(updated)
-            return _info(row)
-
-        return await self._tx(op)
+        return await self._tx(lambda conn: ops.request_cancel(conn, task_id, force))
 
     # -- reads -------------------------------------------------------------
     async def get(self, task_id: int) -> TaskInfo:
         async def op(conn: asyncpg.Connection) -> TaskInfo:
-            return _info(await _row(conn, task_id))
+            return ops.info(await ops.task_row(conn, task_id))
 
         return await self._tx(op)
 
@@ -590,7 +422,7 @@ class PostgresStore(Store):
                 project,
                 limit,
             )
-            return [_info(r) for r in rows]
+            return [ops.info(r) for r in rows]
 
         return await self._tx(op)
 
@@ -618,149 +450,3 @@ class PostgresStore(Store):
             return [OutputChunk(r[0], r[1], r[2]) for r in rows]
 
         return await self._tx(op)
-
-
-# -- operations, run inside a transaction ------------------------------------
-
-
-async def _row(conn: asyncpg.Connection, task_id: int, *, lock: bool = False) -> Any:
-    sql = "SELECT * FROM taskpool_tasks WHERE id = $1" + (" FOR UPDATE" if lock else "")
-    row = await conn.fetchrow(sql, task_id)
-    if row is None:
-        raise TaskNotFound(f"no task {task_id}")
-    return row
-
-
-async def _fenced(conn: asyncpg.Connection, task_id: int, fence: int) -> Any:
-    """The locked task row if `fence` still owns it, else `LeaseLost` (see sqlite's)."""
-    row = await conn.fetchrow(
-        f"SELECT t.*, ({_NOW}) AS now FROM taskpool_tasks t WHERE id = $1 FOR UPDATE", task_id
-    )
-    if row is None:
-        raise TaskNotFound(f"no task {task_id}")
-    if row["status"] != Status.RUNNING or row["fence"] != fence:
-        raise LeaseLost(
-            f"task {task_id}: fence {fence} is stale"
-            f" (task is {row['status']}, fence {row['fence']})"
-        )
-    return row
-
-
-async def _finish(conn: asyncpg.Connection, task_id: int, fence: int, outcome: Outcome) -> Any:
-    row = await _fenced(conn, task_id, fence)
-    transition = decide_finish(
-        outcome,
-        attempts_used=row["attempts_used"],
-        max_attempts=row["max_attempts"],
-        backoff_s=row["retry_backoff_s"],
-        now=row["now"],
-        cancel_requested=row["cancel_requested"] is not None,
-    )
-    updated = await _apply(conn, row, transition, row["now"], outcome.kind.value, outcome.exit_code)
-    return updated
-
-
-async def _apply(
-    conn: asyncpg.Connection,
-    row: Any,
-    transition: Transition,
-    now: float,
-    outcome: str | None,
-    exit_code: int | None,
-) -> Any:
-    """Write the end of an attempt (or of a waiting task); the trigger logs the event."""
-    columns = ended_columns(row, transition, now, exit_code)
-    names = list(columns)
-    assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(names, 2))
-    values = [columns[name] for name in names]
-    if row["status"] != Status.RUNNING:
-        return await conn.fetchrow(
-            f"UPDATE taskpool_tasks SET {assignments} WHERE id = $1 RETURNING *", row["id"], *values
-        )
-    # The attempt's record is closed in the same statement (one round trip).
-    n = len(names) + 2
-    return await conn.fetchrow(
-        f"WITH ended AS (UPDATE taskpool_tasks SET {assignments} WHERE id = $1 RETURNING *),"
-        f" attempt AS (UPDATE taskpool_attempts SET finished_at = ${n}, outcome = ${n + 1},"
-        f" exit_code = ${n + 2}, reason = ${n + 3} WHERE task_id = $1 AND fence = ${n + 4})"
-        " SELECT * FROM ended",
-        row["id"],
-        *values,
-        now,
-        outcome,
-        exit_code,
-        transition.reason,
-        row["fence"],
-    )
-
-
-def _slot(row: Any) -> Slot:
-    return Slot(
-        task_id=row["id"],
-        project=row["project"],
-        template=row["template"],
-        template_parallel=row["template_parallel"],
-        locks=frozenset(row["locks"]),
-    )
-
-
-#: Filters that drop waiting tasks certainly blocked by what already runs, each added
-#: only when its list is non-empty so the common query stays a plain index walk.
-_CANDIDATE_FILTERS = {
-    "full_projects": "project <> ALL({})",
-    "templates_exclusive": "(template IS NULL OR template <> ALL({}))",
-    "templates_any": "(template IS NULL OR template_parallel OR template <> ALL({}))",
-    "locks_held": "NOT (locks && {})",
-}
-
-
-async def _candidates(
-    conn: asyncpg.Connection, now: float, window: int, blocked: dict[str, list[str]]
-) -> list[Any]:
-    where = ["status = 'waiting'", "not_before <= $1"]
-    args: list[Any] = [now, window]
-    for name, values in blocked.items():
-        if values:
-            args.append(values)
-            where.append(_CANDIDATE_FILTERS[name].format(f"${len(args)}::text[]"))
-    sql = (
-        "SELECT id, project, template, template_parallel, locks FROM taskpool_tasks WHERE "
-        + " AND ".join(where)
-        + " ORDER BY priority DESC, id LIMIT $2"
-    )
-    return list(await conn.fetch(sql, *args))
-
-
-async def _claim(
-    conn: asyncpg.Connection, node_id: str, limits: Limits, lease_ttl_s: float
-) -> list[Claim]:
-    """One claim at a time across the cluster (an advisory lock), decided and written by
-    `taskpool_claim` (migration 0002) in one round trip."""
-    # A stopped node claims nothing (its claim would be left for lease expiry); the
-    # node's row is held FOR SHARE so that `stop_node` waits for this claim to commit.
-    # An uncorrelated condition is a one-time filter: the function does not run at all.
-    rows = await conn.fetch(
-        "SELECT * FROM taskpool_claim($1, $2, $3, $4::jsonb, $5) WHERE COALESCE("
-        "(SELECT stopped_at IS NULL FROM taskpool_nodes WHERE id = $2 FOR SHARE), true)",
-        CLAIM_LOCK,
-        node_id,
-        limits.max_parallel,
-        json.dumps(dict(limits.project_limits)),
-        lease_ttl_s,
-    )
-    claims = []
-    for row in rows:
-        info = _info(row)
-        claims.append(Claim(info, info.fence))
-    return claims
-
-
-def _info(r: Any) -> TaskInfo:
-    env = r["env"]
-    return task_info(
-        r,
-        argv=list(r["argv"]),
-        env=json.loads(env) if env is not None else None,
-        pass_env=list(r["pass_env"]),
-        locks=list(r["locks"]),
-    )

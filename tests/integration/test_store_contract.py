@@ -3,6 +3,11 @@
 A backend joins by adding to `BACKENDS` an async context manager that, given a
 temporary directory, makes a fresh empty database and yields a function opening
 a new handle onto it (two handles stand for two nodes or two processes).
+
+Time is in the data, never slept on: a lease that has run out is one given with a
+TTL in the past (PostgreSQL decides on its own clock, which a test cannot move); the
+stores that take a clock (SQLite, MemoryStore) are also run on one the test moves, to
+pin the rules at their boundaries.
 """
 
 from __future__ import annotations
@@ -132,12 +137,15 @@ async def test_concurrent_claims_never_overlap(opener: Opener) -> None:
         assert sorted(next(iter(t.spec.locks)) for t in running) == [f"lock-{i}" for i in range(10)]
 
 
+#: A lease TTL in the past: the lease has run out when the claim returns.
+RAN_OUT = -60.0
+
+
 async def test_stale_fence_is_refused_everywhere(opener: Opener) -> None:
     """After a rescue and a new claim, every write of the old owner raises LeaseLost."""
     async with handles(opener, 2) as (old_store, new_store):
         task = await old_store.submit(TaskSpec.build(["true"], max_attempts=2))
-        (old,) = await old_store.claim("node-0", Limits(), lease_ttl_s=0.05)
-        await anyio.sleep(0.1)  # let the lease expire
+        (old,) = await old_store.claim("node-0", Limits(), lease_ttl_s=RAN_OUT)
         (rescued,) = await new_store.rescue_expired()
         assert rescued.status is Status.WAITING
         assert rescued.reason is not None
@@ -162,8 +170,7 @@ async def test_an_expired_lease_is_lost_when_rescued(opener: Opener) -> None:
     rescued, the old owner's writes are refused."""
     async with handles(opener, 1) as (store,):
         task = await store.submit(TaskSpec.build(["true"]))
-        (claim,) = await store.claim("node-0", Limits(), lease_ttl_s=0.05)
-        await anyio.sleep(0.1)
+        (claim,) = await store.claim("node-0", Limits(), lease_ttl_s=RAN_OUT)
         assert (await store.renew_leases("node-0", 30)).held == {}
         (rescued,) = await store.rescue_expired()
         with pytest.raises(LeaseLost):
@@ -178,8 +185,7 @@ async def test_an_expired_lease_nobody_took_over_still_records_its_end(opener: O
     recorded (its processes ended within the lease), and the rescue finds nothing."""
     async with handles(opener, 1) as (store,):
         task = await store.submit(TaskSpec.build(["true"]))
-        (claim,) = await store.claim("node-0", Limits(), lease_ttl_s=0.05)
-        await anyio.sleep(0.1)
+        (claim,) = await store.claim("node-0", Limits(), lease_ttl_s=RAN_OUT)
         await store.append_output(task, claim.fence, ["done\n"])
         info = await store.finish(task, claim.fence, EXITED_0)
         assert info.status is Status.SUCCEEDED
@@ -256,6 +262,39 @@ async def test_output_reads_in_order_across_attempts(opener: Opener) -> None:
         assert [c.text for c in chunks] == ["a", "b", "c"]
         after = (chunks[1].fence, chunks[1].seq)
         assert [c.text for c in await store.read_output(task, after=after)] == ["c"]
+
+
+async def test_every_transition_is_logged_with_the_attempt_it_starts_or_ends(
+    opener: Opener,
+) -> None:
+    """The event log of one life (submit, claim, a retry, a claim, cancel asked, a
+    success all the same) is the same on every backend: the SQL triggers and MemoryStore log what
+    `taskpool._decisions.logged_transition` says, and a cancel request its own event."""
+    async with handles(opener, 2) as (one, two):
+        task = await one.submit(TaskSpec.build(["true"], max_attempts=2, retry_backoff_s=0))
+        (first,) = await one.claim("node-0", Limits(), lease_ttl_s=30)
+        await one.renew_leases("node-0", 30)  # neither status nor fence: nothing logged
+        failed = Outcome(OutcomeKind.EXITED, "exited with code 1", 1)
+        await one.finish(task, first.fence, failed)
+        (second,) = await two.claim("node-0", Limits(), lease_ttl_s=30)
+        await two.request_cancel(task)
+        await one.finish(task, second.fence, EXITED_0)
+        events = await two.events(task)
+    assert [(e.from_status, e.to_status, e.fence, e.node_id, e.reason) for e in events] == [
+        (None, Status.WAITING, None, None, "submitted"),
+        (Status.WAITING, Status.RUNNING, 1, "node-0", "claimed by node node-0 (attempt 1 of 2)"),
+        (
+            Status.RUNNING,
+            Status.WAITING,
+            1,
+            "node-0",
+            "exited with code 1; retrying in 0 s (attempt 2 of 2)",
+        ),
+        (Status.WAITING, Status.RUNNING, 2, "node-0", "claimed by node node-0 (attempt 2 of 2)"),
+        (Status.RUNNING, Status.RUNNING, 2, "node-0", "cancel requested (graceful)"),
+        (Status.RUNNING, Status.SUCCEEDED, 2, "node-0", "exited with code 0"),
+    ]
+    assert [e.id for e in events] == sorted(e.id for e in events)
 
 
 ROUTING = st.tuples(
@@ -411,3 +450,93 @@ async def test_a_stopped_node_owns_nothing_and_claims_nothing(opener: Opener) ->
         (again,) = await two.claim("node-1", Limits(max_parallel=4), lease_ttl_s=30)
         assert again.task.id == plain
         assert again.task.attempts_used == 1
+
+
+# --- rules at their boundaries, on a clock the test moves (SQLite, MemoryStore) ---------
+
+
+class Clock:
+    """UNIX time that moves only when the test moves it (in whole seconds and halves from
+    a whole second, exact in a float: a boundary is hit exactly)."""
+
+    def __init__(self) -> None:
+        self.now = float(int(time.time()))
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _clocked_memory(clock: Clock) -> Store:
+    store = MemoryStore()
+    store.clock = clock
+    return store
+
+
+CLOCKED: dict[str, Callable[[Path, Clock], Store]] = {
+    "sqlite": lambda tmp, clock: SQLiteStore(tmp / "clocked.db", clock=clock),
+    "memory": lambda tmp, clock: _clocked_memory(clock),
+}
+
+
+@pytest.fixture(params=sorted(CLOCKED))
+def clocked(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Opener, Clock]:
+    """Opens handles onto one fresh database whose store decides on the test's clock."""
+    clock = Clock()
+    make = CLOCKED[request.param]
+    store = make(tmp_path, clock)
+    return (lambda: store if isinstance(store, MemoryStore) else make(tmp_path, clock)), clock
+
+
+async def test_a_lease_counts_through_its_expiry_instant_and_no_longer(
+    clocked: tuple[Opener, Clock],
+) -> None:
+    """At its expiry instant a lease still blocks its lock and is not rescued; just after,
+    the lock is free for another node and the attempt is rescued."""
+    opener, clock = clocked
+    async with handles(opener, 2) as (one, two):
+        first = await one.submit(TaskSpec.build(["true"], locks=["x"]))
+        second = await one.submit(TaskSpec.build(["true"], locks=["x"]))
+        (held,) = await one.claim("node-0", Limits(), lease_ttl_s=30)
+        assert held.task.id == first
+        clock.now += 30
+        assert await two.claim("node-1", Limits(), lease_ttl_s=30) == []
+        assert await two.rescue_expired() == []
+        clock.now += 0.5
+        (taken,) = await two.claim("node-1", Limits(), lease_ttl_s=30)
+        assert taken.task.id == second
+        (rescued,) = await two.rescue_expired()
+        assert (rescued.id, rescued.status) == (first, Status.LOST)
+
+
+async def test_a_renewal_extends_the_lease_from_when_it_is_made(
+    clocked: tuple[Opener, Clock],
+) -> None:
+    """A lease renewed before it runs out lasts its TTL from the renewal, and past the
+    first expiry nobody may rescue it."""
+    opener, clock = clocked
+    async with handles(opener, 1) as (store,):
+        task = await store.submit(TaskSpec.build(["true"]))
+        (claim,) = await store.claim("node-0", Limits(), lease_ttl_s=30)
+        clock.now += 20
+        assert (await store.renew_leases("node-0", 30)).held == {task: claim.fence}
+        clock.now += 20  # past the first expiry, within the renewed lease
+        assert await store.rescue_expired() == []
+        assert (await store.get(task)).lease_expires_at == pytest.approx(clock.now + 10)
+
+
+async def test_a_retry_waits_out_its_backoff(clocked: tuple[Opener, Clock]) -> None:
+    """A failed attempt with attempts left is claimable again exactly when its backoff
+    has passed, not a moment before."""
+    opener, clock = clocked
+    async with handles(opener, 1) as (store,):
+        task = await store.submit(TaskSpec.build(["true"], max_attempts=2, retry_backoff_s=10))
+        (claim,) = await store.claim("node-0", Limits(), lease_ttl_s=30)
+        failed = Outcome(OutcomeKind.EXITED, "exited with code 1", 1)
+        info = await store.finish(task, claim.fence, failed)
+        assert info.status is Status.WAITING
+        assert info.reason == "exited with code 1; retrying in 10 s (attempt 2 of 2)"
+        clock.now += 9.5
+        assert await store.claim("node-0", Limits(), lease_ttl_s=30) == []
+        clock.now += 0.5
+        (again,) = await store.claim("node-0", Limits(), lease_ttl_s=30)
+        assert (again.task.id, again.task.attempts_used) == (task, 2)

@@ -10,16 +10,8 @@ from typing import Any
 import pytest
 
 from taskpool import InvalidTask, TaskpoolError
-from taskpool._models import (
-    Outcome,
-    OutcomeKind,
-    Status,
-    TaskSpec,
-    Transition,
-    decide_finish,
-    decide_orphan,
-    retry_delay_s,
-)
+from taskpool._decisions import Transition, decide_finish, decide_orphan, retry_delay_s
+from taskpool._models import Outcome, OutcomeKind, Status, TaskSpec
 
 NOW = 1_000.0
 

@@ -8,7 +8,14 @@ from collections.abc import Iterable, Sequence
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from taskpool._rules import Occupancy, Slot, blocked_by, plan_claims
+from taskpool._rules import (
+    Occupancy,
+    Prefilter,
+    Slot,
+    blocked_by,
+    claim_in_windows,
+    plan_claims,
+)
 from tests.strategies import ClaimScenario, claim_scenarios, coexist
 
 scenario_settings = settings(max_examples=200, deadline=None)
@@ -194,6 +201,74 @@ def test_empty_queue_chooses_nothing(node_runnings: list[int]) -> None:
         assert (
             plan_claims([], [], node_running=node_running, max_parallel=2, project_limits={}) == []
         )
+
+
+# --- the prefilter and the claim windows (what SQLite's claim runs) ---------------
+
+
+@scenario_settings
+@given(claim_scenarios())
+def test_the_prefilter_never_drops_a_task_plan_claims_would_choose(sc: ClaimScenario) -> None:
+    """Every task the prefilter drops is blocked by the rules for a reason other than the
+    node's own limit (so it stays blocked while the claim goes on), and none is chosen."""
+    occ = occupancy(sc, [])
+    prefilter = Prefilter.of(occ, sc.project_limits)
+    chosen = ids_of(plan(sc))
+    unlimited = Occupancy.of(sc.running, node_running=0)
+    for candidate in sc.candidates:
+        if prefilter.drops(candidate):
+            assert candidate.task_id not in chosen
+            assert blocked_by(
+                candidate, unlimited, max_parallel=1, project_limits=sc.project_limits
+            )
+
+
+def windowed(sc: ClaimScenario, max_window: int, reads: list[int] | None = None) -> list[Slot]:
+    """`claim_in_windows` over the scenario's queue, read as SQLite's query reads it."""
+
+    def fetch(prefilter: Prefilter, taken: Sequence[int], window: int) -> list[Slot]:
+        if reads is not None:
+            reads.append(window)
+        kept = [c for c in sc.candidates if not prefilter.drops(c) and c.task_id not in taken]
+        return kept[:window]
+
+    return claim_in_windows(
+        fetch,
+        sc.running,
+        node_running=sc.node_running,
+        max_parallel=sc.max_parallel,
+        project_limits=sc.project_limits,
+        max_window=max_window,
+    )
+
+
+@scenario_settings
+@given(claim_scenarios(), st.integers(min_value=1, max_value=6))
+def test_claiming_in_windows_chooses_what_plan_claims_chooses(
+    sc: ClaimScenario, max_window: int
+) -> None:
+    """Whatever the window size, reading the queue a window at a time behind the
+    prefilter gives the same choice, in the same order, as planning over all of it."""
+    assert ids_of(windowed(sc, max_window)) == ids_of(plan(sc))
+
+
+def test_a_task_chosen_from_one_window_is_never_read_again() -> None:
+    """A parallel task blocks the exclusive ones of its template behind it but not
+    itself: the next window must leave it out, or it would be claimed twice."""
+    sc = ClaimScenario(
+        candidates=[
+            slot(1, template="t", parallel=True),
+            *(slot(i, template="t") for i in range(2, 8)),
+            slot(8, template="u"),
+        ],
+        running=[],
+        node_running=0,
+        max_parallel=2,
+        project_limits={},
+    )
+    reads: list[int] = []
+    assert ids_of(windowed(sc, max_window=64, reads=reads)) == [1, 8]
+    assert len(reads) == 2  # a full first window, and a second one behind it
 
 
 # --- examples that read like documentation ---------------------------------------

@@ -1,10 +1,13 @@
--- The claim, in one round trip: the blocking policy of taskpool/_rules.py
--- (plan_claims) applied inside the database under the cluster-wide claim lock, so
--- the lock is held for one statement and the commit instead of several round
--- trips. The store contract suite checks that this and plan_claims agree.
+-- The claim, in one round trip: a restatement in PL/pgSQL of the blocking policy
+-- whose oracle is plan_claims (taskpool/_rules.py), run inside the database under the
+-- cluster-wide claim lock, so the lock is held for one statement and the commit
+-- instead of several round trips. tests/integration/test_claim_differential.py checks
+-- that it chooses what plan_claims chooses, in the same order; the claim reason it
+-- formats is taskpool/_decisions.py's claim_reason.
 --
 -- Candidates certainly blocked by what already runs are filtered in the query (an
--- index walk in C); the loop only resolves conflicts among the tasks it picks.
+-- index walk in C; taskpool/_rules.py's Prefilter says the same in Python); the loop
+-- only resolves conflicts among the tasks it picks.
 CREATE FUNCTION taskpool_claim(
     p_lock BIGINT, p_node TEXT, p_max_parallel INTEGER, p_project_limits JSONB,
     p_lease_ttl_s DOUBLE PRECISION

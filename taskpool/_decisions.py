@@ -1,0 +1,417 @@
+"""What a store decides inside a transaction, written once over plain data. Pure.
+
+Every backend reads a task's row into a `TaskState`, calls one of the `plan_*`
+functions and applies the typed result it returns (an `Ending`, a `Start`, a
+`CancelRequest`): the SQL stores write it as columns, the in-memory store onto
+its objects. Fence checks and their messages, the reasons recorded, which
+attempt is refunded and what an event says live here, not in a backend.
+
+The words: an attempt *ends* with its runner's `OutcomeKind`, or is *settled*
+without one (`Settlement`): rescued after its lease expired, settled as an orphan
+of a dead predecessor, or handed back by a node that stopped.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass
+
+from ._errors import LeaseLost
+from ._models import Outcome, OutcomeKind, Status, TaskEvent, TaskInfo
+
+
+class Settlement(enum.StrEnum):
+    """How an attempt ended that its runner never reported (the attempt's outcome)."""
+
+    RESCUED = "rescued"  # its lease expired and another node re-queued it or marked it lost
+    ORPHANED = "orphaned"  # its node died and a successor on the host settled it at boot
+    HANDED_BACK = "handed_back"  # its node stopped while holding it, and gave it back
+
+
+class CancelMode(enum.StrEnum):
+    """How the owner of a running task is asked to stop it."""
+
+    GRACEFUL = "graceful"  # SIGTERM, a grace period, then SIGKILL
+    FORCE = "force"  # SIGKILL at once
+
+
+@dataclass(frozen=True, slots=True)
+class TaskState:
+    """What the decisions read of a task: its status, its attempt and its policy."""
+
+    id: int
+    status: Status
+    fence: int
+    attempts_used: int
+    max_attempts: int
+    retry_backoff_s: float
+    owner_node: str | None
+    lease_expires_at: float | None
+    cancel_requested: str | None
+
+    @classmethod
+    def of(cls, info: TaskInfo) -> TaskState:
+        return cls(
+            id=info.id,
+            status=info.status,
+            fence=info.fence,
+            attempts_used=info.attempts_used,
+            max_attempts=info.spec.max_attempts,
+            retry_backoff_s=info.spec.retry_backoff_s,
+            owner_node=info.owner_node,
+            lease_expires_at=info.lease_expires_at,
+            cancel_requested=info.cancel_requested,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """The next status of a task whose attempt ended, and why."""
+
+    status: Status
+    consumes_attempt: bool
+    not_before: float | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptEnd:
+    """What closes an attempt's own record."""
+
+    fence: int
+    outcome: OutcomeKind | Settlement
+    exit_code: int | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ending:
+    """What a store writes when an attempt, or a waiting task, ends.
+
+    Back to waiting (`requeued`), the task loses its owner, lease and process and
+    may run again from `not_before` (0: at once); otherwise it is finished at `at`.
+    The lease ends either way.
+    """
+
+    task_id: int
+    status: Status
+    attempts_used: int
+    exit_code: int | None
+    reason: str
+    at: float
+    not_before: float
+    attempt: AttemptEnd | None  # None: the task was waiting, no attempt to close
+
+    @property
+    def requeued(self) -> bool:
+        return self.status is Status.WAITING
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """What a store writes when a node claims a waiting task: a new attempt."""
+
+    task_id: int
+    fence: int
+    attempts_used: int
+    owner_node: str
+    lease_expires_at: float
+    at: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequest:
+    """A cancel asked of a running task's owner: the mode to record, and its event."""
+
+    mode: CancelMode
+    event: TaskEvent  # id 0: the store numbers it
+
+
+# -- leases and fences ---------------------------------------------------------
+
+
+def lease_live(lease_expires_at: float | None, now: float) -> bool:
+    """A lease counts (blocks others, can be renewed) through its expiry instant;
+    only after it may the attempt be rescued."""
+    return lease_expires_at is not None and lease_expires_at >= now
+
+
+def check_fence(state: TaskState, fence: int) -> None:
+    """Raise `LeaseLost` unless `fence` still owns the task.
+
+    Ownership ends when someone else takes the task over (a rescue, then a new claim:
+    status or fence change), not at lease expiry itself: expiry only allows a rescue.
+    Until one happens, the owner may still record what its attempt did within the
+    lease, whose processes never outlive it (the owner stops them before it runs out
+    when it cannot renew it)."""
+    if state.status is not Status.RUNNING or state.fence != fence:
+        raise LeaseLost(
+            f"task {state.id}: fence {fence} is stale"
+            f" (task is {state.status.value}, fence {state.fence})"
+        )
+
+
+# -- the next status ---------------------------------------------------------
+
+
+_STATUS_OF_ENDING = {
+    OutcomeKind.TIMED_OUT: Status.TIMED_OUT,
+    OutcomeKind.STALLED: Status.STALLED,
+    OutcomeKind.CANCELLED: Status.CANCELLED,
+}
+
+
+def retry_delay_s(backoff_s: float, attempts_used: int) -> float:
+    """Exponential backoff: base, 2x base, 4x base ... capped at one hour."""
+    doublings = min(max(attempts_used - 1, 0), 32)  # 2**32 s is past any cap: no overflow
+    return float(min(backoff_s * 2**doublings, 3600.0))
+
+
+def decide_finish(
+    outcome: Outcome,
+    *,
+    attempts_used: int,
+    max_attempts: int,
+    backoff_s: float,
+    now: float,
+    cancel_requested: bool = False,
+) -> Transition:
+    """Decide the next status of a task whose attempt ended with `outcome`.
+
+    `attempts_used` counts the attempt that just ended. Shutdown and self-fencing
+    (stopped before a lease that could not be renewed ran out) never use up an
+    attempt; cancellation and spawn failures are never retried (retrying a missing
+    program only wastes time); other failures are retried while attempts remain.
+    A task someone asked to cancel is never re-queued.
+    """
+    transition = _decide_finish(outcome, attempts_used, max_attempts, backoff_s, now)
+    if cancel_requested and transition.status is Status.WAITING:
+        return Transition(Status.CANCELLED, True, reason=f"cancelled; {outcome.reason}")
+    return transition
+
+
+def _decide_finish(
+    outcome: Outcome, attempts_used: int, max_attempts: int, backoff_s: float, now: float
+) -> Transition:
+    assert outcome.kind is not OutcomeKind.LEASE_LOST, "a lost lease is never written"
+    if outcome.kind in (OutcomeKind.SHUTDOWN, OutcomeKind.SELF_FENCED):
+        return Transition(Status.WAITING, consumes_attempt=False, reason=outcome.reason)
+    if outcome.kind is OutcomeKind.EXITED and outcome.exit_code == 0:
+        return Transition(Status.SUCCEEDED, consumes_attempt=True, reason=outcome.reason)
+    if outcome.kind is OutcomeKind.CANCELLED:
+        return Transition(Status.CANCELLED, consumes_attempt=True, reason=outcome.reason)
+    final = _STATUS_OF_ENDING.get(outcome.kind, Status.FAILED)
+    if outcome.kind is not OutcomeKind.SPAWN_FAILED and attempts_used < max_attempts:
+        delay = retry_delay_s(backoff_s, attempts_used)
+        return Transition(
+            Status.WAITING,
+            consumes_attempt=True,
+            not_before=now + delay,
+            reason=f"{outcome.reason}; retrying in {delay:g} s "
+            f"(attempt {attempts_used + 1} of {max_attempts})",
+        )
+    return Transition(final, consumes_attempt=True, reason=outcome.reason)
+
+
+def decide_orphan(
+    *, attempts_used: int, max_attempts: int, reason: str, cancel_requested: bool = False
+) -> Transition:
+    """Decide what happens to an attempt whose owner vanished (crash, kill, host loss).
+
+    The attempt counts as used: the task itself may be what took its owner down.
+    """
+    if cancel_requested:
+        return Transition(Status.CANCELLED, True, reason=f"{reason}; cancel was requested")
+    if attempts_used < max_attempts:
+        return Transition(
+            Status.WAITING,
+            consumes_attempt=True,
+            reason=f"{reason}; re-queued (attempt {attempts_used + 1} of {max_attempts})",
+        )
+    return Transition(Status.LOST, consumes_attempt=True, reason=f"{reason}; no attempts left")
+
+
+def decide_handback(reason: str, *, cancel_requested: bool = False) -> Transition:
+    """Decide what happens to an attempt its node gives up without having run it to
+    an end: the node stopped (or never started the task) and its processes are dead.
+
+    Not the task's fault, so the attempt is refunded; a task someone asked to cancel
+    is cancelled instead of re-queued, as in `decide_finish`.
+    """
+    if cancel_requested:
+        return Transition(Status.CANCELLED, True, reason=f"cancelled; {reason}")
+    return Transition(Status.WAITING, consumes_attempt=False, reason=reason)
+
+
+# -- reasons -----------------------------------------------------------------
+
+
+def iso(ts: float | None) -> str:
+    if ts is None:
+        return "never"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def claim_reason(node_id: str, attempt: int, max_attempts: int) -> str:
+    """Why a task runs: the node and the attempt number (PostgreSQL's claim function
+    formats the same text in SQL; the differential claim test compares them)."""
+    return f"claimed by node {node_id} (attempt {attempt} of {max_attempts})"
+
+
+def rescue_reason(owner: str | None, heartbeat_at: float | None, lease_expires_at: float) -> str:
+    said = (
+        f"owner node {owner} stopped heartbeating at {iso(heartbeat_at)}"
+        if heartbeat_at is not None
+        else f"owner node {owner} is unknown"
+    )
+    return f"{said} (lease expired at {iso(lease_expires_at)})"
+
+
+def handback_reason(node_id: str, stop_reason: str) -> str:
+    return (
+        f"handed back without using an attempt: node {node_id} stopped ({stop_reason})"
+        " while it held the task"
+    )
+
+
+# -- plans: what to write ------------------------------------------------------
+
+
+def _ending(
+    state: TaskState,
+    transition: Transition,
+    now: float,
+    outcome: OutcomeKind | Settlement | None,
+    exit_code: int | None,
+) -> Ending:
+    running = state.status is Status.RUNNING
+    attempts_used = state.attempts_used
+    if running and not transition.consumes_attempt:
+        attempts_used -= 1  # shutdown, self-fencing and hand-backs refund the attempt
+    attempt = None
+    if running:
+        assert outcome is not None, "an attempt always ends with an outcome"
+        attempt = AttemptEnd(state.fence, outcome, exit_code, transition.reason)
+    return Ending(
+        task_id=state.id,
+        status=transition.status,
+        attempts_used=attempts_used,
+        exit_code=exit_code,
+        reason=transition.reason,
+        at=now,
+        not_before=transition.not_before or 0.0,
+        attempt=attempt,
+    )
+
+
+def plan_start(state: TaskState, node_id: str, now: float, lease_ttl_s: float) -> Start:
+    """A claimed waiting task starts a new attempt: next fence, one attempt more."""
+    assert state.status is Status.WAITING, "only a waiting task is claimed"
+    attempt = state.attempts_used + 1
+    return Start(
+        task_id=state.id,
+        fence=state.fence + 1,
+        attempts_used=attempt,
+        owner_node=node_id,
+        lease_expires_at=now + lease_ttl_s,
+        at=now,
+        reason=claim_reason(node_id, attempt, state.max_attempts),
+    )
+
+
+def plan_finish(state: TaskState, fence: int, outcome: Outcome, now: float) -> Ending:
+    """The end of an attempt its runner reported (`LeaseLost` if `fence` is stale)."""
+    check_fence(state, fence)
+    transition = decide_finish(
+        outcome,
+        attempts_used=state.attempts_used,
+        max_attempts=state.max_attempts,
+        backoff_s=state.retry_backoff_s,
+        now=now,
+        cancel_requested=state.cancel_requested is not None,
+    )
+    return _ending(state, transition, now, outcome.kind, outcome.exit_code)
+
+
+def _orphan_ending(state: TaskState, reason: str, now: float, how: Settlement) -> Ending:
+    transition = decide_orphan(
+        attempts_used=state.attempts_used,
+        max_attempts=state.max_attempts,
+        reason=reason,
+        cancel_requested=state.cancel_requested is not None,
+    )
+    return _ending(state, transition, now, how, None)
+
+
+def plan_rescue(state: TaskState, owner_heartbeat_at: float | None, now: float) -> Ending:
+    """The end of a running attempt whose lease expired (the caller found it so)."""
+    assert state.status is Status.RUNNING
+    assert state.lease_expires_at is not None
+    reason = rescue_reason(state.owner_node, owner_heartbeat_at, state.lease_expires_at)
+    return _orphan_ending(state, reason, now, Settlement.RESCUED)
+
+
+def plan_orphan_settlement(state: TaskState, fence: int, reason: str, now: float) -> Ending | None:
+    """The end of an attempt whose node died, or None if it was settled already
+    (it no longer runs under `fence`): settling twice is harmless."""
+    if state.status is not Status.RUNNING or state.fence != fence:
+        return None
+    return _orphan_ending(state, reason, now, Settlement.ORPHANED)
+
+
+def plan_handback(state: TaskState, node_id: str, stop_reason: str, now: float) -> Ending:
+    """The end of a running attempt its node gives back as it stops: refunded."""
+    transition = decide_handback(
+        handback_reason(node_id, stop_reason), cancel_requested=state.cancel_requested is not None
+    )
+    return _ending(state, transition, now, Settlement.HANDED_BACK, None)
+
+
+def plan_cancel(state: TaskState, *, force: bool, now: float) -> Ending | CancelRequest | None:
+    """A waiting task is cancelled at once; the owner of a running one is asked to
+    stop it (a forced request is never weakened by a later graceful one); a finished
+    task is left alone (None)."""
+    if state.status is Status.WAITING:
+        transition = Transition(Status.CANCELLED, False, reason="cancelled while waiting")
+        return _ending(state, transition, now, None, None)
+    if state.status is Status.RUNNING:
+        forced = force or state.cancel_requested == CancelMode.FORCE
+        mode = CancelMode.FORCE if forced else CancelMode.GRACEFUL
+        event = TaskEvent(
+            UNNUMBERED,
+            state.id,
+            now,
+            state.fence,
+            state.owner_node,
+            Status.RUNNING,
+            Status.RUNNING,
+            f"cancel requested ({mode})",
+        )
+        return CancelRequest(mode, event)
+    return None
+
+
+#: The id of an event a decision returns: the store numbers it as it appends it.
+UNNUMBERED = 0
+
+
+def logged_transition(
+    old: TaskState | None, new: TaskState, at: float, reason: str
+) -> TaskEvent | None:
+    """The event a change of a task logs, or None: a task logs its submission and every
+    change of status or fence, with the attempt's fence and node when it starts or
+    leaves `running`. (The SQL stores' triggers, in their first migration, say the
+    same; the contract suite compares the event logs.)"""
+    if old is None:
+        return TaskEvent(UNNUMBERED, new.id, at, None, None, None, new.status, reason)
+    if new.status is old.status and new.fence == old.fence:
+        return None
+    fence: int | None
+    if new.status is Status.RUNNING:
+        fence, node = new.fence, new.owner_node
+    else:
+        fence = old.fence if old.status is Status.RUNNING else None
+        node = old.owner_node
+    return TaskEvent(UNNUMBERED, new.id, at, fence, node, old.status, new.status, reason)

@@ -1,0 +1,250 @@
+"""PostgreSQL's operations, each run inside one transaction on a pooled connection.
+
+They read rows (locked `FOR UPDATE` where they write them, with the database's own
+clock as `now`, the one clock every node shares), ask `taskpool._decisions` what to
+do, and write the answer; the trigger of the first migration logs every transition.
+The claim is decided in the database (`taskpool_claim`, migration 0002). The store
+(`postgres.py`) runs them; nothing here opens or closes anything.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .._decisions import (
+    CancelRequest,
+    Ending,
+    check_fence,
+    plan_cancel,
+    plan_finish,
+    plan_handback,
+    plan_orphan_settlement,
+    plan_rescue,
+)
+from .._models import Claim, Limits, Outcome, TaskEvent, TaskInfo
+from .._store import Renewal
+from ._common import (
+    EVENT_COLUMNS,
+    ending_columns,
+    event_values,
+    no_task,
+    renewal,
+    task_info,
+    task_state,
+)
+
+if TYPE_CHECKING:
+    import asyncpg
+
+#: Key of the advisory lock that serializes claims (and migrations, with +1).
+CLAIM_LOCK = 0x7A5C_9001
+MIGRATION_LOCK = CLAIM_LOCK + 1
+
+#: The database's clock, in UNIX seconds: every node decides leases on it.
+NOW = "SELECT extract(epoch FROM clock_timestamp())::float8"
+
+
+async def stop_node(conn: asyncpg.Connection, node_id: str, reason: str) -> None:
+    now: float = await conn.fetchval(NOW)
+    await conn.execute(
+        "UPDATE taskpool_nodes SET stopped_at = $3, stop_reason = $2"
+        " WHERE id = $1 AND stopped_at IS NULL",
+        node_id,
+        reason,
+        now,
+    )
+    # In the same transaction, so a stopped node never owns a running attempt: a
+    # claim holds the node's row (FOR SHARE) until it commits, so this statement
+    # runs after any claim of the node and sees what it claimed.
+    rows = await conn.fetch(
+        "SELECT * FROM taskpool_tasks WHERE status = 'running' AND owner_node = $1 FOR UPDATE",
+        node_id,
+    )
+    for r in rows:
+        await end(conn, plan_handback(task_state(r), node_id, reason, now))
+
+
+async def record_spawn(
+    conn: asyncpg.Connection, task_id: int, fence: int, pid: int, pid_started_at: float
+) -> None:
+    await fenced(conn, task_id, fence)
+    await conn.execute(
+        "UPDATE taskpool_tasks SET pid = $2, pid_started_at = $3 WHERE id = $1",
+        task_id,
+        pid,
+        pid_started_at,
+    )
+    await conn.execute(
+        "UPDATE taskpool_attempts SET pid = $3, pid_started_at = $4"
+        " WHERE task_id = $1 AND fence = $2",
+        task_id,
+        fence,
+        pid,
+        pid_started_at,
+    )
+
+
+async def append_output(
+    conn: asyncpg.Connection, task_id: int, fence: int, texts: Sequence[str]
+) -> None:
+    await fenced(conn, task_id, fence)
+    last: int = await conn.fetchval(
+        "SELECT COALESCE(MAX(seq), 0) FROM taskpool_output WHERE task_id = $1 AND fence = $2",
+        task_id,
+        fence,
+    )
+    await conn.executemany(
+        "INSERT INTO taskpool_output (task_id, fence, seq, text) VALUES ($1, $2, $3, $4)",
+        [(task_id, fence, last + i, text) for i, text in enumerate(texts, 1)],
+    )
+
+
+async def renew_leases(conn: asyncpg.Connection, node_id: str, lease_ttl_s: float) -> Renewal:
+    now: float = await conn.fetchval(NOW)
+    rows = await conn.fetch(
+        "UPDATE taskpool_tasks SET lease_expires_at = $3 WHERE owner_node = $1"
+        " AND status = 'running' AND lease_expires_at >= $2"
+        " RETURNING id, fence, cancel_requested",
+        node_id,
+        now,
+        now + lease_ttl_s,
+    )
+    await conn.execute("UPDATE taskpool_nodes SET heartbeat_at = $2 WHERE id = $1", node_id, now)
+    return renewal(rows)
+
+
+async def rescue_expired(
+    conn: asyncpg.Connection, spared: Collection[tuple[int, int]]
+) -> list[TaskInfo]:
+    now: float = await conn.fetchval(NOW)
+    rows = await conn.fetch(
+        "SELECT t.*, n.heartbeat_at AS node_heartbeat_at FROM taskpool_tasks t"
+        " LEFT JOIN taskpool_nodes n ON n.id = t.owner_node"
+        " WHERE t.status = 'running' AND t.lease_expires_at < $1"
+        " FOR UPDATE OF t SKIP LOCKED",
+        now,
+    )
+    return [
+        info(await end(conn, plan_rescue(task_state(r), r["node_heartbeat_at"], now)))
+        for r in rows
+        if (r["id"], r["fence"]) not in spared
+    ]
+
+
+async def settle_orphan(
+    conn: asyncpg.Connection, task_id: int, fence: int, reason: str
+) -> TaskInfo:
+    found = await task_row(conn, task_id, lock=True)
+    ending = plan_orphan_settlement(task_state(found), fence, reason, found["now"])
+    return info(found if ending is None else await end(conn, ending))
+
+
+async def request_cancel(conn: asyncpg.Connection, task_id: int, force: bool) -> TaskInfo:
+    found = await task_row(conn, task_id, lock=True)
+    plan = plan_cancel(task_state(found), force=force, now=found["now"])
+    if isinstance(plan, Ending):
+        return info(await end(conn, plan))
+    if isinstance(plan, CancelRequest):
+        updated = await conn.fetchrow(
+            "UPDATE taskpool_tasks SET cancel_requested = $2 WHERE id = $1 RETURNING *",
+            task_id,
+            plan.mode.value,
+        )
+        await log_event(conn, plan.event)
+        return info(updated)
+    return info(found)
+
+
+# -- the pieces ----------------------------------------------------------------
+
+
+async def task_row(conn: asyncpg.Connection, task_id: int, *, lock: bool = False) -> Any:
+    """The task's row, with the database's clock as `now`; `lock`: FOR UPDATE."""
+    sql = f"SELECT t.*, ({NOW}) AS now FROM taskpool_tasks t WHERE id = $1"
+    row = await conn.fetchrow(sql + (" FOR UPDATE" if lock else ""), task_id)
+    if row is None:
+        raise no_task(task_id)
+    return row
+
+
+async def fenced(conn: asyncpg.Connection, task_id: int, fence: int) -> Any:
+    """The locked task row if `fence` still owns it, else `LeaseLost` (see `check_fence`)."""
+    row = await task_row(conn, task_id, lock=True)
+    check_fence(task_state(row), fence)
+    return row
+
+
+async def log_event(conn: asyncpg.Connection, event: TaskEvent) -> None:
+    """Log an event the trigger does not (one that changes neither status nor fence)."""
+    await conn.execute(
+        f"INSERT INTO taskpool_events ({EVENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        *event_values(event),
+    )
+
+
+async def end(conn: asyncpg.Connection, ending: Ending) -> Any:
+    """Write the end of an attempt (or of a waiting task); the trigger logs the event."""
+    columns = ending_columns(ending)
+    names = list(columns)
+    assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(names, 2))
+    values = [columns[name] for name in names]
+    attempt = ending.attempt
+    if attempt is None:
+        return await conn.fetchrow(
+            f"UPDATE taskpool_tasks SET {assignments} WHERE id = $1 RETURNING *",
+            ending.task_id,
+            *values,
+        )
+    # The attempt's record is closed in the same statement (one round trip).
+    n = len(names) + 2
+    return await conn.fetchrow(
+        f"WITH ended AS (UPDATE taskpool_tasks SET {assignments} WHERE id = $1 RETURNING *),"
+        f" attempt AS (UPDATE taskpool_attempts SET finished_at = ${n}, outcome = ${n + 1},"
+        f" exit_code = ${n + 2}, reason = ${n + 3} WHERE task_id = $1 AND fence = ${n + 4})"
+        " SELECT * FROM ended",
+        ending.task_id,
+        *values,
+        ending.at,
+        attempt.outcome.value,
+        attempt.exit_code,
+        attempt.reason,
+        attempt.fence,
+    )
+
+
+async def finish(conn: asyncpg.Connection, task_id: int, fence: int, outcome: Outcome) -> Any:
+    row = await task_row(conn, task_id, lock=True)
+    return await end(conn, plan_finish(task_state(row), fence, outcome, row["now"]))
+
+
+async def claim(
+    conn: asyncpg.Connection, node_id: str, limits: Limits, lease_ttl_s: float
+) -> list[Claim]:
+    """One claim at a time across the cluster (an advisory lock), decided and written by
+    `taskpool_claim` (migration 0002) in one round trip."""
+    # A stopped node claims nothing (its claim would be left for lease expiry); the
+    # node's row is held FOR SHARE so that `stop_node` waits for this claim to commit.
+    # An uncorrelated condition is a one-time filter: the function does not run at all.
+    rows = await conn.fetch(
+        "SELECT * FROM taskpool_claim($1, $2, $3, $4::jsonb, $5) WHERE COALESCE("
+        "(SELECT stopped_at IS NULL FROM taskpool_nodes WHERE id = $2 FOR SHARE), true)",
+        CLAIM_LOCK,
+        node_id,
+        limits.max_parallel,
+        json.dumps(dict(limits.project_limits)),
+        lease_ttl_s,
+    )
+    return [Claim(info(row)) for row in rows]
+
+
+def info(r: Any) -> TaskInfo:
+    env = r["env"]
+    return task_info(
+        r,
+        argv=list(r["argv"]),
+        env=json.loads(env) if env is not None else None,
+        pass_env=list(r["pass_env"]),
+        locks=list(r["locks"]),
+    )

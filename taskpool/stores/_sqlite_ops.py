@@ -1,0 +1,285 @@
+"""SQLite's operations, each run inside the writer's transaction (or a read one).
+
+They read rows, ask `taskpool._decisions` (or `taskpool._rules` for a claim) what
+to do, and write the answer; the triggers of the first migration log every
+transition. The store (`sqlite.py`) runs them; nothing here knows about threads.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Collection, Sequence
+from dataclasses import fields
+from typing import Any
+
+from .._decisions import (
+    CancelRequest,
+    Ending,
+    TaskState,
+    check_fence,
+    plan_cancel,
+    plan_finish,
+    plan_handback,
+    plan_orphan_settlement,
+    plan_rescue,
+    plan_start,
+)
+from .._models import Claim, Limits, Outcome, TaskEvent, TaskInfo
+from .._rules import Prefilter, Slot, claim_in_windows
+from .._store import Renewal
+from ._common import (
+    EVENT_COLUMNS,
+    ending_columns,
+    event_values,
+    no_task,
+    renewal,
+    start_columns,
+    task_info,
+    task_state,
+)
+
+
+def stop_node(conn: sqlite3.Connection, node_id: str, reason: str, now: float) -> None:
+    conn.execute(
+        "UPDATE nodes SET stopped_at = ?, stop_reason = ? WHERE id = ? AND stopped_at IS NULL",
+        (now, reason, node_id),
+    )
+    # In the same transaction, so a stopped node never owns a running attempt.
+    rows = conn.execute(
+        "SELECT * FROM tasks WHERE status = 'running' AND owner_node = ?", (node_id,)
+    ).fetchall()
+    for r in rows:
+        end(conn, plan_handback(task_state(r), node_id, reason, now))
+
+
+def record_spawn(
+    conn: sqlite3.Connection, task_id: int, fence: int, pid: int, pid_started_at: float
+) -> None:
+    fenced(conn, task_id, fence)
+    conn.execute(
+        "UPDATE tasks SET pid = ?, pid_started_at = ? WHERE id = ?", (pid, pid_started_at, task_id)
+    )
+    conn.execute(
+        "UPDATE attempts SET pid = ?, pid_started_at = ? WHERE task_id = ? AND fence = ?",
+        (pid, pid_started_at, task_id, fence),
+    )
+
+
+def append_output(conn: sqlite3.Connection, task_id: int, fence: int, texts: Sequence[str]) -> None:
+    fenced(conn, task_id, fence)
+    (last,) = conn.execute(
+        "SELECT COALESCE(MAX(seq), 0) FROM output WHERE task_id = ? AND fence = ?",
+        (task_id, fence),
+    ).fetchone()
+    conn.executemany(
+        "INSERT INTO output (task_id, fence, seq, text) VALUES (?, ?, ?, ?)",
+        [(task_id, fence, last + i, text) for i, text in enumerate(texts, 1)],
+    )
+
+
+def renew_leases(conn: sqlite3.Connection, node_id: str, lease_ttl_s: float, now: float) -> Renewal:
+    rows = conn.execute(
+        "UPDATE tasks SET lease_expires_at = ? WHERE owner_node = ? AND status = 'running'"
+        " AND lease_expires_at >= ? RETURNING id, fence, cancel_requested",
+        (now + lease_ttl_s, node_id, now),
+    ).fetchall()
+    conn.execute("UPDATE nodes SET heartbeat_at = ? WHERE id = ?", (now, node_id))
+    return renewal(rows)
+
+
+def rescue_expired(
+    conn: sqlite3.Connection, spared: Collection[tuple[int, int]], now: float
+) -> list[TaskInfo]:
+    rows = conn.execute(
+        "SELECT t.*, n.heartbeat_at AS node_heartbeat_at FROM tasks t"
+        " LEFT JOIN nodes n ON n.id = t.owner_node"
+        " WHERE t.status = 'running' AND t.lease_expires_at < ?",
+        (now,),
+    ).fetchall()
+    return [
+        info(end(conn, plan_rescue(task_state(r), r["node_heartbeat_at"], now)))
+        for r in rows
+        if (r["id"], r["fence"]) not in spared
+    ]
+
+
+def settle_orphan(
+    conn: sqlite3.Connection, task_id: int, fence: int, reason: str, now: float
+) -> TaskInfo:
+    found = task_row(conn, task_id)
+    ending = plan_orphan_settlement(task_state(found), fence, reason, now)
+    return info(found if ending is None else end(conn, ending))
+
+
+def request_cancel(conn: sqlite3.Connection, task_id: int, force: bool, now: float) -> TaskInfo:
+    found = task_row(conn, task_id)
+    plan = plan_cancel(task_state(found), force=force, now=now)
+    if isinstance(plan, Ending):
+        return info(end(conn, plan))
+    if isinstance(plan, CancelRequest):
+        conn.execute(
+            "UPDATE tasks SET cancel_requested = ? WHERE id = ?", (plan.mode.value, task_id)
+        )
+        log_event(conn, plan.event)
+        return info(task_row(conn, task_id))
+    return info(found)
+
+
+# -- the pieces ----------------------------------------------------------------
+
+
+def task_row(conn: sqlite3.Connection, task_id: int) -> sqlite3.Row:
+    row = conn.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
+    if row is None:
+        raise no_task(task_id)
+    return row  # type: ignore[no-any-return]
+
+
+def fenced(conn: sqlite3.Connection, task_id: int, fence: int) -> sqlite3.Row:
+    """The task row if `fence` still owns it, else `LeaseLost` (see `check_fence`)."""
+    row = task_row(conn, task_id)
+    check_fence(task_state(row), fence)
+    return row
+
+
+def log_event(conn: sqlite3.Connection, event: TaskEvent) -> None:
+    """Log an event the triggers do not (one that changes neither status nor fence)."""
+    conn.execute(
+        f"INSERT INTO events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", event_values(event)
+    )
+
+
+def update(conn: sqlite3.Connection, task_id: int, columns: dict[str, Any]) -> sqlite3.Row:
+    """Set a task's columns; the triggers log the transition. The row as written."""
+    assignments = ", ".join(f"{name} = :{name}" for name in columns)
+    return conn.execute(  # type: ignore[no-any-return]
+        f"UPDATE tasks SET {assignments} WHERE id = :id RETURNING *", {**columns, "id": task_id}
+    ).fetchone()
+
+
+def end(conn: sqlite3.Connection, ending: Ending) -> sqlite3.Row:
+    """Write the end of an attempt (or of a waiting task), and close the attempt's record."""
+    updated = update(conn, ending.task_id, ending_columns(ending))
+    attempt = ending.attempt
+    if attempt is not None:
+        conn.execute(
+            "UPDATE attempts SET finished_at = ?, outcome = ?, exit_code = ?, reason = ?"
+            " WHERE task_id = ? AND fence = ?",
+            (
+                ending.at,
+                attempt.outcome.value,
+                attempt.exit_code,
+                attempt.reason,
+                ending.task_id,
+                attempt.fence,
+            ),
+        )
+    return updated
+
+
+def finish(
+    conn: sqlite3.Connection, task_id: int, fence: int, outcome: Outcome, now: float
+) -> sqlite3.Row:
+    return end(conn, plan_finish(task_state(task_row(conn, task_id)), fence, outcome, now))
+
+
+def _locks(text: str) -> frozenset[str]:
+    return frozenset(json.loads(text)) if text != "[]" else frozenset()
+
+
+def _slot(row: sqlite3.Row) -> Slot:
+    return Slot(
+        task_id=row["id"],
+        project=row["project"],
+        template=row["template"],
+        template_parallel=bool(row["template_parallel"]),
+        locks=_locks(row["locks"]),
+    )
+
+
+#: The query's form of each list of `Prefilter` (and of the tasks already taken), each
+#: added only when its list is non-empty so the common query stays a plain index walk.
+_PREFILTER_SQL = {
+    "full_projects": "project NOT IN (SELECT value FROM json_each(:full_projects))",
+    "templates_exclusive": "(template IS NULL OR template NOT IN "
+    "(SELECT value FROM json_each(:templates_exclusive)))",
+    "templates_any": "(template IS NULL OR template_parallel "
+    "OR template NOT IN (SELECT value FROM json_each(:templates_any)))",
+    "locks_held": "NOT EXISTS (SELECT 1 FROM task_locks l WHERE l.task_id = tasks.id "
+    "AND l.lock_name IN (SELECT value FROM json_each(:locks_held)))",
+    "taken": "id NOT IN (SELECT value FROM json_each(:taken))",
+}
+
+#: The columns a claim reads of a waiting task: its routing and its state.
+_CANDIDATE_COLUMNS = (
+    "id, project, template, template_parallel, locks, status, fence, attempts_used,"
+    " max_attempts, retry_backoff_s, owner_node, lease_expires_at, cancel_requested"
+)
+
+
+def _candidates(
+    conn: sqlite3.Connection, now: float, prefilter: Prefilter, taken: Sequence[int], window: int
+) -> list[sqlite3.Row]:
+    """Waiting tasks in queue order, minus those certainly blocked or already taken."""
+    where = ["status = 'waiting'", "not_before <= :now"]
+    params: dict[str, object] = {"now": now, "window": window}
+    lists = {f.name: getattr(prefilter, f.name) for f in fields(prefilter)}
+    for name, values in {**lists, "taken": taken}.items():
+        if values:
+            where.append(_PREFILTER_SQL[name])
+            params[name] = json.dumps(list(values))
+    sql = (
+        f"SELECT {_CANDIDATE_COLUMNS} FROM tasks WHERE "
+        + " AND ".join(where)
+        + " ORDER BY priority DESC, id LIMIT :window"
+    )
+    return conn.execute(sql, params).fetchall()
+
+
+def claim(
+    conn: sqlite3.Connection, node_id: str, limits: Limits, lease_ttl_s: float, now: float
+) -> list[Claim]:
+    node = conn.execute("SELECT stopped_at FROM nodes WHERE id = ?", (node_id,)).fetchone()
+    if node is not None and node["stopped_at"] is not None:
+        return []  # a stopped node runs nothing: its claim would be left for lease expiry
+    rows = conn.execute(
+        "SELECT id, project, template, template_parallel, locks, owner_node FROM tasks"
+        " WHERE status = 'running' AND lease_expires_at >= ?",
+        (now,),
+    ).fetchall()
+    states: dict[int, TaskState] = {}
+
+    def fetch(prefilter: Prefilter, taken: Sequence[int], window: int) -> list[Slot]:
+        found = _candidates(conn, now, prefilter, taken, window)
+        states.update((r["id"], task_state(r)) for r in found)
+        return [_slot(r) for r in found]
+
+    chosen = claim_in_windows(
+        fetch,
+        [_slot(r) for r in rows],
+        node_running=sum(1 for r in rows if r["owner_node"] == node_id),
+        max_parallel=limits.max_parallel,
+        project_limits=limits.project_limits,
+    )
+    claims = []
+    for slot in chosen:
+        start = plan_start(states[slot.task_id], node_id, now, lease_ttl_s)
+        row = update(conn, slot.task_id, start_columns(start))
+        conn.execute(
+            "INSERT INTO attempts (task_id, fence, node_id, claimed_at) VALUES (?, ?, ?, ?)",
+            (slot.task_id, start.fence, node_id, now),
+        )
+        claims.append(Claim(info(row)))
+    return claims
+
+
+def info(r: sqlite3.Row) -> TaskInfo:
+    env = r["env"]
+    return task_info(
+        r,
+        argv=json.loads(r["argv"]),
+        env=json.loads(env) if env is not None else None,
+        pass_env=json.loads(r["pass_env"]),
+        locks=sorted(_locks(r["locks"])),
+    )

@@ -1,0 +1,122 @@
+"""One oracle for the blocking policy: every backend's claim chooses what `plan_claims`
+chooses, in the same order.
+
+The contract suite checks that a backend's choice is safe and leaves nothing runnable
+behind; this checks it is the same choice. The same random world (tasks with their
+routing and priority, attempts held by three nodes, some with a lease that has run
+out, tasks not ready yet, limits) is built in a fresh store of each backend through
+the public store API, then one claim is compared with `plan_claims` over the same
+world. A lease that has run out is given with a TTL in the past, which every backend
+(PostgreSQL on its own clock) reads as expired at once.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+
+from taskpool import Limits, Store, TaskSpec
+from taskpool._decisions import claim_reason
+from taskpool._rules import Slot, plan_claims
+from tests.integration.test_store_contract import BACKENDS, handles
+from tests.strategies import CLAIMING_NODE, NODES, ClaimWorld, WaitingTask, claim_worlds
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def _spec(slot: Slot, *, priority: int = 0, not_before: float | None = None) -> TaskSpec:
+    return TaskSpec.build(
+        ["true"],
+        project=slot.project,
+        template=slot.template,
+        template_parallel=slot.template_parallel,
+        locks=sorted(slot.locks),
+        priority=priority,
+        not_before=not_before,
+    )
+
+
+def expected_claim(world: ClaimWorld) -> list[int]:
+    """The oracle: `plan_claims` over the world, as slot ids."""
+    queue = sorted(
+        (w for w in world.waiting if w.ready), key=lambda w: (-w.priority, w.slot.task_id)
+    )
+    live = [r for r in world.running if r.live]
+    chosen = plan_claims(
+        [w.slot for w in queue],
+        [r.slot for r in live],
+        node_running=sum(1 for r in live if r.owner == CLAIMING_NODE),
+        max_parallel=world.max_parallel,
+        project_limits=world.project_limits,
+    )
+    return [s.task_id for s in chosen]
+
+
+async def build(stores: list[Store], world: ClaimWorld) -> dict[int, int]:
+    """Make the world in the store: each held attempt claimed by its node while it is the
+    only waiting task; then the waiting tasks. Returns store task id -> slot id."""
+    slot_of: dict[int, int] = {}
+    for attempt in world.running:
+        store = stores[NODES.index(attempt.owner)]
+        task = await store.submit(_spec(attempt.slot))
+        slot_of[task] = attempt.slot.task_id
+        ttl = 30.0 if attempt.live else -3600.0  # run out an hour ago
+        claimed = await store.claim(attempt.owner, Limits(max_parallel=1000), lease_ttl_s=ttl)
+        assert [c.task.id for c in claimed] == [task], "the world could not be built"
+    later = time.time() + 3600
+    for waiting in world.waiting:
+        task = await stores[0].submit(
+            _spec(
+                waiting.slot, priority=waiting.priority, not_before=None if waiting.ready else later
+            )
+        )
+        slot_of[task] = waiting.slot.task_id
+    return slot_of
+
+
+#: A parallel task that blocks the exclusive tasks of its template behind it, more of
+#: them than SQLite reads in one window: SQLite's claim once chose the first task again
+#: from its second window (claimed twice, the first claim's fence stale at once).
+PARALLEL_BEFORE_A_FULL_WINDOW = ClaimWorld(
+    running=[],
+    waiting=[
+        WaitingTask(Slot(1, "alpha", "build", True), 0, True),
+        *(WaitingTask(Slot(i, "alpha", "build"), 0, True) for i in range(2, 8)),
+        WaitingTask(Slot(8, "alpha", "lint"), 0, True),
+    ],
+    max_parallel=2,
+    project_limits={},
+)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(world=claim_worlds())
+@example(world=PARALLEL_BEFORE_A_FULL_WINDOW)
+def test_every_backend_claims_what_plan_claims_chooses(backend: str, world: ClaimWorld) -> None:
+    """The same world through `plan_claims` and through the backend's claim gives the
+    same ordered task ids, each claimed once, as a first attempt with its reason."""
+
+    async def run() -> list[int]:
+        with tempfile.TemporaryDirectory() as tmp:
+            async with BACKENDS[backend](Path(tmp)) as opener, handles(opener, 3) as stores:
+                slot_of = await build(stores, world)
+                limits = Limits(world.max_parallel, dict(world.project_limits))
+                claims = await stores[0].claim(CLAIMING_NODE, limits, lease_ttl_s=30)
+        for claim in claims:
+            assert (claim.fence, claim.task.attempts_used) == (1, 1)
+            assert claim.task.reason == claim_reason(CLAIMING_NODE, 1, 1)
+        return [slot_of[c.task.id] for c in claims]
+
+    assert anyio.run(run) == expected_claim(world)
