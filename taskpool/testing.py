@@ -18,6 +18,7 @@ import anyio
 
 from ._errors import LeaseLost, StoreError, TaskNotFound
 from ._models import (
+    CancelMode,
     Claim,
     Limits,
     NodeInfo,
@@ -287,7 +288,7 @@ class MemoryStore(Store):
         self._check()
         now = time.time()
         held: dict[int, int] = {}
-        cancels: dict[int, str] = {}
+        cancels: dict[int, CancelMode] = {}
         for task in self._tasks.values():
             info = task.info
             if (
@@ -366,7 +367,8 @@ class MemoryStore(Store):
                 None,
             )
         elif info.status is Status.RUNNING:
-            mode = "force" if force or info.cancel_requested == "force" else "graceful"
+            forced = force or info.cancel_requested is CancelMode.FORCE
+            mode = CancelMode.FORCE if forced else CancelMode.GRACEFUL
             task.info = dataclasses.replace(info, cancel_requested=mode)
             self._log(
                 task_id,

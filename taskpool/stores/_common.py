@@ -10,7 +10,16 @@ import time
 from typing import Any, Protocol
 
 from .._errors import StoreError
-from .._models import Limits, NodeInfo, Status, TaskEvent, TaskInfo, TaskSpec, Transition
+from .._models import (
+    CancelMode,
+    Limits,
+    NodeInfo,
+    Status,
+    TaskEvent,
+    TaskInfo,
+    TaskSpec,
+    Transition,
+)
 from .._rules import Occupancy
 
 
@@ -143,7 +152,7 @@ def task_info(
         finished_at=r["finished_at"],
         exit_code=r["exit_code"],
         reason=r["reason"],
-        cancel_requested=r["cancel_requested"],
+        cancel_requested=CancelMode(r["cancel_requested"]) if r["cancel_requested"] else None,
     )
 
 
