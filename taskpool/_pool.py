@@ -105,9 +105,10 @@ class TaskPool:
 
     The pool also offers the whole client API (`submit`, `submit_many`, `get`,
     `list_tasks`, `events`, `output`, `follow`, `wait`, `cancel`, `retry`, `nodes`,
-    `stale`) by delegating to `self.client`, a `Client` over the same store, woken by
-    the pool's own events. A process that only submits and watches needs a `Client`,
-    not a pool.
+    `stale`) by delegating to a `Client` of its own over the same store, woken by the
+    pool's own events; a submit also wakes the claim loop, and a cancel stops a task
+    this pool runs at once. A process that only submits and watches needs a
+    `Client`, not a pool.
     `max_parallel` caps running tasks on this node; `project_limits` caps
     running tasks per project across every node sharing the store.
     A store that stays unavailable for longer than `store_outage_tolerance_s`
@@ -143,8 +144,8 @@ class TaskPool:
         else:
             self.store = open_store(store, connections=node_connections(max_parallel))
             self._owns_store = True
-        #: The client API (`submit`, `wait`, `follow`, ...) this pool offers, over its store.
-        self.client = Client(self.store, poll_interval_s=poll_interval_s, watch=False)
+        # The client API (`submit`, `wait`, `follow`, ...) this pool offers, over its store.
+        self._client = Client(self.store, poll_interval_s=poll_interval_s, watch=False)
         self.limits = Limits(max_parallel, dict(project_limits or {}))
         self.lease_ttl_s = lease_ttl_s
         self.heartbeat_interval_s = heartbeat_interval_s or lease_ttl_s / 3
@@ -662,10 +663,10 @@ class TaskPool:
         self._task_changed()  # a waiter may be waiting on another node's work too
 
     def _task_changed(self) -> None:
-        self.client.notify_changed()
+        self._client.notify_changed()
 
     def _output_changed(self) -> None:
-        self.client.notify_output()
+        self._client.notify_output()
 
     # -- public API: the client's, for embedded use ---------------------------
     @property
@@ -685,21 +686,21 @@ class TaskPool:
     async def submit_spec(self, spec: TaskSpec) -> int:
         """`Client.submit_spec`, waking this pool's claim loop."""
         self._check_open()
-        task_id = await self.client.submit_spec(spec)
+        task_id = await self._client.submit_spec(spec)
         self._wake.set()
         return task_id
 
     async def submit_many(self, specs: Iterable[TaskSpec]) -> list[int]:
         """`Client.submit_many` (one transaction, all or nothing), waking the claim loop."""
         self._check_open()
-        task_ids = await self.client.submit_many(specs)
+        task_ids = await self._client.submit_many(specs)
         self._wake.set()
         return task_ids
 
     async def retry(self, task_id: int) -> int:
         """`Client.retry`, waking this pool's claim loop."""
         self._check_open()
-        task_id = await self.client.retry(task_id)
+        task_id = await self._client.retry(task_id)
         self._wake.set()
         return task_id
 
@@ -708,7 +709,7 @@ class TaskPool:
     ) -> TaskInfo:
         """`Client.cancel`; a task this pool runs is stopped at once, not at the next
         heartbeat."""
-        info = await self.client.cancel(task_id, mode, force=force)
+        info = await self._client.cancel(task_id, mode, force=force)
         control = self._runners.get((task_id, info.fence))
         if control is not None and info.status is Status.RUNNING:
             forced = info.cancel_requested is CancelMode.FORCE
@@ -717,7 +718,7 @@ class TaskPool:
 
     async def get(self, task_id: int) -> TaskInfo:
         """`Client.get`: the task's current state (`TaskNotFound` if there is none)."""
-        return await self.client.get(task_id)
+        return await self._client.get(task_id)
 
     async def list_tasks(
         self,
@@ -727,31 +728,31 @@ class TaskPool:
         limit: int = 100,
     ) -> list[TaskInfo]:
         """`Client.list_tasks`: tasks, newest first."""
-        return await self.client.list_tasks(statuses=statuses, project=project, limit=limit)
+        return await self._client.list_tasks(statuses=statuses, project=project, limit=limit)
 
     async def events(self, task_id: int) -> list[TaskEvent]:
         """`Client.events`: the task's recorded transitions, each with its reason."""
-        return await self.client.events(task_id)
+        return await self._client.events(task_id)
 
     async def nodes(self, *, alive: bool | None = None) -> list[NodeInfo]:
         """`Client.nodes`: pools registered with the store, oldest first."""
-        return await self.client.nodes(alive=alive)
+        return await self._client.nodes(alive=alive)
 
     async def stale(self, *, older_than_s: float = 60.0) -> StaleReport:
         """`Client.stale`: expired leases and silent nodes."""
-        return await self.client.stale(older_than_s=older_than_s)
+        return await self._client.stale(older_than_s=older_than_s)
 
     async def wait(self, task_id: int, *, timeout_s: float | None = None) -> TaskInfo:
         """`Client.wait`: until the task is terminal (`TimeoutError` after `timeout_s`)."""
-        return await self.client.wait(task_id, timeout_s=timeout_s)
+        return await self._client.wait(task_id, timeout_s=timeout_s)
 
     async def output(self, task_id: int) -> str:
         """`Client.output`: everything the task has printed so far, across attempts."""
-        return await self.client.output(task_id)
+        return await self._client.output(task_id)
 
     def follow(self, task_id: int) -> AsyncIterator[str]:
         """`Client.follow`: the task's output as it arrives, until it is terminal."""
-        return self.client.follow(task_id)
+        return self._client.follow(task_id)
 
 
 def _reclaim(
