@@ -3,8 +3,11 @@ submit_many's one transaction, waiters woken by events rather than by polling.""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -16,6 +19,8 @@ from taskpool import (
     CancelMode,
     Client,
     InvalidTask,
+    Limits,
+    NodeInfo,
     Status,
     Store,
     StoreError,
@@ -74,20 +79,37 @@ async def test_pool_and_client_give_the_same_answers(database: str) -> None:
         )
 
 
-async def test_cancel_through_the_client_uses_the_mode(database: str) -> None:
-    """A cancel asked through a client is stored as its CancelMode: forced escalates a
-    graceful request and is never softened; the pool stops the task with it."""
-    async with fast_pool(database, heartbeat_interval_s=0.1) as pool, Client(database) as client:
-        task = await pool.submit(["sleep", "600"])
-        await running(pool, task)
+async def test_cancel_through_the_client_stores_the_mode(database: str) -> None:
+    """A cancel asked through a client is stored as its CancelMode for the running
+    task's owner: forced escalates a graceful request and is never softened by one."""
+    async with Client(database) as client:
+        store = client.store
+        now = time.time()
+        await store.register_node(NodeInfo("node", "host", os.getpid(), now, now, now, None, 1))
+        task = await client.submit(["sleep", "600"])
+        [claim] = await store.claim("node", Limits(max_parallel=1), lease_ttl_s=60)
+        assert claim.task.id == task
         assert (await client.cancel(task)).cancel_requested is CancelMode.GRACEFUL
         assert (await client.cancel(task, "force")).cancel_requested is CancelMode.FORCE
         assert (await client.cancel(task)).cancel_requested is CancelMode.FORCE
-        done = await client.wait(task)
-        assert done.status is Status.CANCELLED
-        assert "SIGKILL" in (done.reason or "")
+        renewal = await store.renew_leases("node", lease_ttl_s=60)
+        assert renewal.cancel_requests == {task: CancelMode.FORCE}
+        assert (await client.get(task)).status is Status.RUNNING  # its owner stops it
         with pytest.raises(ValueError, match="cancel mode must be one of 'graceful', 'force'"):
             await client.cancel(task, "gently")
+
+
+async def test_a_forced_cancel_reaches_the_runner(database: str) -> None:
+    """pool.cancel(id, CancelMode.FORCE) kills a task that ignores SIGTERM at once,
+    although the grace period it would otherwise get is ten minutes."""
+    async with fast_pool(database, kill_grace_s=600) as pool:
+        task = await pool.submit(["sh", "-c", "trap '' TERM; sleep 600 & wait; sleep 600"])
+        await running(pool, task)
+        info = await pool.cancel(task, CancelMode.FORCE)
+        assert info.cancel_requested is CancelMode.FORCE
+        done = await pool.wait(task)
+        assert done.status is Status.CANCELLED
+        assert done.reason == "cancelled by request; process group sent SIGKILL"
 
 
 async def test_retry_refuses_a_task_that_has_not_ended(database: str) -> None:
@@ -220,8 +242,8 @@ async def test_submit_many_is_one_transaction(database: str, database_kind: str)
     fourth row) leaves nothing of the batch stored: it was one transaction."""
     async with open_store(database) as store:
         if database_kind == "sqlite":
-            with sqlite3.connect(database) as conn:
-                conn.execute(
+            with contextlib.closing(sqlite3.connect(database)) as db, db:
+                db.execute(
                     "CREATE TRIGGER refuse BEFORE INSERT ON tasks WHEN NEW.project = 'refused'"
                     " BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
                 )
