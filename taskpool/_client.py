@@ -14,7 +14,6 @@ however many notifications arrive.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -75,7 +74,8 @@ class Client:
 
     Use it as `async with Client(...) as client:`. While it is entered, `wait` and
     `follow` on PostgreSQL are woken by the database's notifications (one LISTEN
-    connection, held only while somebody waits); otherwise they poll with backoff
+    connection, opened when somebody first has to wait, held until the client
+    closes); otherwise they poll with backoff
     (`min_poll_interval_s` doubling to `poll_interval_s`). With `watch=False` the
     client never LISTENs (`TaskPool`'s own client: the pool has its watcher).
     """
@@ -106,8 +106,7 @@ class Client:
         self._changed = anyio.Event()
         self._activity = anyio.Event()
         self._tg: TaskGroup | None = None
-        self._watchers = 0
-        self._watch_scope: anyio.CancelScope | None = None
+        self._watching = False  # the LISTEN watcher runs in `_tg`
 
     def __repr__(self) -> str:
         owner = "owned" if self.owns_store else "given"
@@ -139,7 +138,7 @@ class Client:
                 tg.cancel_scope.cancel()
                 await tg.__aexit__(None, None, None)
         finally:
-            self._watch_scope = None
+            self._watching = False
             await self._close_store()
         return None
 
@@ -161,33 +160,19 @@ class Client:
         self._activity.set()
         self._activity = anyio.Event()
 
-    @contextlib.asynccontextmanager
-    async def _watching(self) -> AsyncIterator[None]:
-        """While a caller waits: one LISTEN on stores that push (PostgreSQL), shared by
-        every waiter of this client and dropped when the last one leaves."""
-        tg = self._tg
-        if not self._watch or tg is None:
-            yield
-            return
-        self._watchers += 1
-        if self._watch_scope is None:
-            scope = self._watch_scope = anyio.CancelScope()
-            tg.start_soon(self._run_watcher, scope, name="taskpool client watcher")
-        try:
-            yield
-        finally:
-            self._watchers -= 1
-            if self._watchers == 0 and self._watch_scope is not None:
-                self._watch_scope.cancel()
-                self._watch_scope = None
-
-    async def _run_watcher(self, scope: anyio.CancelScope) -> None:
-        with scope:
-            await self.store.watch_for_work(self.notify_changed)
+    def _watch_for_changes(self) -> None:
+        """Before a caller's first pause: one LISTEN on stores that push (PostgreSQL),
+        shared by every waiter of this client and held until the client closes. Started
+        no sooner (a wait that finds its task ended needs none), and never stopped by a
+        waiter leaving: a connection cancelled half-way through its handshake leaks."""
+        if self._watch and self._tg is not None and not self._watching:
+            self._watching = True
+            self._tg.start_soon(self.store.watch_for_work, self.notify_changed)
 
     async def _pause(self, event: anyio.Event, delay_s: float, last_read: float) -> None:
         """Until `event` or `delay_s`, but never sooner than `min_poll_interval_s` after
         the last read: a storm of notifications costs one read per interval."""
+        self._watch_for_changes()
         with anyio.move_on_after(delay_s):
             await event.wait()
         rest = last_read + self.min_poll_interval_s - anyio.current_time()
@@ -277,15 +262,14 @@ class Client:
         """Wait until the task is terminal and return it (`TimeoutError` after
         `timeout_s`; the task is left alone)."""
         with anyio.fail_after(timeout_s if timeout_s is not None else math.inf):
-            async with self._watching():
-                delays = poll_delays(self.min_poll_interval_s, self.poll_interval_s)
-                while True:
-                    changed = self._changed
-                    read_at = anyio.current_time()
-                    info = await self.store.get(task_id)
-                    if info.is_terminal:
-                        return info
-                    await self._pause(changed, next(delays), read_at)
+            delays = poll_delays(self.min_poll_interval_s, self.poll_interval_s)
+            while True:
+                changed = self._changed
+                read_at = anyio.current_time()
+                info = await self.store.get(task_id)
+                if info.is_terminal:
+                    return info
+                await self._pause(changed, next(delays), read_at)
 
     async def output(self, task_id: int) -> str:
         """Everything the task has printed so far, across attempts."""
@@ -293,9 +277,8 @@ class Client:
 
     async def follow(self, task_id: int) -> AsyncIterator[str]:
         """Yield the task's output as it arrives, until the task is terminal."""
-        async with self._watching():
-            async for text in self._chunks(task_id, follow=True):
-                yield text
+        async for text in self._chunks(task_id, follow=True):
+            yield text
 
     async def _chunks(self, task_id: int, *, follow: bool) -> AsyncIterator[str]:
         cursor = (0, 0)

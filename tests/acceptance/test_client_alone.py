@@ -3,7 +3,6 @@ what it submits, and the client's wait and follow see the tasks end."""
 
 from __future__ import annotations
 
-import gc
 import itertools
 import signal
 import subprocess
@@ -54,15 +53,18 @@ def worker_process(database: str) -> Iterator[subprocess.Popen[str]]:
             proc.stderr.close()
 
 
-def _no_pool_in_this_process() -> bool:
-    return not any(isinstance(o, TaskPool) for o in gc.get_objects())
+async def test_a_client_alone_submits_and_a_worker_process_runs_it(
+    database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no TaskPool in the test process (entering one would fail the test): the
+    client submits (one and a batch), a worker process runs them, follow streams the
+    output until the end, wait returns the final states, and a cancel from the client
+    stops a running task there."""
 
+    async def no_pool_here(self: TaskPool) -> TaskPool:
+        raise AssertionError("a TaskPool was entered in the client's process")
 
-async def test_a_client_alone_submits_and_a_worker_process_runs_it(database: str) -> None:
-    """With no TaskPool in the test process: the client submits (one and a batch), a
-    worker process runs them, follow streams the output until the end, wait returns
-    the final states, and a cancel from the client stops a running task there."""
-    assert _no_pool_in_this_process()
+    monkeypatch.setattr(TaskPool, "__aenter__", no_pool_here)
     async with Client(database) as client:
         task = await client.submit(["sh", "-c", "echo one; sleep 0.2; echo two"])
         batch = await client.submit_many([TaskSpec.build(["sh", "-c", "exit 3"])] * 3)
@@ -84,7 +86,6 @@ async def test_a_client_alone_submits_and_a_worker_process_runs_it(database: str
             assert cancelled.reason == "cancelled by request; process group sent SIGTERM"
             assert [n.stopped_at for n in await client.nodes()] == [None]
         assert (await client.nodes())[0].stopped_at is not None
-    assert _no_pool_in_this_process()
     assert await no_attempt_processes()
 
 
