@@ -100,7 +100,8 @@ WITH spec AS (
         stall_timeout_s, max_attempts, retry_backoff_s, reason, changed_at, pass_env,
         inherit_env, memory_max, pids_max, cpu_max)
     SELECT ranked.id, 'waiting',
-        ARRAY(SELECT jsonb_array_elements_text(s->'argv')),
+        ARRAY(SELECT a FROM jsonb_array_elements_text(s->'argv') WITH ORDINALITY AS v(a, i)
+              ORDER BY i),
         s->>'cwd',
         CASE WHEN jsonb_typeof(s->'env') = 'object' THEN s->'env' END,
         s->>'project',
