@@ -1,8 +1,13 @@
-"""A pool embedded in an ASGI web app: the pool lives exactly as long as the app.
+"""taskpool in an ASGI web app, in either of its two shapes. Plain ASGI, no framework.
 
-The pool is entered in the ASGI lifespan, so it starts with the server, shuts down
-gracefully with it, and if it crashes the lifespan fails and the server exits
-(crash, never hang) for its supervisor to restart it. Plain ASGI, no framework:
+- **Both in one process** (the default): a pool is entered in the ASGI lifespan, so
+  it runs tasks exactly as long as the app: it starts with the server, shuts down
+  gracefully with it, and if it crashes the lifespan fails and the server exits
+  (crash, never hang) for its supervisor to restart it. The routes use the pool's
+  client API.
+- **Submit and watch only** (`TASKPOOL_WORKER=0`): the app holds a `Client` and runs
+  nothing; workers run elsewhere (`taskpool --db ... worker`) on the same store, so
+  web processes and workers scale, restart and deploy apart.
 
     pip install uvicorn && uvicorn examples.asgi_app:app
     curl -XPOST localhost:8000/tasks -d '{"argv": ["sh", "-c", "echo hi"]}'
@@ -21,7 +26,7 @@ import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from taskpool import InvalidTask, TaskInfo, TaskNotFound, TaskPool
+from taskpool import Client, InvalidTask, TaskInfo, TaskNotFound, TaskPool
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -46,9 +51,14 @@ SUBMIT_OPTIONS = {
 
 
 class App:
-    def __init__(self, db: str) -> None:
+    """The web app. `worker=True` runs a pool in the app's lifespan; `worker=False`
+    only submits and watches, through a `Client`, for workers running elsewhere."""
+
+    def __init__(self, db: str, *, worker: bool = True) -> None:
         self.db = db
-        self.pool: TaskPool | None = None
+        self.worker = worker
+        # Both offer the same client API; the pool also runs what is submitted.
+        self.tasks: TaskPool | Client | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -67,21 +77,21 @@ class App:
     async def lifespan(self, receive: Receive, send: Send) -> None:
         await receive()  # lifespan.startup
         try:
-            async with TaskPool(self.db) as pool:
-                self.pool = pool
+            async with TaskPool(self.db) if self.worker else Client(self.db) as tasks:
+                self.tasks = tasks
                 await send({"type": "lifespan.startup.complete"})
-                await receive()  # lifespan.shutdown: leaving the block drains the pool
+                await receive()  # lifespan.shutdown: leaving the block drains a pool
         except BaseException as exc:
-            self.pool = None
+            self.tasks = None
             await send({"type": "lifespan.shutdown.failed", "message": repr(exc)})
             raise
-        self.pool = None
+        self.tasks = None
         await send({"type": "lifespan.shutdown.complete"})
 
     async def route(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
-        pool = self.pool
-        if pool is None:
-            return 503, {"error": "the task pool is not running"}
+        tasks = self.tasks
+        if tasks is None:
+            return 503, {"error": "the task store is not open"}
         method, path = scope["method"], scope["path"]
         try:
             if method == "POST" and path == "/tasks":
@@ -90,15 +100,15 @@ class App:
                     return 400, {"error": "the body must be a JSON object"}
                 options = {k: v for k, v in request.items() if k in SUBMIT_OPTIONS}
                 argv: Any = request.get("argv")  # checked by submit: InvalidTask if not a list
-                return 201, {"id": await pool.submit(argv, **options)}
+                return 201, {"id": await tasks.submit(argv, **options)}
             if match := re.fullmatch(r"/tasks/(\d+)(/output|/cancel)?", path):
                 task_id, action = int(match[1]), match[2]
                 if method == "GET" and action is None:
-                    return 200, _task(await pool.get(task_id))
+                    return 200, _task(await tasks.get(task_id))
                 if method == "GET" and action == "/output":
-                    return 200, {"output": await pool.output(task_id)}
+                    return 200, {"output": await tasks.output(task_id)}
                 if method == "POST" and action == "/cancel":
-                    return 200, _task(await pool.cancel(task_id))
+                    return 200, _task(await tasks.cancel(task_id))
         except BodyTooLarge as exc:
             return 413, {"error": str(exc)}
         except (InvalidTask, ValueError, TypeError) as exc:  # bad JSON, bad UTF-8, bad task
@@ -135,4 +145,7 @@ def _task(info: TaskInfo) -> dict[str, Any]:
     }
 
 
-app = App(os.environ.get("TASKPOOL_DB", "taskpool-web.db"))
+app = App(
+    os.environ.get("TASKPOOL_DB", "taskpool-web.db"),
+    worker=os.environ.get("TASKPOOL_WORKER", "1") != "0",
+)

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 
 from ._errors import LeaseLost
-from ._models import Outcome, OutcomeKind, Status, TaskEvent, TaskInfo
+from ._models import CancelMode, Outcome, OutcomeKind, Status, TaskEvent, TaskInfo
 
 
 class Settlement(enum.StrEnum):
@@ -27,13 +27,6 @@ class Settlement(enum.StrEnum):
     RESCUED = "rescued"  # its lease expired and another node re-queued it or marked it lost
     ORPHANED = "orphaned"  # its node died and a successor on the host settled it at boot
     HANDED_BACK = "handed_back"  # its node stopped while holding it, and gave it back
-
-
-class CancelMode(enum.StrEnum):
-    """How the owner of a running task is asked to stop it."""
-
-    GRACEFUL = "graceful"  # SIGTERM, a grace period, then SIGKILL
-    FORCE = "force"  # SIGKILL at once
 
 
 @dataclass(frozen=True, slots=True)

@@ -405,6 +405,13 @@ def _short(value: str) -> str:
     return repr(value) if len(value) <= 60 else repr(value[:57]) + "..."
 
 
+class CancelMode(enum.StrEnum):
+    """How a running task is cancelled; the values are what the stores keep."""
+
+    GRACEFUL = "graceful"  # SIGTERM, the node's kill grace period, then SIGKILL
+    FORCE = "force"  # SIGKILL at once
+
+
 @dataclass(frozen=True, slots=True)
 class TaskInfo:
     """A snapshot of one task as the store holds it."""
@@ -422,7 +429,7 @@ class TaskInfo:
     finished_at: float | None
     exit_code: int | None
     reason: str | None  # why the task is in its current status, e.g. "killed by SIGKILL"
-    cancel_requested: str | None
+    cancel_requested: CancelMode | None  # a cancel asked of the running attempt's owner
 
     @property
     def is_terminal(self) -> bool:

@@ -27,8 +27,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -37,10 +36,12 @@ import anyio.to_thread
 from anyio.abc import TaskGroup
 
 from . import _containment, _procs
+from ._client import Client, StaleReport
 from ._containment import Box, CgroupBox, Containment
 from ._errors import LeaseLost, PoolClosed, PoolCrashed, StoreUnavailable
 from ._guard import Guard, GuardError
 from ._models import (
+    CancelMode,
     Claim,
     Limits,
     NodeInfo,
@@ -55,6 +56,7 @@ from ._models import (
 from ._runner import RunnerControl, RunRequest, StopKind, run_attempt
 from ._store import Orphan, Store
 from ._telemetry import Metrics, Telemetry
+from .stores import node_connections, open_store
 
 T = TypeVar("T")
 
@@ -138,7 +140,17 @@ class TaskPool:
     to waiting without using up an attempt, for the next pool to resume.
 
     `store` is a `Store`, a `postgresql://` URL (the multi-node store), or a path
-    to an SQLite file (created if missing).
+    to an SQLite file (created if missing). **Ownership**: a store the pool opens
+    from a URL or path is the pool's (closed when the context ends, sized with a
+    connection per running task plus the pool's own); a `Store` object passed in is
+    the caller's: the pool opens it if needed but never closes it (`owns_store`).
+
+    The pool also offers the whole client API (`submit`, `submit_many`, `get`,
+    `list_tasks`, `events`, `output`, `follow`, `wait`, `cancel`, `retry`, `nodes`,
+    `stale`) by delegating to a `Client` of its own over the same store, woken by the
+    pool's own events; a submit also wakes the claim loop, and a cancel stops a task
+    this pool runs at once. A process that only submits and watches needs a
+    `Client`, not a pool.
     `max_parallel` caps running tasks on this node; `project_limits` caps
     running tasks per project across every node sharing the store.
     A store that stays unavailable for longer than `store_outage_tolerance_s`
@@ -166,22 +178,17 @@ class TaskPool:
         default_limits: ResourceLimits | None = None,
         metrics: Metrics | None = None,
     ) -> None:
-        if isinstance(store, Store):
-            self.store = store
-            self._owns_store = False
-        elif isinstance(store, str) and store.startswith(("postgresql://", "postgres://")):
-            from .stores.postgres import PostgresStore
-
-            # A connection per running task's writes, plus the loops' own.
-            self.store = PostgresStore(store, max_size=max(max_parallel, 1) + 4)
-            self._owns_store = True
-        else:
-            from .stores.sqlite import SQLiteStore
-
-            self.store = SQLiteStore(Path(store))
-            self._owns_store = True
         if max_parallel < 1:
             raise ValueError("max_parallel must be >= 1")
+        # Ownership is the caller's choice, not the pool's guess: a store it opens from a
+        # path or URL is its own (closed on leaving); a Store object stays the caller's.
+        if isinstance(store, Store):
+            self.store, self._owns_store = store, False
+        else:
+            self.store = open_store(store, connections=node_connections(max_parallel))
+            self._owns_store = True
+        # The client API (`submit`, `wait`, `follow`, ...) this pool offers, over its store.
+        self._client = Client(self.store, poll_interval_s=poll_interval_s, watch=False)
         self.limits = Limits(max_parallel, dict(project_limits or {}))
         self.lease_ttl_s = lease_ttl_s
         self.heartbeat_interval_s = heartbeat_interval_s or lease_ttl_s / 3
@@ -231,8 +238,6 @@ class TaskPool:
         self._interrupted: dict[int, int] = {}  # runners cancelled by a crash: task id -> fence
         self._idle = anyio.Event()
         self._wake = anyio.Event()
-        self._changed = anyio.Event()
-        self._new_output = anyio.Event()
         self._closing = False
         self._claim_loop_ended = anyio.Event()
         # Leases the last renewal said this node holds but no runner runs (task id ->
@@ -807,49 +812,62 @@ class TaskPool:
         self._task_changed()  # a waiter may be waiting on another node's work too
 
     def _task_changed(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        self._client.notify_changed()
 
     def _output_changed(self) -> None:
-        self._new_output.set()
-        self._new_output = anyio.Event()
+        self._client.notify_output()
 
-    # -- public API ----------------------------------------------------------
+    # -- public API: the client's, for embedded use ---------------------------
+    @property
+    def owns_store(self) -> bool:
+        """True if the pool opened its store from a URL or path, and so closes it."""
+        return self._owns_store
+
     def _check_open(self) -> None:
         if self._tg is None or self._closing:
             raise PoolClosed("the pool is not running")
 
     async def submit(self, argv: Sequence[str], **options: Any) -> int:
-        """Store a task and return its id; it is durable when this returns.
-
-        Options are those of `TaskSpec.build`: cwd, env, project, template,
-        template_parallel, locks, priority, not_before, timeout_s,
-        stall_timeout_s, max_attempts, retry_backoff_s. Bad input raises
-        `InvalidTask` and stores nothing.
-        """
+        """`Client.submit`, waking this pool's claim loop; `PoolClosed` if it is not
+        running (a `Client` submits with no pool at all)."""
         return await self.submit_spec(TaskSpec.build(argv, **options))
 
     async def submit_spec(self, spec: TaskSpec) -> int:
-        """Store a prepared `TaskSpec` and return its id."""
+        """`Client.submit_spec`, waking this pool's claim loop."""
         self._check_open()
-        task_id = await self.store.submit(spec)
+        task_id = await self._client.submit_spec(spec)
         self._wake.set()
         return task_id
 
-    async def cancel(self, task_id: int, *, force: bool = False) -> TaskInfo:
-        """Cancel a task: a waiting one at once; a running one with SIGTERM, a grace
-        period and SIGKILL (`force=True`: SIGKILL at once). Returns the task's state
-        after the request; `wait` tells when a running one has ended."""
-        info = await self.store.request_cancel(task_id, force=force)
+    async def submit_many(self, specs: Iterable[TaskSpec]) -> list[int]:
+        """`Client.submit_many` (one transaction, all or nothing), waking the claim loop."""
+        self._check_open()
+        task_ids = await self._client.submit_many(specs)
+        self._wake.set()
+        return task_ids
+
+    async def retry(self, task_id: int) -> int:
+        """`Client.retry`, waking this pool's claim loop."""
+        self._check_open()
+        task_id = await self._client.retry(task_id)
+        self._wake.set()
+        return task_id
+
+    async def cancel(
+        self, task_id: int, mode: CancelMode | str = CancelMode.GRACEFUL, *, force: bool = False
+    ) -> TaskInfo:
+        """`Client.cancel`; a task this pool runs is stopped at once, not at the next
+        heartbeat."""
+        info = await self._client.cancel(task_id, mode, force=force)
         control = self._runners.get((task_id, info.fence))
         if control is not None and info.status is Status.RUNNING:
-            control.stop(StopKind.CANCELLED, "cancelled by request", force=force)
-        self._task_changed()
+            forced = info.cancel_requested is CancelMode.FORCE
+            control.stop(StopKind.CANCELLED, "cancelled by request", force=forced)
         return info
 
     async def get(self, task_id: int) -> TaskInfo:
-        """The task's current state (`TaskNotFound` if there is none)."""
-        return await self.store.get(task_id)
+        """`Client.get`: the task's current state (`TaskNotFound` if there is none)."""
+        return await self._client.get(task_id)
 
     async def list_tasks(
         self,
@@ -858,48 +876,32 @@ class TaskPool:
         project: str | None = None,
         limit: int = 100,
     ) -> list[TaskInfo]:
-        """Tasks, newest first."""
-        return await self.store.list_tasks(statuses=statuses, project=project, limit=limit)
+        """`Client.list_tasks`: tasks, newest first."""
+        return await self._client.list_tasks(statuses=statuses, project=project, limit=limit)
 
     async def events(self, task_id: int) -> list[TaskEvent]:
-        """The task's recorded transitions, each with its reason."""
-        return await self.store.events(task_id)
+        """`Client.events`: the task's recorded transitions, each with its reason."""
+        return await self._client.events(task_id)
+
+    async def nodes(self, *, alive: bool | None = None) -> list[NodeInfo]:
+        """`Client.nodes`: pools registered with the store, oldest first."""
+        return await self._client.nodes(alive=alive)
+
+    async def stale(self, *, older_than_s: float = 60.0) -> StaleReport:
+        """`Client.stale`: expired leases and silent nodes."""
+        return await self._client.stale(older_than_s=older_than_s)
 
     async def wait(self, task_id: int, *, timeout_s: float | None = None) -> TaskInfo:
-        """Wait until the task is terminal and return it (`TimeoutError` after `timeout_s`)."""
-        with anyio.fail_after(timeout_s if timeout_s is not None else math.inf):
-            while True:
-                changed = self._changed
-                info = await self.store.get(task_id)
-                if info.is_terminal:
-                    return info
-                with anyio.move_on_after(self.poll_interval_s):
-                    await changed.wait()
+        """`Client.wait`: until the task is terminal (`TimeoutError` after `timeout_s`)."""
+        return await self._client.wait(task_id, timeout_s=timeout_s)
 
     async def output(self, task_id: int) -> str:
-        """Everything the task has printed so far, across attempts."""
-        return "".join([chunk async for chunk in self._chunks(task_id, follow=False)])
+        """`Client.output`: everything the task has printed so far, across attempts."""
+        return await self._client.output(task_id)
 
-    async def follow(self, task_id: int) -> AsyncIterator[str]:
-        """Yield the task's output as it arrives, until the task is terminal."""
-        async for text in self._chunks(task_id, follow=True):
-            yield text
-
-    async def _chunks(self, task_id: int, *, follow: bool) -> AsyncIterator[str]:
-        cursor = (0, 0)
-        while True:
-            new_output = self._new_output
-            done = follow and (await self.store.get(task_id)).is_terminal
-            chunks = await self.store.read_output(task_id, after=cursor)
-            for chunk in chunks:
-                yield chunk.text
-            if chunks:
-                cursor = (chunks[-1].fence, chunks[-1].seq)
-                continue
-            if not follow or done:
-                return
-            with anyio.move_on_after(self.poll_interval_s):
-                await new_output.wait()
+    def follow(self, task_id: int) -> AsyncIterator[str]:
+        """`Client.follow`: the task's output as it arrives, until it is terminal."""
+        return self._client.follow(task_id)
 
 
 def _reclaim(

@@ -1,4 +1,10 @@
-"""The one narrow interface between the pool and its durable state.
+"""The one narrow interface between the pool (and the client) and their durable state.
+
+`Store` is not a public extension point: taskpool ships its backends (SQLite,
+PostgreSQL, and `taskpool.testing.MemoryStore` for tests) and changes this interface
+and its vocabulary (`Renewal`, `Orphan`, `Claim`, `Outcome`, ...) between releases
+without notice; only `OutputChunk`, which `read_output` returns, is exported. Use a
+store through `Client` or `TaskPool`, or call its reading methods directly.
 
 Every method is one atomic operation. Writes made on behalf of an attempt carry
 its fencing token and raise `LeaseLost` when the token is stale: someone else
@@ -19,6 +25,7 @@ from typing import Self
 import anyio
 
 from ._models import (
+    CancelMode,
     Claim,
     Limits,
     NodeInfo,
@@ -35,7 +42,7 @@ class Renewal:
     """What a node learns from renewing its leases."""
 
     held: Mapping[int, int]  # task id -> fence of every lease the node still holds
-    cancel_requests: Mapping[int, str]  # task id -> a `CancelMode` value, for held tasks
+    cancel_requests: Mapping[int, CancelMode]  # task id -> how to cancel it, for held tasks
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +66,12 @@ class OutputChunk:
 
 
 class Store(abc.ABC):
-    """Durable state of tasks, attempts, nodes, output and events."""
+    """Durable state of tasks, attempts, nodes, output and events.
+
+    Internal interface, not a public extension point (see the module docstring): the
+    backends are `SQLiteStore`, `PostgresStore` and, for tests, `MemoryStore`. Pass
+    one to `TaskPool` or `Client`, or let them open one from a path or URL
+    (`taskpool.stores.open_store`)."""
 
     #: A random identity created once with the schema and read by `open`. Every
     #: attempt's processes carry it, so that a pool, its reaper and its tests touch
@@ -109,6 +121,15 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def submit(self, spec: TaskSpec) -> int:
         """Store a task as waiting; durable when this returns."""
+
+    async def submit_many(self, specs: Sequence[TaskSpec]) -> list[int]:
+        """Store several tasks as waiting, in order, and return their ids in the same
+        order; all of them or, if any spec is invalid (`InvalidTask`), none. Backends
+        that can write them in one transaction must (the SQL stores do): this default
+        checks every spec first, then submits them one by one, which is all or nothing
+        for invalid input but not against a failure half-way."""
+        checked = [spec.checked() for spec in specs]  # InvalidTask before anything is stored
+        return [await self.submit(spec) for spec in checked]
 
     @abc.abstractmethod
     async def claim(self, node_id: str, limits: Limits, lease_ttl_s: float) -> list[Claim]:

@@ -26,26 +26,19 @@ from typing import Any
 
 import anyio
 
+from ._client import Client
 from ._errors import TaskpoolError
-from ._models import ResourceLimits, Status, TaskInfo, TaskSpec
+from ._models import CancelMode, ResourceLimits, Status, TaskInfo, TaskSpec
 from ._pool import TaskPool
 from ._redact import redact
-from ._store import Store
 
 #: Exit codes: 1 for an error (a crashed worker included), 2 for bad usage.
 EXIT_ERROR = 1
 
 
-def open_store(db: str, *, connections: int = 2, create: bool = False) -> Store:
-    """The store a `--db` value names: a postgresql:// URL (with at most `connections`
-    connections) or an SQLite path. Only with `create` may it make a new database."""
-    if db.startswith(("postgresql://", "postgres://")):
-        from .stores.postgres import PostgresStore
-
-        return PostgresStore(db, max_size=connections, create=create)
-    from .stores.sqlite import SQLiteStore
-
-    return SQLiteStore(db, create=create)
+def _client(args: argparse.Namespace, *, create: bool = False, **options: Any) -> Client:
+    """A client of the store `--db` names; only with `create` may it make a new database."""
+    return Client(args.db, create=create, **options)
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -376,8 +369,7 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         metrics = PrometheusMetrics()
         prometheus_client.start_http_server(args.metrics_port, addr="127.0.0.1")
     pool = TaskPool(
-        # A connection per running task's writes, plus the loops' own.
-        open_store(args.db, connections=args.max_parallel + 4, create=True),
+        args.db,  # the pool opens it, sized for its tasks, and closes it
         metrics=metrics,
         max_parallel=args.max_parallel,
         project_limits=limits,
@@ -398,7 +390,7 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_watch_signals, signals, stop, pool, args.shutdown_drain)
             try:
-                async with pool.store, pool:
+                async with pool:
                     print(
                         f"taskpool worker: node {pool.node_id} on {redact(args.db)}",
                         file=sys.stderr,
@@ -480,22 +472,22 @@ async def cmd_submit(args: argparse.Namespace) -> None:
         pids_max=args.pids_max,
         cpu_max=args.cpu_max,
     )
-    async with open_store(args.db, create=True) as store:
-        task_id = await store.submit(spec)
+    async with _client(args, create=True) as client:
+        task_id = await client.submit_spec(spec)
     _emit(args, {"id": task_id}, str(task_id))
 
 
 async def cmd_ls(args: argparse.Namespace) -> None:
     statuses = [Status(s) for s in args.status] if args.status else None
-    async with open_store(args.db) as store:
-        tasks = await store.list_tasks(statuses=statuses, project=args.project, limit=args.limit)
+    async with _client(args) as client:
+        tasks = await client.list_tasks(statuses=statuses, project=args.project, limit=args.limit)
     _emit(args, tasks, "\n".join(_task_line(t) for t in tasks) or "no tasks")
 
 
 async def cmd_show(args: argparse.Namespace) -> None:
-    async with open_store(args.db) as store:
-        task = await store.get(args.id)
-        events = await store.events(args.id)
+    async with _client(args) as client:
+        task = await client.get(args.id)
+        events = await client.events(args.id)
     lines = [
         _task_line(task),
         f"  command: {list(task.spec.argv)}  cwd: {task.spec.cwd or '-'}",
@@ -512,26 +504,27 @@ async def cmd_show(args: argparse.Namespace) -> None:
     _emit(args, {"task": task, "events": events}, "\n".join(lines))
 
 
+#: `logs -f` reads again at most this long after seeing nothing new (backing off from
+#: 50 ms); the task's end arrives at once on PostgreSQL (LISTEN).
+FOLLOW_POLL_S = 0.25
+
+
 async def cmd_logs(args: argparse.Namespace) -> None:
-    cursor = (0, 0)
-    async with open_store(args.db) as store:
-        while True:
-            done = args.follow and (await store.get(args.id)).is_terminal
-            chunks = await store.read_output(args.id, after=cursor)
-            for chunk in chunks:
-                sys.stdout.write(chunk.text)
+    async with _client(args, poll_interval_s=FOLLOW_POLL_S) as client:
+        if not args.follow:
+            sys.stdout.write(await client.output(args.id))
             sys.stdout.flush()
-            if chunks:
-                cursor = (chunks[-1].fence, chunks[-1].seq)
-                continue
-            if not args.follow or done:
-                return
-            await anyio.sleep(0.2)
+            return
+        await client.get(args.id)  # TaskNotFound before anything is printed
+        async for text in client.follow(args.id):
+            sys.stdout.write(text)
+            sys.stdout.flush()
 
 
 async def cmd_cancel(args: argparse.Namespace) -> None:
-    async with open_store(args.db) as store:
-        task = await store.request_cancel(args.id, force=args.force)
+    mode = CancelMode.FORCE if args.force else CancelMode.GRACEFUL
+    async with _client(args) as client:
+        task = await client.cancel(args.id, mode)
     text = (
         f"task {task.id}: {task.status.value}"
         if task.status is not Status.RUNNING
@@ -541,19 +534,14 @@ async def cmd_cancel(args: argparse.Namespace) -> None:
 
 
 async def cmd_retry(args: argparse.Namespace) -> None:
-    async with open_store(args.db) as store:
-        task = await store.get(args.id)
-        if not task.is_terminal:
-            raise ValueError(
-                f"task {task.id} is {task.status.value}; only a finished task is retried"
-            )
-        new_id = await store.submit(task.spec)
-    _emit(args, {"id": new_id, "retry_of": task.id}, str(new_id))
+    async with _client(args) as client:
+        new_id = await client.retry(args.id)
+    _emit(args, {"id": new_id, "retry_of": args.id}, str(new_id))
 
 
 async def cmd_nodes(args: argparse.Namespace) -> None:
-    async with open_store(args.db) as store:
-        nodes = await store.list_nodes()
+    async with _client(args) as client:
+        nodes = await client.nodes()
     now = time.time()
     lines = [
         f"{n.id}  {n.host}:{n.pid}  max {n.max_parallel}  "
@@ -569,24 +557,21 @@ async def cmd_nodes(args: argparse.Namespace) -> None:
 
 
 async def cmd_stale(args: argparse.Namespace) -> None:
-    now = time.time()
-    async with open_store(args.db) as store:
-        running = await store.list_tasks(statuses=[Status.RUNNING], limit=10_000)
-        nodes = await store.list_nodes(alive=True)
-    expired = [t for t in running if t.lease_expires_at is not None and t.lease_expires_at < now]
-    silent = [n for n in nodes if now - n.heartbeat_at > args.older_than]
+    async with _client(args) as client:
+        report = await client.stale(older_than_s=args.older_than)
+    now = report.at
     lines = [
         f"task {t.id}: lease expired {now - (t.lease_expires_at or now):.0f} s ago, owner "
         f"{t.owner_node}"
-        for t in expired
+        for t in report.expired_leases
     ]
     lines += [
         f"node {n.id} ({n.host}:{n.pid}): no heartbeat for {now - n.heartbeat_at:.0f} s"
-        for n in silent
+        for n in report.silent_nodes
     ]
     _emit(
         args,
-        {"expired_leases": expired, "silent_nodes": silent},
+        {"expired_leases": report.expired_leases, "silent_nodes": report.silent_nodes},
         "\n".join(lines) or "nothing stale",
     )
 

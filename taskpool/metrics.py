@@ -1,4 +1,4 @@
-"""Prometheus metrics for a pool (`pip install taskpool[metrics]`).
+"""Prometheus metrics for a pool (the `metrics` extra: `pip install -e '.[metrics]'`).
 
     metrics = PrometheusMetrics()             # registers in prometheus_client's default registry
     async with TaskPool("tasks.db", metrics=metrics) as pool: ...

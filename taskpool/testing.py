@@ -32,7 +32,17 @@ from ._decisions import (
     plan_start,
 )
 from ._errors import StoreError
-from ._models import Claim, Limits, NodeInfo, Outcome, Status, TaskEvent, TaskInfo, TaskSpec
+from ._models import (
+    CancelMode,
+    Claim,
+    Limits,
+    NodeInfo,
+    Outcome,
+    Status,
+    TaskEvent,
+    TaskInfo,
+    TaskSpec,
+)
 from ._rules import Slot, plan_claims
 from ._store import Orphan, OutputChunk, Renewal, Store
 from .stores._common import no_task
@@ -255,7 +265,7 @@ class MemoryStore(Store):
         self._check()
         now = self.clock()
         held: dict[int, int] = {}
-        cancels: dict[int, str] = {}
+        cancels: dict[int, CancelMode] = {}
         for task in self._tasks.values():
             info = task.info
             if (
@@ -310,7 +320,7 @@ class MemoryStore(Store):
         if isinstance(plan, Ending):
             return self._end(task, plan)
         if isinstance(plan, CancelRequest):
-            task.info = dataclasses.replace(task.info, cancel_requested=plan.mode.value)
+            task.info = dataclasses.replace(task.info, cancel_requested=plan.mode)
             self._log(plan.event)
         return task.info
 

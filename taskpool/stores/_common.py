@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from .._decisions import Ending, Start, TaskState
 from .._errors import StoreError, TaskNotFound
-from .._models import NodeInfo, Status, TaskEvent, TaskInfo, TaskSpec
+from .._models import CancelMode, NodeInfo, Status, TaskEvent, TaskInfo, TaskSpec
 from .._store import Renewal
 
 
@@ -178,7 +178,7 @@ def task_info(
         finished_at=r["finished_at"],
         exit_code=r["exit_code"],
         reason=r["reason"],
-        cancel_requested=r["cancel_requested"],
+        cancel_requested=CancelMode(r["cancel_requested"]) if r["cancel_requested"] else None,
     )
 
 

@@ -25,7 +25,7 @@ from .._decisions import (
     plan_rescue,
     plan_start,
 )
-from .._models import Claim, Limits, Outcome, TaskEvent, TaskInfo
+from .._models import Claim, Limits, Outcome, TaskEvent, TaskInfo, TaskSpec
 from .._rules import Prefilter, Slot, claim_in_windows
 from .._store import Renewal
 from ._common import (
@@ -283,3 +283,66 @@ def info(r: sqlite3.Row) -> TaskInfo:
         pass_env=json.loads(r["pass_env"]),
         locks=sorted(_locks(r["locks"])),
     )
+
+
+#: Tasks per INSERT statement in `insert_tasks`: at 20 parameters a row, well under
+#: SQLite's default limit of 32,766 bound parameters per statement.
+_INSERT_ROWS = 500
+
+
+def insert_tasks(conn: sqlite3.Connection, specs: Sequence[TaskSpec], now: float) -> list[int]:
+    """Insert checked specs as waiting tasks, and their locks; their ids in order. Runs
+    in the caller's transaction: all of them are stored or none."""
+    ids: list[int] = []
+    for start in range(0, len(specs), _INSERT_ROWS):
+        chunk = specs[start : start + _INSERT_ROWS]
+        values = ", ".join(
+            ["('waiting', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'submitted', ?, ?, ?, ?)"]
+            * len(chunk)
+        )
+        params = [
+            value
+            for spec in chunk
+            for value in (
+                json.dumps(list(spec.argv)),
+                spec.cwd,
+                json.dumps(dict(spec.env)) if spec.env is not None else None,
+                json.dumps(sorted(spec.pass_env)),
+                int(spec.inherit_env),
+                spec.project,
+                spec.template,
+                int(spec.template_parallel),
+                json.dumps(sorted(spec.locks)),
+                spec.priority,
+                now,
+                spec.not_before or 0.0,
+                spec.timeout_s,
+                spec.stall_timeout_s,
+                spec.max_attempts,
+                spec.retry_backoff_s,
+                now,
+                spec.memory_max,
+                spec.pids_max,
+                spec.cpu_max,
+            )
+        ]
+        rows = conn.execute(
+            "INSERT INTO tasks (status, argv, cwd, env, pass_env, inherit_env, project,"
+            " template, template_parallel, locks, priority, submitted_at, not_before,"
+            " timeout_s, stall_timeout_s, max_attempts, retry_backoff_s, reason, changed_at,"
+            f" memory_max, pids_max, cpu_max) VALUES {values} RETURNING id",
+            params,
+        ).fetchall()
+        # RETURNING's order is unspecified, but AUTOINCREMENT gives one statement's rows
+        # ascending ids in the order of its VALUES: sorted, they match the specs.
+        chunk_ids = sorted(row[0] for row in rows)
+        conn.executemany(
+            "INSERT INTO task_locks (task_id, lock_name) VALUES (?, ?)",
+            [
+                (task_id, name)
+                for task_id, spec in zip(chunk_ids, chunk, strict=True)
+                for name in spec.locks
+            ],
+        )
+        ids += chunk_ids
+    return ids

@@ -270,48 +270,19 @@ class SQLiteStore(Store):
     # -- the queue ---------------------------------------------------------
     async def submit(self, spec: TaskSpec) -> int:
         spec = spec.checked()  # InvalidTask here, before the writer sees anything
+        ids = await self._write(
+            lambda conn: ops.insert_tasks(conn, [spec], self._clock()), durable=True
+        )
+        return ids[0]
 
-        def op(conn: sqlite3.Connection) -> int:
-            now = time.time()
-            cur = conn.execute(
-                "INSERT INTO tasks (status, argv, cwd, env, pass_env, inherit_env, project,"
-                " template, template_parallel, locks, priority, submitted_at, not_before,"
-                " timeout_s, stall_timeout_s, max_attempts, retry_backoff_s, reason, changed_at,"
-                " memory_max, pids_max, cpu_max)"
-                " VALUES ('waiting', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-                " 'submitted', ?, ?, ?, ?)",
-                (
-                    json.dumps(list(spec.argv)),
-                    spec.cwd,
-                    json.dumps(dict(spec.env)) if spec.env is not None else None,
-                    json.dumps(sorted(spec.pass_env)),
-                    int(spec.inherit_env),
-                    spec.project,
-                    spec.template,
-                    int(spec.template_parallel),
-                    json.dumps(sorted(spec.locks)),
-                    spec.priority,
-                    now,
-                    spec.not_before or 0.0,
-                    spec.timeout_s,
-                    spec.stall_timeout_s,
-                    spec.max_attempts,
-                    spec.retry_backoff_s,
-                    now,
-                    spec.memory_max,
-                    spec.pids_max,
-                    spec.cpu_max,
-                ),
-            )
-            task_id = cur.lastrowid
-            assert task_id is not None
-            conn.executemany(
-                "INSERT INTO task_locks (task_id, lock_name) VALUES (?, ?)",
-                [(task_id, name) for name in spec.locks],
-            )
-            return task_id
-
-        return await self._write(op, durable=True)
+    async def submit_many(self, specs: Sequence[TaskSpec]) -> list[int]:
+        """All the tasks in one transaction (one fsync), by multi-row inserts."""
+        checked = [spec.checked() for spec in specs]  # InvalidTask before anything is written
+        if not checked:
+            return []
+        return await self._write(
+            lambda conn: ops.insert_tasks(conn, checked, self._clock()), durable=True
+        )
 
     async def claim(self, node_id: str, limits: Limits, lease_ttl_s: float) -> list[Claim]:
         return await self._write(

@@ -268,8 +268,8 @@ async def test_the_http_example_refuses_oversized_and_malformed_bodies(tmp_path:
         for malformed in (b"{not json", b"\xff\xfe\x00", b"[1, 2]", b'"argv"', b'{"argv": null}'):
             status, body, _ = await post([malformed])
             assert status == 400, (malformed, body)
-        assert app.pool is not None
-        assert await app.pool.list_tasks() == []
+        assert app.tasks is not None
+        assert await app.tasks.list_tasks() == []
 
         await to_app.send({"type": "lifespan.shutdown"})
         assert (await from_app.receive())["type"] == "lifespan.shutdown.complete"

@@ -113,5 +113,5 @@ async def test_asgi_app_runs_tasks_for_its_lifetime(tmp_path: Path) -> None:
 
         await to_app.send({"type": "lifespan.shutdown"})
         assert (await from_app.receive())["type"] == "lifespan.shutdown.complete"
-    assert app.pool is None
+    assert app.tasks is None
     assert await no_attempt_processes()

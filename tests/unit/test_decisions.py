@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 
 from taskpool import LeaseLost, Status
 from taskpool._decisions import (
-    CancelMode,
     CancelRequest,
     Ending,
     Settlement,
@@ -26,7 +25,7 @@ from taskpool._decisions import (
     plan_rescue,
     plan_start,
 )
-from taskpool._models import Outcome, OutcomeKind
+from taskpool._models import CancelMode, Outcome, OutcomeKind
 
 NOW = 1_700_000_000.0
 

@@ -1,0 +1,301 @@
+"""Client: submit, inspect, follow, cancel and retry tasks over a store, no worker needed.
+
+A web app that only submits and watches, an operator's command line, a script
+that waits for a batch: none of them runs tasks, so none needs a `TaskPool`. A
+`Client` talks to the same store the workers share. `TaskPool` offers the same
+methods for embedded use by delegating to a client of its own.
+
+Waiting and following never hammer the store: a waiter re-reads after a change
+notification (a pool in the same process, or PostgreSQL's LISTEN/NOTIFY) and
+otherwise polls with a backoff that starts at `min_poll_interval_s` and doubles
+up to `poll_interval_s`; and it re-reads at most once per `min_poll_interval_s`
+however many notifications arrive.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+from anyio.abc import TaskGroup
+
+from ._errors import InvalidTask
+from ._models import CancelMode, NodeInfo, Status, TaskEvent, TaskInfo, TaskSpec
+from ._store import Store
+from .stores import CLIENT_CONNECTIONS, open_store
+
+
+@dataclass(frozen=True, slots=True)
+class StaleReport:
+    """What looks stuck in a store: running tasks whose lease has expired (their owner
+    stopped renewing and no node has rescued them yet), and nodes not marked stopped
+    that have not heartbeaten for a while."""
+
+    expired_leases: list[TaskInfo]
+    silent_nodes: list[NodeInfo]
+    at: float  # when it was judged (UNIX seconds, this host's clock)
+
+
+def judge_stale(
+    running: Iterable[TaskInfo], nodes: Iterable[NodeInfo], *, now: float, older_than_s: float
+) -> StaleReport:
+    """The stale report for these running tasks and live nodes at `now` (pure)."""
+    expired = [t for t in running if t.lease_expires_at is not None and t.lease_expires_at < now]
+    silent = [n for n in nodes if n.stopped_at is None and now - n.heartbeat_at > older_than_s]
+    return StaleReport(expired, silent, now)
+
+
+def poll_delays(first_s: float, max_s: float) -> Iterator[float]:
+    """The pauses between two reads of a waiter that sees nothing change: `first_s`,
+    doubling, then `max_s` for ever (pure)."""
+    delay = min(first_s, max_s)
+    while True:
+        yield delay
+        delay = min(delay * 2, max_s)
+
+
+class Client:
+    """Submit, inspect, follow, cancel and retry tasks in a store; runs nothing itself.
+
+    `store` is a `Store`, a `postgresql://` URL, or the path of an SQLite file.
+    **Ownership**: a store the client opened from a URL or path is its own: `async
+    with Client(url)` opens it and closes it on leaving. A `Store` object passed in
+    is the caller's: the client opens it if it is not yet open (opening is
+    idempotent) and never closes it. `owns_store` says which.
+
+    `create=False` refuses to make a new database (a mistyped path is an error);
+    `connections` sizes a PostgreSQL connection pool the client opens.
+
+    Use it as `async with Client(...) as client:`. While it is entered, `wait` and
+    `follow` on PostgreSQL are woken by the database's notifications (one LISTEN
+    connection, opened when somebody first has to wait, held until the client
+    closes); otherwise they poll with backoff
+    (`min_poll_interval_s` doubling to `poll_interval_s`). With `watch=False` the
+    client never LISTENs (`TaskPool`'s own client: the pool has its watcher).
+    """
+
+    def __init__(
+        self,
+        store: Store | str | os.PathLike[str],
+        *,
+        create: bool = True,
+        connections: int = CLIENT_CONNECTIONS,
+        poll_interval_s: float = 1.0,
+        min_poll_interval_s: float = 0.05,
+        watch: bool = True,
+    ) -> None:
+        if not poll_interval_s > 0 or not min_poll_interval_s > 0:
+            raise ValueError("poll intervals must be > 0")
+        if isinstance(store, Store):
+            self.store = store
+            self.owns_store = False  # the caller's: never closed here
+        else:
+            self.store = open_store(store, connections=connections, create=create)
+            self.owns_store = True
+        self.poll_interval_s = poll_interval_s
+        self.min_poll_interval_s = min(min_poll_interval_s, poll_interval_s)
+        self._watch = watch
+        # Set (and replaced) on every change somebody tells us of: `_changed` when a
+        # task's status may have changed, `_activity` on that or on new output.
+        self._changed = anyio.Event()
+        self._activity = anyio.Event()
+        self._tg: TaskGroup | None = None
+        self._watching = False  # the LISTEN watcher runs in `_tg`
+
+    def __repr__(self) -> str:
+        owner = "owned" if self.owns_store else "given"
+        return f"<Client store={self.store!r} ({owner})>"
+
+    # -- lifecycle ---------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        await self.store.open()
+        try:
+            self._tg = anyio.create_task_group()
+            await self._tg.__aenter__()
+        except BaseException:
+            self._tg = None
+            await self._close_store()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        tg, self._tg = self._tg, None
+        try:
+            if tg is not None:
+                # Only the LISTEN watcher lives in it. The body's own exception is not
+                # handed to the group, so that it leaves as raised, not in a group.
+                tg.cancel_scope.cancel()
+                await tg.__aexit__(None, None, None)
+        finally:
+            self._watching = False
+            await self._close_store()
+        return None
+
+    async def _close_store(self) -> None:
+        if self.owns_store:
+            with anyio.CancelScope(shield=True):
+                await self.store.close()
+
+    # -- change notifications ------------------------------------------------
+    def notify_changed(self) -> None:
+        """Tell waiters that a task's status may have changed: they re-read now (at
+        most once per `min_poll_interval_s`). `TaskPool` calls it for its own tasks."""
+        self._changed.set()
+        self._changed = anyio.Event()
+        self.notify_output()
+
+    def notify_output(self) -> None:
+        """Tell followers that a task may have new output."""
+        self._activity.set()
+        self._activity = anyio.Event()
+
+    def _watch_for_changes(self) -> None:
+        """Before a caller's first pause: one LISTEN on stores that push (PostgreSQL),
+        shared by every waiter of this client and held until the client closes. Started
+        no sooner (a wait that finds its task ended needs none), and never stopped by a
+        waiter leaving: a connection cancelled half-way through its handshake leaks."""
+        if self._watch and self._tg is not None and not self._watching:
+            self._watching = True
+            self._tg.start_soon(self.store.watch_for_work, self.notify_changed)
+
+    async def _pause(self, event: anyio.Event, delay_s: float, last_read: float) -> None:
+        """Until `event` or `delay_s`, but never sooner than `min_poll_interval_s` after
+        the last read: a storm of notifications costs one read per interval."""
+        self._watch_for_changes()
+        with anyio.move_on_after(delay_s):
+            await event.wait()
+        rest = last_read + self.min_poll_interval_s - anyio.current_time()
+        if rest > 0:
+            await anyio.sleep(rest)
+
+    # -- submitting ----------------------------------------------------------
+    async def submit(self, argv: Sequence[str], **options: Any) -> int:
+        """Store a task and return its id; it is durable when this returns.
+
+        Options are those of `TaskSpec.build`: cwd, env, pass_env, inherit_env,
+        project, template, template_parallel, locks, priority, not_before,
+        timeout_s, stall_timeout_s, max_attempts, retry_backoff_s, memory_max,
+        pids_max, cpu_max. Bad input raises `InvalidTask` and stores nothing.
+        """
+        return await self.submit_spec(TaskSpec.build(argv, **options))
+
+    async def submit_spec(self, spec: TaskSpec) -> int:
+        """Store a prepared `TaskSpec` and return its id."""
+        return await self.store.submit(spec)
+
+    async def submit_many(self, specs: Iterable[TaskSpec]) -> list[int]:
+        """Store several prepared specs in one transaction and return their ids, in
+        order (queued in that order among equal priorities). All or nothing: one
+        invalid spec raises `InvalidTask` and none is stored."""
+        return await self.store.submit_many(list(specs))
+
+    async def retry(self, task_id: int) -> int:
+        """Queue a finished task again, as a new task with the same spec; its id.
+        A task that is still waiting or running is refused with `InvalidTask`."""
+        task = await self.store.get(task_id)
+        if not task.is_terminal:
+            raise InvalidTask(
+                f"task {task.id} is {task.status.value}; only a finished task is retried"
+            )
+        return await self.submit_spec(task.spec)
+
+    async def cancel(
+        self, task_id: int, mode: CancelMode | str = CancelMode.GRACEFUL, *, force: bool = False
+    ) -> TaskInfo:
+        """Cancel a task: a waiting one at once; for a running one, ask its node to stop
+        it (`CancelMode.GRACEFUL`: SIGTERM, its grace period, SIGKILL;
+        `CancelMode.FORCE`, or `force=True`: SIGKILL at once). Returns the task's state
+        after the request; `wait` tells when a running one has ended. A forced request
+        escalates a graceful one; a graceful one never softens a forced one."""
+        try:
+            mode = CancelMode(mode)
+        except ValueError:
+            choices = ", ".join(repr(m.value) for m in CancelMode)
+            raise ValueError(f"cancel mode must be one of {choices}, got {mode!r}") from None
+        force = force or mode is CancelMode.FORCE
+        info = await self.store.request_cancel(task_id, force=force)
+        self.notify_changed()
+        return info
+
+    # -- reading -------------------------------------------------------------
+    async def get(self, task_id: int) -> TaskInfo:
+        """The task's current state (`TaskNotFound` if there is none)."""
+        return await self.store.get(task_id)
+
+    async def list_tasks(
+        self,
+        *,
+        statuses: Sequence[Status] | None = None,
+        project: str | None = None,
+        limit: int = 100,
+    ) -> list[TaskInfo]:
+        """Tasks, newest first."""
+        return await self.store.list_tasks(statuses=statuses, project=project, limit=limit)
+
+    async def events(self, task_id: int) -> list[TaskEvent]:
+        """The task's recorded transitions, each with its reason."""
+        return await self.store.events(task_id)
+
+    async def nodes(self, *, alive: bool | None = None) -> list[NodeInfo]:
+        """Pools that have registered with the store, oldest first (`alive=True`: only
+        those not marked stopped)."""
+        return await self.store.list_nodes(alive=alive)
+
+    async def stale(self, *, older_than_s: float = 60.0) -> StaleReport:
+        """Expired leases nobody rescued yet, and live nodes silent for `older_than_s`."""
+        running = await self.store.list_tasks(statuses=[Status.RUNNING], limit=10_000)
+        nodes = await self.store.list_nodes(alive=True)
+        return judge_stale(running, nodes, now=time.time(), older_than_s=older_than_s)
+
+    async def wait(self, task_id: int, *, timeout_s: float | None = None) -> TaskInfo:
+        """Wait until the task is terminal and return it (`TimeoutError` after
+        `timeout_s`; the task is left alone)."""
+        with anyio.fail_after(timeout_s if timeout_s is not None else math.inf):
+            delays = poll_delays(self.min_poll_interval_s, self.poll_interval_s)
+            while True:
+                changed = self._changed
+                read_at = anyio.current_time()
+                info = await self.store.get(task_id)
+                if info.is_terminal:
+                    return info
+                await self._pause(changed, next(delays), read_at)
+
+    async def output(self, task_id: int) -> str:
+        """Everything the task has printed so far, across attempts."""
+        return "".join([chunk async for chunk in self._chunks(task_id, follow=False)])
+
+    async def follow(self, task_id: int) -> AsyncIterator[str]:
+        """Yield the task's output as it arrives, until the task is terminal."""
+        async for text in self._chunks(task_id, follow=True):
+            yield text
+
+    async def _chunks(self, task_id: int, *, follow: bool) -> AsyncIterator[str]:
+        cursor = (0, 0)
+        delays = poll_delays(self.min_poll_interval_s, self.poll_interval_s)
+        while True:
+            activity = self._activity
+            read_at = anyio.current_time()
+            # Read the status before the output: output written before the end is
+            # then always read before we stop.
+            done = follow and (await self.store.get(task_id)).is_terminal
+            chunks = await self.store.read_output(task_id, after=cursor)
+            for chunk in chunks:
+                yield chunk.text
+            if chunks:
+                cursor = (chunks[-1].fence, chunks[-1].seq)
+                delays = poll_delays(self.min_poll_interval_s, self.poll_interval_s)
+                continue
+            if not follow or done:
+                return
+            await self._pause(activity, next(delays), read_at)
