@@ -220,3 +220,27 @@ async def test_cgroup_mode_is_said_in_the_node_info(db: Path) -> None:
         (node,) = [n for n in await pool.store.list_nodes() if n.id == pool.node_id]
     assert node.containment is not None
     assert node.containment.startswith("cgroup v2 at ")
+
+
+async def test_a_cpu_limit_throttles_the_task(db: Path) -> None:
+    """A busy loop under cpu_max 0.2 is throttled by the kernel (its cgroup's cpu.stat
+    counts throttled periods) while it runs."""
+    burn = [sys.executable, "-c", "print('burning', flush=True)\nwhile True: pass"]
+    async with fast_pool(db, containment="cgroup") as pool:
+        containment = pool.containment
+        assert isinstance(containment, CgroupContainment)
+        task = await pool.submit(burn, cpu_max=0.2)
+        info = await running(pool, task)
+        if "cpu" in containment.v2_controllers:
+            stat = containment.attempt_dir(f"{task}.{info.fence}") / "cpu.stat"
+        else:
+            v1 = containment.v1_store_dirs["cpu"]
+            stat = v1 / containment.node_id / f"{task}.{info.fence}" / "cpu.stat"
+
+        async def throttled() -> bool:
+            fields = dict(line.split() for line in stat.read_text().splitlines())
+            return int(fields["nr_throttled"]) > 0
+
+        await eventually(throttled)
+        await pool.cancel(task, force=True)
+        assert (await pool.wait(task)).status is Status.CANCELLED
