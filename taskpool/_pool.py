@@ -226,7 +226,7 @@ class TaskPool:
         self._guard_note = "off"
         self._guarded: dict[tuple[int, int], tuple[str, int, str | None]] = {}
         self._node_killed_at: float | None = None  # the guard killed the node's cgroup
-        self._leases_renewed_at = time.monotonic()  # when the last renewal was sent
+        self._node_deadline_sent: float | None = None  # the guard's deadline for the node
         self._telemetry = Telemetry("-", metrics)
         self.node: NodeInfo | None = None
         self._tg: TaskGroup | None = None
@@ -320,30 +320,50 @@ class TaskPool:
             self._guard, self._guard_note = None, f"off (could not start: {exc})"
             return
         self._guard_note = f"process {self._guard.pid}"
-        self._watch_node(self._leases_renewed_at)
+        self._node_deadline_sent = None
+        self._arm_node_guard(force=True)
 
     @property
     def _node_guard_key(self) -> str:
         return f"node:{self.node_id}"
 
-    def _watch_node(self, asked_at: float) -> None:
+    def _arm_node_guard(self, *, force: bool = False) -> None:
         """In cgroup mode the guard watches the node's cgroup, which holds every attempt:
-        it kills it whole when the pool dies, or when no renewal came for a lease. So no
-        attempt needs a message of its own (watched anew at each renewal: a watch the
-        guard acted on is gone, and a kill it reported is noted first)."""
+        it kills it whole when the pool dies, or when the earliest lease of the node's
+        running attempts runs out unrenewed. So attempts need no message of their own.
+
+        The guard's deadline must never be later than any running attempt's lease: new
+        claims only bring later ones, so it is moved when a renewal comes (`force`), and
+        moved later when attempts end only if it would otherwise fire before the next
+        renewal (the attempts it was set for were stopped: an outage, a pause), lest it
+        kill the node's fresh attempts. A watch the guard acted on is gone: each new one
+        first collects the kill it may have reported."""
         guard, containment = self._guard, self.containment
         if guard is None or containment is None or containment.node_cgroup is None:
             return
+        now = time.monotonic()
+        running = [d for key, d in self._lease_deadlines.items() if key in self._runners]
+        deadline = (min(running) if running else now + self.lease_ttl_s) - (
+            self.self_fence_margin_s / 2
+        )
+        sent = self._node_deadline_sent
+        if (
+            not force
+            and sent is not None
+            and sent <= deadline
+            and sent - now > self.heartbeat_interval_s
+        ):
+            return  # earlier than needed but far off: the next renewal moves it
         kill = guard.forget(self._node_guard_key)
         if kill is not None:
             self._node_killed_at = kill.at
-        deadline = asked_at + self.lease_ttl_s - self.self_fence_margin_s / 2
         guard.watch(
             self._node_guard_key,
             leader_pid=None,
             cgroup=str(containment.node_cgroup),
             deadline=deadline,
         )
+        self._node_deadline_sent = deadline
 
     def _node_kill_since(self, started_at: float) -> float | None:
         """When the guard killed the node's cgroup, if it did after `started_at`."""
@@ -531,9 +551,8 @@ class TaskPool:
             while not self._closing:
                 self._wake = anyio.Event()
                 if len(self._runners) < self.limits.max_parallel:
-                    asked_at = time.monotonic()
                     try:
-                        claims = await self._with_store(
+                        claims, asked_at = await self._sent_at(
                             lambda: self.store.claim(self.node_id, self.limits, self.lease_ttl_s),
                             retry_while_closing=False,
                         )
@@ -559,6 +578,8 @@ class TaskPool:
             self._runners[claim.task.id, claim.fence] = control
             self._lease_deadlines[claim.task.id, claim.fence] = asked_at + self.lease_ttl_s
             self._tg.start_soon(self._run, claim, name=f"taskpool task {claim.task.id}")
+        if claims:
+            self._arm_node_guard()
 
     def _shutdown_reason(self) -> str:
         return f"interrupted: node {self.node_id} shut down"
@@ -571,8 +592,7 @@ class TaskPool:
             await self._with_store(self.store.check_identity)
             await self._check_guard()
             before = dict(self._runners)  # only runners whose claim committed before the renewal
-            asked_at = time.monotonic()
-            renewal = await self._with_store(
+            renewal, asked_at = await self._sent_at(
                 lambda: self.store.renew_leases(self.node_id, self.lease_ttl_s)
             )
             await self._hand_back_strays(renewal.held)
@@ -597,8 +617,7 @@ class TaskPool:
                 if task_id in renewal.cancel_requests:
                     force = renewal.cancel_requests[task_id] == "force"
                     control.stop(StopKind.CANCELLED, "cancelled by request", force=force)
-            self._leases_renewed_at = asked_at
-            self._watch_node(asked_at)
+            self._arm_node_guard(force=True)
             if self._guard is not None:  # only leases the store has just granted
                 self._guard.renew(
                     {
@@ -748,6 +767,7 @@ class TaskPool:
                 self._interrupted[task.id] = fence
             del self._runners[task.id, fence]
             self._lease_deadlines.pop((task.id, fence), None)
+            self._arm_node_guard()
             self._idle.set()
             if not claimed:  # the slot is free and nobody looked for work for it yet
                 self._wake.set()
@@ -761,8 +781,7 @@ class TaskPool:
             # A self-fenced node is in trouble with its store: no new work until it renews.
             await self._with_store(lambda: self.store.finish(task_id, fence, outcome))
             return False
-        asked_at = time.monotonic()
-        claims = await self._with_store(
+        claims, asked_at = await self._sent_at(
             lambda: self.store.finish_and_claim(
                 task_id,
                 fence,
@@ -774,6 +793,22 @@ class TaskPool:
         )
         self._start(claims, asked_at)
         return True
+
+    async def _sent_at(
+        self, call: Callable[[], Awaitable[T]], *, retry_while_closing: bool = True
+    ) -> tuple[T, float]:
+        """`_with_store`, and when the call that succeeded was sent (time.monotonic()): a
+        lease it grants or renews runs from then, not from a first try that an outage
+        made fail (that would stop a fresh attempt at once)."""
+        sent = time.monotonic()
+
+        async def timed() -> T:
+            nonlocal sent
+            sent = time.monotonic()
+            return await call()
+
+        result = await self._with_store(timed, retry_while_closing=retry_while_closing)
+        return result, sent
 
     async def _with_store(
         self, call: Callable[[], Awaitable[T]], *, retry_while_closing: bool = True

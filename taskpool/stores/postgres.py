@@ -456,7 +456,10 @@ class PostgresStore(Store):
         delay = 0.1
         while True:
             try:
-                conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout_s)
+                # Shielded (and bounded by its timeout): a connect cancelled half-way
+                # leaks its socket; finished, the connection is closed below instead.
+                with anyio.CancelScope(shield=True):
+                    conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout_s)
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning(
                     "LISTEN connection failed, retrying in %.1f s: %s",
@@ -468,8 +471,8 @@ class PostgresStore(Store):
                 continue
             delay = 0.1
             lost = anyio.Event()
-            conn.add_termination_listener(lambda _, lost=lost: lost.set())
             try:
+                conn.add_termination_listener(lambda _, lost=lost: lost.set())
                 await conn.add_listener(WORK_CHANNEL, lambda *_: on_work())
                 on_work()  # work may have come while nobody listened
                 while not conn.is_closed():  # checked too, should the listener not fire
