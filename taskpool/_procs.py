@@ -60,7 +60,8 @@ def is_same_process(pid: int, started_at: float) -> bool:
 _PROC_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
 
 
-def _child_pids(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
+    """The children of `pid` (every thread's), zombies included."""
     found: list[int] = []
     try:
         threads = os.listdir(f"/proc/{pid}/task")
@@ -85,7 +86,7 @@ def descendants(pid: int) -> list[psutil.Process]:
     procs: list[psutil.Process] = []
     stack = [pid]
     while stack:
-        for child in _child_pids(stack.pop()):
+        for child in child_pids(stack.pop()):
             stack.append(child)
             try:
                 procs.append(psutil.Process(child))  # records its start time: identity

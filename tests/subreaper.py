@@ -32,6 +32,8 @@ from typing import Any
 
 import psutil
 
+from taskpool._procs import child_pids
+
 _PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 
 #: How often orphaned zombies are reaped; init does it at once, this is close enough.
@@ -48,22 +50,6 @@ def become_subreaper() -> bool:
         errno = ctypes.get_errno()
         raise OSError(errno, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(errno)}")
     return True
-
-
-def child_pids(pid: int) -> list[int]:
-    """The children of `pid` (every thread's), zombies included."""
-    found: list[int] = []
-    try:
-        threads = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return found
-    for tid in threads:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                found.extend(int(child) for child in f.read().split())
-        except OSError:
-            continue  # the thread or the process is gone
-    return found
 
 
 _HAS_PROC_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
