@@ -289,11 +289,16 @@ class PostgresStore(Store):
         if pool is None:
             raise StoreError("the store is closed")
         try:
-            async with (
-                pool.acquire(timeout=self.connect_timeout_s) as conn,
-                conn.transaction(),
-            ):
-                return await fn(conn)
+            # Shielded, bounded by its own timeout: a cancel that lands while the pool
+            # opens a new connection would leak that connection's socket (asyncpg).
+            with anyio.CancelScope(shield=True):
+                conn = await pool.acquire(timeout=self.connect_timeout_s)
+            try:
+                async with conn.transaction():
+                    return await fn(conn)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await pool.release(conn, timeout=self.command_timeout_s)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise _map_error(exc) from exc
 

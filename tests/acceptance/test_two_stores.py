@@ -48,18 +48,19 @@ async def test_a_restarting_pool_never_kills_another_stores_task(
     )
     assert a_task == b_task == 1  # the collision the identity must survive
 
-    async with fast_pool(db_b, max_parallel=1) as pool_b:
+    # Long leases: starting the pool process below blocks this event loop for a while.
+    async with fast_pool(db_b, max_parallel=1, lease_ttl_s=60) as pool_b:
         b_pid = await _pid_of(db_b, b_task)
         b_leader = psutil.Process(b_pid)
         with pool_process(db_a, "1") as (proc, dead_node):
             a_leftover = psutil.Process(await _pid_of(db_a, a_task))
             if settled_by == "live sibling":
-                sibling = fast_pool(db_a, max_parallel=1)
+                sibling = fast_pool(db_a, max_parallel=1, lease_ttl_s=60)
                 await sibling.__aenter__()
             proc.send_signal(signal.SIGKILL)
             proc.wait()
         if settled_by == "next boot":
-            sibling = fast_pool(db_a, max_parallel=1)
+            sibling = fast_pool(db_a, max_parallel=1, lease_ttl_s=60)
             await sibling.__aenter__()
         try:
 
