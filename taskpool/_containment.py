@@ -29,7 +29,6 @@ import contextlib
 import errno
 import os
 import resource
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -265,9 +264,9 @@ class CgroupBox(Box):
         return [int(pid) for pid in text.split()]
 
     def kill(self) -> None:
+        # Its v1 cgroups hold the same processes: the child joins v2 first, so this
+        # reaches every one of them.
         kill_cgroup(self.path)
-        for directory in self._extra:  # v1 members are the same processes: none left
-            _kill_listed(directory / "cgroup.procs")
 
     def is_empty(self) -> bool:
         return cgroup_is_empty(self.path)
@@ -337,16 +336,6 @@ def cgroup_is_empty(path: Path) -> bool:
     except FileNotFoundError:
         return True
     return "populated 0" in text.splitlines()
-
-
-def _kill_listed(procs_file: Path) -> None:
-    try:
-        pids = [int(pid) for pid in procs_file.read_text().split()]
-    except OSError:
-        return
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)  # listed in the cgroup: ours at this moment
 
 
 def kill_cgroup(path: Path) -> None:

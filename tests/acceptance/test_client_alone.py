@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +14,7 @@ import anyio
 import pytest
 
 from taskpool import Client, Status, TaskPool, TaskSpec, _client
+from tests.acceptance.test_cli import worker
 from tests.helpers import SAFETY_TIMEOUT_S, containment_mode, eventually, no_attempt_processes
 from tests.postgres import fresh_postgres_database
 
@@ -25,32 +25,12 @@ ROOT = Path(__file__).resolve().parents[2]
 def worker_process(database: str) -> Iterator[subprocess.Popen[str]]:
     """`taskpool worker` on `database`, in a process of its own; stopped with SIGTERM
     (an orderly stop, exit 0) when the block ends."""
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "taskpool", "--db", database, "worker"),
-            *("--lease-ttl", "3", "--shutdown-drain", "0", "--kill-grace", "0.5"),
-            *("--containment", containment_mode()),
-        ],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stderr is not None
-        for _ in range(20):  # log records may come first
-            line = proc.stderr.readline()
-            if "taskpool worker: node" in line or not line:
-                break
-        assert "taskpool worker: node" in line, line
+    options = ("--lease-ttl", "3", "--shutdown-drain", "0", "--kill-grace", "0.5")
+    with worker(database, *options, "--containment", containment_mode()) as proc:
         yield proc
         proc.send_signal(signal.SIGTERM)
+        assert proc.stderr is not None
         assert proc.wait(timeout=SAFETY_TIMEOUT_S) == 0, proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
 
 
 async def test_a_client_alone_submits_and_a_worker_process_runs_it(

@@ -4,6 +4,7 @@ from the tasks' own tick logs and the pids they record, never by scanning the ho
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -120,3 +121,37 @@ async def test_a_killed_pools_processes_die_at_once_and_the_next_boot_clears_up(
         assert info.status is Status.LOST
         if isinstance(pool.containment, CgroupContainment):
             assert not (pool.containment.store_dir / dead_node).exists()  # cleared up
+
+
+async def test_a_dead_guard_is_restarted_and_still_guards(
+    database: str, tmp_path: Path, both_containments: str
+) -> None:
+    """SIGKILL the node's guard while a task runs: at the next heartbeat the pool starts a
+    new one and hands it the running attempt, so a later death of the pool is still
+    covered (the new guard is alive, answering, and watches what the old one did)."""
+    async with fast_pool(database, lease_ttl_s=3.0) as pool:
+        task = await pool.submit(ticker(tmp_path))
+        await eventually(lambda: _ticking(tmp_path))
+        old = pool._guard
+        assert old is not None
+        os.kill(old.pid, signal.SIGKILL)
+
+        async def replaced() -> bool:
+            guard = pool._guard
+            return guard is not None and guard is not old and guard.alive
+
+        await eventually(replaced)
+        assert pool._guard is not None
+        await pool._guard.sync()  # it answers, having taken every watch sent before
+        info = await pool.get(task)
+        watched = f"node:{pool.node_id}" if both_containments == "cgroup" else None
+        marker = f"{pool.store.store_id}:{task}:{info.fence}"
+        assert (watched or marker) in pool._guard._watching
+        assert (await pool.get(task)).status is Status.RUNNING
+        assert pool._guard_note.startswith("process ")
+        await pool.cancel(task, force=True)
+        assert (await pool.wait(task)).status is Status.CANCELLED
+
+
+async def _ticking(log_dir: Path) -> bool:
+    return bool(ticks(log_dir, 1))
