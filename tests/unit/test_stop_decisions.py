@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import signal
 
-from taskpool.cli import _WorkerStop, build_parser
+from taskpool.cli import build_parser
+from taskpool.cli._worker import _WorkerStop
 from taskpool.stores.sqlite import lost_files
 
 

@@ -1,0 +1,68 @@
+"""How the CLI renders what it prints: JSON-ready data (with `--json`) and the text
+lines of tasks, events and limits. Pure: the commands do the printing."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from .._models import ResourceLimits, TaskInfo, TaskSpec
+
+
+def plain(value: Any, *, show_env: bool = False) -> Any:
+    """JSON-ready data; a task's env values are masked unless `show_env`."""
+    if isinstance(value, TaskSpec) and not show_env:
+        value = dataclasses.replace(value, env=value.masked_env())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: plain(getattr(value, f.name), show_env=show_env)
+            for f in dataclasses.fields(value)
+        }
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Mapping):
+        return {k: plain(v, show_env=show_env) for k, v in value.items()}
+    if isinstance(value, list | tuple | frozenset | set):
+        items = [plain(v, show_env=show_env) for v in value]
+        return sorted(items) if isinstance(value, frozenset | set) else items
+    return value
+
+
+def emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    """Print `data` as JSON with `--json`, else `text`."""
+    print(json.dumps(plain(data, show_env=args.show_env), indent=2) if args.json else text)
+
+
+def when(ts: float | None) -> str:
+    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def env_line(spec: TaskSpec, *, show: bool) -> str:
+    env = (spec.env if show else spec.masked_env()) or {}
+    shown = " ".join(f"{k}={v}" for k, v in sorted(env.items())) or "-"
+    passed = " ".join(sorted(spec.pass_env)) or "-"
+    base = "the worker's" if spec.inherit_env else "empty"
+    return f"  env: {shown}  pass-env: {passed}  (from {base} environment)"
+
+
+def task_line(t: TaskInfo) -> str:
+    command = " ".join(t.spec.argv)
+    if len(command) > 50:
+        command = command[:47] + "..."
+    return f"{t.id:>6}  {t.status.value:<10} {t.spec.project:<12} {command}  ({t.reason})"
+
+
+def limits_text(limits: ResourceLimits) -> str:
+    parts = []
+    if limits.memory_max is not None:
+        parts.append(f"memory {limits.memory_max / 2**20:g} MiB")
+    if limits.pids_max is not None:
+        parts.append(f"{limits.pids_max} processes")
+    if limits.cpu_max is not None:
+        parts.append(f"{limits.cpu_max:g} CPUs")
+    return ", ".join(parts) or "none (the worker's defaults apply)"
