@@ -3,15 +3,44 @@
 from __future__ import annotations
 
 import enum
-import itertools
-import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
 
-from ._errors import InvalidTask
 from ._redact import MASK
+
+# The bounds and the reserved variables are defined in _validation with the checks
+# that enforce them; the `X as X` imports keep them importable from here as before.
+from ._validation import INT32_MAX as INT32_MAX
+from ._validation import INT32_MIN as INT32_MIN
+from ._validation import LIBPQ_ENV_PREFIX as LIBPQ_ENV_PREFIX
+from ._validation import MAX_ARGS as MAX_ARGS
+from ._validation import MAX_ARGV_BYTES as MAX_ARGV_BYTES
+from ._validation import MAX_CPU_MAX as MAX_CPU_MAX
+from ._validation import MAX_CWD_BYTES as MAX_CWD_BYTES
+from ._validation import MAX_ENV_BYTES as MAX_ENV_BYTES
+from ._validation import MAX_ENV_VARS as MAX_ENV_VARS
+from ._validation import MAX_LOCKS as MAX_LOCKS
+from ._validation import MAX_MEMORY_MAX as MAX_MEMORY_MAX
+from ._validation import MAX_NAME_BYTES as MAX_NAME_BYTES
+from ._validation import MIN_MEMORY_MAX as MIN_MEMORY_MAX
+from ._validation import TASKPOOL_ENV_PREFIX as TASKPOOL_ENV_PREFIX
+from ._validation import (
+    check_argv,
+    check_backoff,
+    check_bool,
+    check_cwd,
+    check_env,
+    check_limits,
+    check_locks,
+    check_max_attempts,
+    check_name,
+    check_not_before,
+    check_pass_env,
+    check_priority,
+    check_timeout,
+)
+from ._validation import is_taskpool_variable as is_taskpool_variable
 
 
 class Status(enum.StrEnum):
@@ -29,32 +58,6 @@ class Status(enum.StrEnum):
     @property
     def is_terminal(self) -> bool:
         return self not in (Status.WAITING, Status.RUNNING)
-
-
-#: Bounds on what one submit may carry, checked before the store sees it. A task is
-#: a command line, not a payload: bulk data belongs in files the task reads. Linux
-#: itself refuses more than about 2 MiB of argv and environment together.
-MAX_ARGS = 4096  # items in argv
-MAX_ARGV_BYTES = 256 * 1024  # argv items' UTF-8 bytes, summed (plus one per item)
-MAX_ENV_VARS = 256  # env entries and pass_env names together
-MAX_ENV_BYTES = 64 * 1024  # env names and values' UTF-8 bytes, summed
-MAX_NAME_BYTES = 256  # one project, template, lock, env or pass_env name
-MAX_LOCKS = 32  # named locks of one task
-MAX_CWD_BYTES = 4096  # PATH_MAX
-#: Integer fields are stored in 32-bit columns (PostgreSQL INTEGER); SQLite's are wider.
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
-
-#: Prefixes of the variables that are taskpool's own: its settings and the attempt
-#: marker (TASKPOOL_*), and libpq's connection settings (PG*), through which a worker
-#: may hold its database credential. A task never inherits them; `env` may not set
-#: TASKPOOL_* and `pass_env` may name neither.
-TASKPOOL_ENV_PREFIX = "TASKPOOL_"
-LIBPQ_ENV_PREFIX = "PG"
-
-
-def is_taskpool_variable(name: str) -> bool:
-    """True for a variable a task never inherits from its worker (see the prefixes)."""
-    return name.startswith((TASKPOOL_ENV_PREFIX, LIBPQ_ENV_PREFIX))
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,10 +86,6 @@ class ResourceLimits:
 
 
 CONTROLLERS = ("memory", "pids", "cpu")
-#: Bounds of the resource limits a task may ask for.
-MIN_MEMORY_MAX = 1024 * 1024  # below 1 MiB no process can even start
-MAX_MEMORY_MAX = 2**62
-MAX_CPU_MAX = 4096.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,59 +189,26 @@ class TaskSpec:
     ) -> TaskSpec:
         """Validate caller input and build a spec, or raise `InvalidTask` saying what is
         wrong. Any value in any field gives one or the other, never another exception;
-        sizes are bounded by the `MAX_*` constants of this module."""
-        argv_t = _argv(argv)
-        cwd_s = _cwd(cwd)
-        env_d = _env(env)
-        pass_t = _names("pass_env", pass_env, MAX_ENV_VARS)
-        for name in pass_t:
-            _env_name("pass_env name", name)
-            if is_taskpool_variable(name):
-                raise InvalidTask(
-                    f"pass_env name {name!r} is reserved: taskpool never hands a task its own"
-                    f" variables ({TASKPOOL_ENV_PREFIX}*, {LIBPQ_ENV_PREFIX}*)"
-                )
-            if env_d is not None and name in env_d:
-                raise InvalidTask(f"{name!r} is named in both env and pass_env")
-        if len(pass_t) + len(env_d or ()) > MAX_ENV_VARS:
-            raise InvalidTask(f"env and pass_env name more than MAX_ENV_VARS ({MAX_ENV_VARS})")
-        _check_bool("inherit_env", inherit_env)
-        _check_text("project", project, "MAX_NAME_BYTES")
-        if not project:
-            raise InvalidTask("project must not be empty")
+        sizes are bounded by the `MAX_*` constants (of `_validation`, importable
+        from here too)."""
+        # In this order: of several bad fields, the first checked is the one named.
+        argv_t = check_argv(argv)
+        cwd_s = check_cwd(cwd)
+        env_d = check_env(env)
+        pass_t = check_pass_env(pass_env, env_d)
+        check_bool("inherit_env", inherit_env)
+        check_name("project", project)
         if template is not None:
-            _check_text("template", template, "MAX_NAME_BYTES")
-            if not template:
-                raise InvalidTask("template must not be empty (None for no template)")
-        _check_bool("template_parallel", template_parallel)
-        locks_t = _names("locks", locks, MAX_LOCKS)
-        for lock in locks_t:
-            _check_text("lock name", lock, "MAX_NAME_BYTES")
-            if not lock:
-                raise InvalidTask("lock name must not be empty")
-        seconds: dict[str, float | None] = {}
-        for name, value in (("timeout_s", timeout_s), ("stall_timeout_s", stall_timeout_s)):
-            number = _finite_float(value)
-            if value is not None and not (number is not None and number > 0):
-                raise InvalidTask(f"{name} must be a positive number of seconds or None")
-            seconds[name] = number
-        backoff = _finite_float(retry_backoff_s)
-        if backoff is None or backoff < 0:
-            raise InvalidTask("retry_backoff_s must be a non-negative number of seconds")
-        start = _finite_float(not_before)
-        if not_before is not None and start is None:
-            raise InvalidTask("not_before must be a finite UNIX time")
-        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
-            raise InvalidTask("max_attempts must be an integer >= 1")
-        if max_attempts > INT32_MAX:
-            raise InvalidTask(f"max_attempts must be at most {INT32_MAX} (a 32-bit column)")
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise InvalidTask("priority must be an integer")
-        if not INT32_MIN <= priority <= INT32_MAX:
-            raise InvalidTask(
-                f"priority must be an integer from {INT32_MIN} to {INT32_MAX} (a 32-bit column)"
-            )
-        limits = check_limits(memory_max, pids_max, cpu_max)
+            check_name("template", template, empty_hint=" (None for no template)")
+        check_bool("template_parallel", template_parallel)
+        locks_t = check_locks(locks)
+        timeout = check_timeout("timeout_s", timeout_s)
+        stall_timeout = check_timeout("stall_timeout_s", stall_timeout_s)
+        backoff = check_backoff(retry_backoff_s)
+        start = check_not_before(not_before)
+        check_max_attempts(max_attempts)
+        check_priority(priority)
+        memory, pids, cpus = check_limits(memory_max, pids_max, cpu_max)
         return cls(
             argv=argv_t,
             cwd=cwd_s,
@@ -256,153 +222,14 @@ class TaskSpec:
             priority=priority,
             # 0 is "no earlier than the epoch", i.e. no delay: stored and read back as None.
             not_before=start or None,
-            timeout_s=seconds["timeout_s"],
-            stall_timeout_s=seconds["stall_timeout_s"],
+            timeout_s=timeout,
+            stall_timeout_s=stall_timeout,
             max_attempts=max_attempts,
             retry_backoff_s=backoff,
-            memory_max=limits.memory_max,
-            pids_max=limits.pids_max,
-            cpu_max=limits.cpu_max,
+            memory_max=memory,
+            pids_max=pids,
+            cpu_max=cpus,
         )
-
-
-def _argv(argv: object) -> tuple[str, ...]:
-    if isinstance(argv, str | bytes):
-        raise InvalidTask("argv must be a list of strings, not a single string (no shell)")
-    argv_t = _names("argv", argv, MAX_ARGS)
-    if not argv_t:
-        raise InvalidTask("argv must not be empty")
-    total = 0
-    for arg in argv_t:
-        total += _check_text("argv item", arg, "MAX_ARGV_BYTES") + 1  # + its NUL in exec
-        if total > MAX_ARGV_BYTES:
-            raise InvalidTask(f"argv is larger than MAX_ARGV_BYTES ({MAX_ARGV_BYTES} bytes)")
-    return argv_t
-
-
-def _cwd(cwd: object) -> str | None:
-    if cwd is None:
-        return None
-    if not isinstance(cwd, str | os.PathLike):
-        raise InvalidTask(f"cwd must be a path string, got {type(cwd).__name__}")
-    try:
-        cwd_s = os.fspath(cwd)
-    except TypeError as exc:  # an __fspath__ that returns neither str nor bytes
-        raise InvalidTask(f"cwd must be a path string: {exc}") from None
-    _check_text("cwd", cwd_s, "MAX_CWD_BYTES")
-    assert isinstance(cwd_s, str)  # _check_text proved it
-    return cwd_s
-
-
-def _env(env: object) -> dict[str, str] | None:
-    if env is None:
-        return None
-    if not isinstance(env, Mapping):
-        raise InvalidTask("env must be a mapping of names to values, or None")
-    if len(env) > MAX_ENV_VARS:
-        raise InvalidTask(f"env has more than MAX_ENV_VARS ({MAX_ENV_VARS}) entries")
-    env_d: dict[str, str] = {}
-    total = 0
-    for key, value in env.items():
-        total += _env_name("env name", key)
-        if key.startswith(TASKPOOL_ENV_PREFIX):
-            raise InvalidTask(
-                f"env name {key!r} is reserved: {TASKPOOL_ENV_PREFIX}* variables are taskpool's own"
-            )
-        # The value may be a secret: errors name the variable, never show the value.
-        total += _check_text("env value", value, "MAX_ENV_BYTES", label=f"env value of {key!r}")
-        if total > MAX_ENV_BYTES:
-            raise InvalidTask(f"env is larger than MAX_ENV_BYTES ({MAX_ENV_BYTES} bytes)")
-        env_d[key] = value
-    return env_d
-
-
-def _env_name(what: str, name: object) -> int:
-    size = _check_text(what, name, "MAX_NAME_BYTES")
-    assert isinstance(name, str)
-    if not name or "=" in name:
-        raise InvalidTask(f"{what} {name!r} must be non-empty and contain no '='")
-    return size
-
-
-def _names(what: str, values: object, limit: int) -> tuple[Any, ...]:
-    """A list-like input as a tuple of at most `limit` items (each checked by the caller)."""
-    if isinstance(values, str | bytes):
-        raise InvalidTask(f"{what} must be a list of names, not a single string")
-    if isinstance(values, Mapping) or not isinstance(values, Iterable):
-        raise InvalidTask(f"{what} must be a list of strings, got {type(values).__name__}")
-    items = tuple(itertools.islice(values, limit + 1))
-    if len(items) > limit:
-        raise InvalidTask(f"{what} has more than {_LIMIT_NAMES[what]} ({limit}) items")
-    return items
-
-
-_LIMIT_NAMES = {"argv": "MAX_ARGS", "locks": "MAX_LOCKS", "pass_env": "MAX_ENV_VARS"}
-
-
-def check_limits(memory_max: object, pids_max: object, cpu_max: object) -> ResourceLimits:
-    """Resource limits from caller input, or `InvalidTask` naming the field."""
-    if memory_max is not None and (
-        isinstance(memory_max, bool)
-        or not isinstance(memory_max, int)
-        or not MIN_MEMORY_MAX <= memory_max <= MAX_MEMORY_MAX
-    ):
-        raise InvalidTask(
-            f"memory_max must be a number of bytes from {MIN_MEMORY_MAX} to {MAX_MEMORY_MAX}"
-            " or None"
-        )
-    if pids_max is not None and (
-        isinstance(pids_max, bool)
-        or not isinstance(pids_max, int)
-        or not 1 <= pids_max <= INT32_MAX
-    ):
-        raise InvalidTask(f"pids_max must be an integer from 1 to {INT32_MAX} or None")
-    cpus = _finite_float(cpu_max)
-    if cpu_max is not None and (cpus is None or not 0.01 <= cpus <= MAX_CPU_MAX):
-        raise InvalidTask(f"cpu_max must be a number of CPUs from 0.01 to {MAX_CPU_MAX:g} or None")
-    return ResourceLimits(memory_max, pids_max, cpus)
-
-
-def _finite_float(value: object) -> float | None:
-    """A finite int or float as a float, else None; bools are refused (True is not a
-    duration), and so is an int too large for a float."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _check_bool(what: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise InvalidTask(f"{what} must be true or false, got {type(value).__name__}")
-
-
-def _check_text(what: str, value: object, limit: str, *, label: str | None = None) -> int:
-    """Check a string field and return its size in UTF-8 bytes; `limit` names the
-    module constant that bounds it."""
-    max_bytes: int = globals()[limit]
-    if not isinstance(value, str):
-        raise InvalidTask(f"{what} must be a string, got {type(value).__name__}")
-    label = label or f"{what} {_short(value)}"
-    if len(value) > max_bytes:  # never fewer bytes than characters: no need to encode it
-        raise InvalidTask(f"{what} is longer than {limit} ({max_bytes} bytes)")
-    if "\x00" in value:
-        raise InvalidTask(f"{label} contains a NUL byte")
-    try:
-        size = len(value.encode("utf-8"))
-    except UnicodeEncodeError:  # a lone surrogate: neither database can store it
-        raise InvalidTask(f"{label} is not valid Unicode text (a lone surrogate)") from None
-    if size > max_bytes:
-        raise InvalidTask(f"{what} is longer than {limit} ({max_bytes} bytes)")
-    return size
-
-
-def _short(value: str) -> str:
-    """A repr short enough for an error message."""
-    return repr(value) if len(value) <= 60 else repr(value[:57]) + "..."
 
 
 class CancelMode(enum.StrEnum):
