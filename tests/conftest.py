@@ -7,6 +7,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from hypothesis import HealthCheck, settings
 
 from taskpool._procs import ATTEMPT_ENV
 from tests import postgres
@@ -18,6 +19,12 @@ from tests.subreaper import Reaper, become_subreaper
 LEFT_BEHIND_GRACE_S = 10.0
 
 _reaper: Reaper | None = None
+
+# On a loaded host (two copies of the suite on two cores) drawing an example can take
+# seconds for reasons outside the test; slowness is never what a property checks.
+# Tests that list their own suppressed health checks add `too_slow` themselves.
+settings.register_profile("taskpool", suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("taskpool")
 
 
 def pytest_configure(config: pytest.Config) -> None:

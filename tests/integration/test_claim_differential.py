@@ -97,6 +97,8 @@ PARALLEL_BEFORE_A_FULL_WINDOW = ClaimWorld(
 )
 
 
+# A fresh database per example: minutes on a loaded host, so a wider safety net.
+@pytest.mark.timeout(900)
 @settings(
     max_examples=40,
     deadline=None,

@@ -180,7 +180,9 @@ def roundtrip_postgres() -> Iterator[str]:
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres", "memory"])
 @settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(specs=st.lists(valid_specs(), min_size=1, max_size=6))
 def test_a_valid_spec_round_trips_through_every_store(

@@ -309,7 +309,7 @@ ROUTING = st.tuples(
 @settings(
     max_examples=50,
     deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(
     tasks=st.lists(ROUTING, min_size=1, max_size=25),
