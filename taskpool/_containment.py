@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import _guard
+from ._guard_kill import kill_cgroup as _kill_cgroup
 from ._models import CONTROLLERS, ResourceLimits
 
 #: Directory, under the pool's cgroup, that holds one store's attempt cgroups (one
@@ -341,7 +341,7 @@ def cgroup_is_empty(path: Path) -> bool:
 def kill_cgroup(path: Path) -> None:
     """SIGKILL every process in the cgroup, racy forkers included: the guard's own
     routine (`cgroup.kill`, or freeze, kill every member, thaw where it is missing)."""
-    _guard.kill_cgroup(str(path), use_kill_file=True)
+    _kill_cgroup(str(path), use_kill_file=True)
 
 
 def _rmdir(path: Path) -> None:
