@@ -19,27 +19,24 @@ Chosen once at pool start (`choose`) and reported in the node's info and log:
   is not limited.
 
 Everything here is synchronous and quick (a few small file writes): the runner
-calls it directly; only waiting for a cgroup to empty is async.
+calls it directly; only waiting for a cgroup to empty is async. The cgroup filesystem
+itself (where this process may make cgroups, the file operations on them) is
+_cgroups.py's; this module is the policy over it.
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
-import errno
 import os
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from . import _guard
+from . import _cgroups
 from ._models import CONTROLLERS, ResourceLimits
 
-#: Directory, under the pool's cgroup, that holds one store's attempt cgroups (one
-#: directory per node inside it, then one cgroup per attempt).
-STORE_DIR_PREFIX = "taskpool."
 #: Run by /bin/sh as `sh -c JOIN_SCRIPT name N procs_1 .. procs_N argv...`: writes "0"
 #: (this process) to each cgroup.procs, then becomes the task.
 JOIN_SCRIPT = (
@@ -53,64 +50,6 @@ CPU_PERIOD_US = 100_000
 
 def mebibytes(size: int) -> str:
     return f"{size / 2**20:g} MiB"
-
-
-# -- reading the host's cgroup layout (pure over the text of /proc files) ---------------
-
-
-@dataclass(frozen=True, slots=True)
-class Mount:
-    path: str
-    fstype: str
-    options: frozenset[str]  # super options: the v1 controllers of a cgroup mount
-    root: str  # the mount's root within its hierarchy
-    read_only: bool
-
-
-def parse_mountinfo(text: str) -> list[Mount]:
-    """The cgroup mounts listed in /proc/self/mountinfo."""
-    mounts = []
-    for line in text.splitlines():
-        left, sep, right = line.partition(" - ")
-        if not sep:
-            continue
-        fields, tail = left.split(), right.split()
-        if len(fields) < 6 or len(tail) < 3 or tail[0] not in ("cgroup", "cgroup2"):
-            continue
-        mount_options = set(fields[5].split(","))
-        mounts.append(
-            Mount(
-                path=fields[4].replace("\\040", " "),
-                fstype=tail[0],
-                options=frozenset(tail[2].split(",")),
-                root=fields[3],
-                read_only="ro" in mount_options,
-            )
-        )
-    return mounts
-
-
-def parse_proc_cgroup(text: str) -> dict[str, str]:
-    """/proc/self/cgroup as {hierarchy: path}; the v2 hierarchy is named ""."""
-    found: dict[str, str] = {}
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        _, controllers, path = parts
-        if not controllers:
-            found[""] = path
-        for name in controllers.split(","):
-            if name:
-                found[name] = path
-    return found
-
-
-def _join(mount: Mount, cgroup_path: str) -> Path:
-    """The directory of `cgroup_path` (as /proc/self/cgroup says) under `mount`."""
-    root = mount.root.rstrip("/")
-    relative = cgroup_path[len(root) :] if root and cgroup_path.startswith(root) else cgroup_path
-    return Path(mount.path) / relative.lstrip("/")
 
 
 # -- one attempt's box ----------------------------------------------------------------
@@ -224,11 +163,11 @@ class CgroupBox(Box):
         lim, v2 = self.limits, self._v2_controllers
         if lim.memory_max is not None:
             if "memory" in v2:
-                _write(self.path / "memory.max", str(lim.memory_max))
-                _write(self.path / "memory.swap.max", "0", missing_ok=True)
+                _cgroups.write(self.path / "memory.max", str(lim.memory_max))
+                _cgroups.write(self.path / "memory.swap.max", "0", missing_ok=True)
             elif "memory" in self._v1:
-                _write(self._v1["memory"] / "memory.limit_in_bytes", str(lim.memory_max))
-                _write(
+                _cgroups.write(self._v1["memory"] / "memory.limit_in_bytes", str(lim.memory_max))
+                _cgroups.write(
                     self._v1["memory"] / "memory.memsw.limit_in_bytes",
                     str(lim.memory_max),
                     missing_ok=True,
@@ -236,14 +175,14 @@ class CgroupBox(Box):
         if lim.pids_max is not None:
             target = self.path if "pids" in v2 else self._v1.get("pids")
             if target is not None:
-                _write(target / "pids.max", str(lim.pids_max))
+                _cgroups.write(target / "pids.max", str(lim.pids_max))
         if lim.cpu_max is not None:
             quota = max(1000, round(lim.cpu_max * CPU_PERIOD_US))
             if "cpu" in v2:
-                _write(self.path / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+                _cgroups.write(self.path / "cpu.max", f"{quota} {CPU_PERIOD_US}")
             elif "cpu" in self._v1:
-                _write(self._v1["cpu"] / "cpu.cfs_period_us", str(CPU_PERIOD_US))
-                _write(self._v1["cpu"] / "cpu.cfs_quota_us", str(quota))
+                _cgroups.write(self._v1["cpu"] / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+                _cgroups.write(self._v1["cpu"] / "cpu.cfs_quota_us", str(quota))
 
     def preexec(self) -> Callable[[], None] | None:
         return _rlimit_preexec(self._rlimits)
@@ -266,19 +205,19 @@ class CgroupBox(Box):
     def kill(self) -> None:
         # Its v1 cgroups hold the same processes: the child joins v2 first, so this
         # reaches every one of them.
-        kill_cgroup(self.path)
+        _cgroups.kill(self.path)
 
     def is_empty(self) -> bool:
-        return cgroup_is_empty(self.path)
+        return _cgroups.is_empty(self.path)
 
     def limit_report(self) -> str | None:
         lim, reports = self.limits, []
         memory_dir = self.path if "memory" in self._v2_controllers else self._v1.get("memory")
         if lim.memory_max is not None and memory_dir is not None:
             if "memory" in self._v2_controllers:
-                kills = _counter(memory_dir / "memory.events", "oom_kill")
+                kills = _cgroups.counter(memory_dir / "memory.events", "oom_kill")
             else:
-                kills = _counter(memory_dir / "memory.oom_control", "oom_kill")
+                kills = _cgroups.counter(memory_dir / "memory.oom_control", "oom_kill")
             if kills:
                 reports.append(
                     f"killed by the OOM killer: memory limit {mebibytes(lim.memory_max)} reached"
@@ -286,7 +225,7 @@ class CgroupBox(Box):
                 )
         pids_dir = self.path if "pids" in self._v2_controllers else self._v1.get("pids")
         if lim.pids_max is not None and pids_dir is not None:
-            refused = _counter(pids_dir / "pids.events", "max")
+            refused = _cgroups.counter(pids_dir / "pids.events", "max")
             if refused:
                 reports.append(
                     f"process limit {lim.pids_max} reached ({refused} fork"
@@ -299,69 +238,7 @@ class CgroupBox(Box):
             # Still busy (a process stuck in uninterruptible sleep): the next boot's
             # reconciliation removes it.
             with contextlib.suppress(OSError):
-                _rmdir(directory)
-
-
-def _write(path: Path, value: str, *, missing_ok: bool = False) -> None:
-    try:
-        fd = os.open(path, os.O_WRONLY)
-    except FileNotFoundError:
-        if missing_ok:
-            return
-        raise
-    try:
-        os.write(fd, value.encode())
-    except OSError:
-        if not missing_ok:
-            raise
-    finally:
-        os.close(fd)
-
-
-def _counter(path: Path, key: str) -> int:
-    """A `key value` line of a cgroup events file, as an int (0 if absent)."""
-    try:
-        for line in path.read_text().splitlines():
-            name, _, value = line.partition(" ")
-            if name == key:
-                return int(value)
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-def cgroup_is_empty(path: Path) -> bool:
-    try:
-        text = (path / "cgroup.events").read_text()
-    except FileNotFoundError:
-        return True
-    return "populated 0" in text.splitlines()
-
-
-def kill_cgroup(path: Path) -> None:
-    """SIGKILL every process in the cgroup, racy forkers included: the guard's own
-    routine (`cgroup.kill`, or freeze, kill every member, thaw where it is missing)."""
-    _guard.kill_cgroup(str(path), use_kill_file=True)
-
-
-def _rmdir(path: Path) -> None:
-    try:
-        path.rmdir()
-    except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            raise FileNotFoundError(str(path)) from exc
-        if exc.errno != errno.EBUSY:
-            raise
-        # Still populated for a moment after the last member died: try again shortly.
-        for _ in range(50):
-            time.sleep(0.002)
-            try:
-                path.rmdir()
-                return
-            except OSError as again:
-                if again.errno != errno.EBUSY:
-                    raise
-        raise
+                _cgroups.rmdir(directory)
 
 
 # -- the node's choice ----------------------------------------------------------------
@@ -464,15 +341,15 @@ class CgroupContainment(Containment):
         if not path.is_dir():
             return None
         pids = [int(p) for p in (path / "cgroup.procs").read_text().split()]
-        kill_cgroup(path)
+        _cgroups.kill(path)
         for _ in range(500):  # at most about a second for the kernel to finish the kills
-            if cgroup_is_empty(path):
+            if _cgroups.is_empty(path):
                 break
             time.sleep(0.002)
         extra = [d / node_id / name for d in self.v1_store_dirs.values()]
         for directory in [path, *extra]:
             with contextlib.suppress(OSError):
-                _rmdir(directory)
+                _cgroups.rmdir(directory)
         return pids
 
     def forget_node(self, node_id: str) -> None:
@@ -485,11 +362,6 @@ class CgroupContainment(Containment):
         for directory in [self.store_dir, *self.v1_store_dirs.values()]:
             with contextlib.suppress(OSError):
                 directory.rmdir()  # only if empty: a sibling pool may still use it
-
-
-def _read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
 
 
 def choose(
@@ -510,84 +382,11 @@ def choose(
     if mode == "process-group":
         return ProcessGroupContainment("chosen by configuration")
     try:
-        return _cgroup_containment(store_id, node_id, cgroup_mount, mountinfo, proc_cgroup)
+        layout = _cgroups.discover(store_id, node_id, cgroup_mount, mountinfo, proc_cgroup)
     except (OSError, LookupError) as exc:
         if mode == "cgroup":
             raise RuntimeError(f"cgroup containment is not possible here: {exc}") from exc
         return ProcessGroupContainment(f"no cgroup could be made: {exc}")
-
-
-def _cgroup_containment(
-    store_id: str,
-    node_id: str,
-    cgroup_mount: str | os.PathLike[str] | None,
-    mountinfo: str | None,
-    proc_cgroup: str | None,
-) -> CgroupContainment:
-    mounts = parse_mountinfo(mountinfo if mountinfo is not None else _read("/proc/self/mountinfo"))
-    own = parse_proc_cgroup(proc_cgroup if proc_cgroup is not None else _read("/proc/self/cgroup"))
-    if cgroup_mount is not None:
-        v2_mount = Mount(os.fspath(cgroup_mount), "cgroup2", frozenset(), "/", False)
-    else:
-        v2_mount = next((m for m in mounts if m.fstype == "cgroup2"), None)  # type: ignore[assignment]
-        if v2_mount is None:
-            raise LookupError("no cgroup2 hierarchy is mounted")
-    if "" not in own:
-        raise LookupError("this process is in no cgroup v2")
-    own_dir = _join(v2_mount, own[""])
-    store_dir = own_dir / f"{STORE_DIR_PREFIX}{store_id}"
-    if not (own_dir / "cgroup.procs").exists():
-        raise LookupError(f"{own_dir} is not a cgroup2 directory")
-    store_dir.mkdir(exist_ok=True)
-    probe = store_dir / f"probe.{os.getpid()}"
-    probe.mkdir()  # raises where we may not: read-only mount, no delegation
-    try:
-        if not (probe / "cgroup.procs").exists():  # the kernel makes it in every cgroup
-            raise LookupError(f"{v2_mount.path} is not a cgroup2 hierarchy")
-        kill_file = (probe / "cgroup.kill").exists()
-    finally:
-        probe.rmdir()
-    node_dir = store_dir / node_id
-    node_dir.mkdir(exist_ok=True)
-    v2 = _enable_v2_controllers(own_dir, store_dir, node_dir)
-    v1: dict[str, Path] = {}
-    for name in CONTROLLERS:
-        if name in v2:
-            continue
-        mount = next(
-            (m for m in mounts if m.fstype == "cgroup" and name in m.options and not m.read_only),
-            None,
-        )
-        if mount is None or name not in own:
-            continue
-        directory = _join(mount, own[name]) / f"{STORE_DIR_PREFIX}{store_id}"
-        with contextlib.suppress(OSError):
-            directory.mkdir(exist_ok=True)
-            (directory / node_id).mkdir(exist_ok=True)
-            v1[name] = directory
-    return CgroupContainment(store_dir, node_id, frozenset(v2), v1, kill_file)
-
-
-def _enable_v2_controllers(own_dir: Path, store_dir: Path, node_dir: Path) -> set[str]:
-    """Enable memory, pids and cpu for the attempts' cgroups where the host allows it.
-
-    Needs each controller in the parent's `cgroup.subtree_control`: granted in a
-    delegated subtree whose processes live in a leaf, refused (EBUSY) in a cgroup that
-    holds processes itself, other than the root."""
-    try:
-        available = set((own_dir / "cgroup.controllers").read_text().split())
-    except OSError:
-        return set()
-    enabled: set[str] = set()
-    for name in CONTROLLERS:
-        if name not in available:
-            continue
-        try:
-            for directory in (own_dir, store_dir, node_dir):
-                current = set((directory / "cgroup.subtree_control").read_text().split())
-                if name not in current:
-                    _write(directory / "cgroup.subtree_control", f"+{name}")
-        except OSError:
-            continue
-        enabled.add(name)
-    return enabled
+    return CgroupContainment(
+        layout.store_dir, node_id, layout.v2_controllers, layout.v1_store_dirs, layout.kill_file
+    )

@@ -12,9 +12,9 @@ Words, each used for one thing: the pool *stops* an attempt by a `StopRequest`
 when forced) for a stop request, a timeout or a stall, and records why as the
 attempt's `ending`; the `Outcome` it returns says how the attempt ended.
 
-Exit is awaited on a pidfd (Linux >= 5.3), not through asyncio's child watcher:
-no thread per child, no global watcher to install in the host program, and the
-same code runs on every anyio backend.
+The process itself (its environment, spawn, and the leader held unreaped until it is
+reaped, its exit awaited on a pidfd) is _attempt_process.py's; this module decides
+when and how it ends, and what its outcome says (`how_it_ended`, pure).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
-import shutil
 import signal
 import subprocess
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -30,35 +29,33 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import anyio
-import psutil
 
 from . import _procs
+from ._attempt_process import (
+    AttemptWatcher,
+    Process,
+    describe_exit,
+    ensure_dead,
+    spawn,
+    spawn_error,
+    task_environment,
+    unstartable,
+    wait_empty,
+)
 from ._containment import Box, ProcessGroupBox
 from ._errors import LeaseLost
-from ._models import (
-    LIBPQ_ENV_PREFIX,
-    TASKPOOL_ENV_PREFIX,
-    Outcome,
-    OutcomeKind,
-    ResourceLimits,
-    is_taskpool_variable,
-)
+from ._models import Outcome, OutcomeKind, ResourceLimits
 from ._output import OutputDecoder
 
 READ_CHUNK_BYTES = 64 * 1024
 #: How long to wait for the output pipe to reach EOF once the group is dead.
 DRAIN_TIMEOUT_S = 2.0
-#: Give up waiting for a SIGKILLed leader after this long (a process in
-#: uninterruptible sleep); the pool must not hang on it.
-KILL_WAIT_S = 10.0
 #: How often a long-running attempt's descendants are noted, so that one which
 #: escapes the process group with setsid is still killed with its task.
 DESCENDANT_SCAN_INTERVAL_S = 1.0
 #: A process is recorded (pid and start time) once it has lived this long; the
 #: many that end sooner cost no extra write.
 RECORD_SPAWN_DELAY_S = 0.05
-HAS_PIDFD = hasattr(os, "pidfd_open")
-_TASKPOOL_PREFIXES = (TASKPOOL_ENV_PREFIX.encode(), LIBPQ_ENV_PREFIX.encode())
 
 
 class OutputSink(Protocol):
@@ -111,6 +108,10 @@ class RunnerControl:
             self._kill_now()
         self._wakeup.set()
 
+    def _wake(self) -> None:
+        """Wake the watchdog (see `_sleep`): the process exited."""
+        self._wakeup.set()
+
     @property
     def forced(self) -> bool:
         return self.request is not None and self.request.force
@@ -129,17 +130,6 @@ class RunnerControl:
 
     def __repr__(self) -> str:
         return f"<RunnerControl pid={self.pid} request={self.request}>"
-
-
-class AttemptWatcher(Protocol):
-    """Someone outside the runner that keeps an eye on the attempt (the node's guard):
-    told the leader's pid once it is spawned, and told before the leader is reaped
-    (while its pid cannot be reused) that it exited; answers then how it killed the
-    attempt, if it did."""
-
-    def started(self, pid: int) -> None: ...
-
-    def exited(self) -> str | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,45 +153,6 @@ class RunRequest:
 SpawnHook = Callable[[int, float], Awaitable[None]]
 
 
-def _signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
-
-
-def describe_exit(code: int) -> str:
-    if code < 0:
-        return f"killed by {_signal_name(-code)}"
-    return f"exited with code {code}"
-
-
-def task_environment(
-    worker_env: Mapping[bytes, bytes],
-    *,
-    env: Mapping[str, str] | None,
-    pass_env: frozenset[str],
-    inherit_env: bool,
-    marker: str,
-) -> dict[bytes, bytes]:
-    """The environment an attempt's process gets (pure): the worker's own minus
-    taskpool's variables (its settings and database credentials must never reach a
-    task), then the worker's values of `pass_env` (a name it lacks stays unset), then
-    the task's `env`, then the attempt marker, which nothing may override."""
-    # Bytes keys and values: Popen passes them through without re-encoding each one.
-    child: dict[bytes, bytes] = {}
-    if inherit_env:
-        child = {k: v for k, v in worker_env.items() if not k.startswith(_TASKPOOL_PREFIXES)}
-    for name in pass_env:
-        key = os.fsencode(name)
-        if key in worker_env and not is_taskpool_variable(name):
-            child[key] = worker_env[key]
-    for name, value in (env or {}).items():
-        child[os.fsencode(name)] = os.fsencode(value)
-    child[_procs.ATTEMPT_ENV.encode()] = marker.encode()
-    return child
-
-
 def _environment(req: RunRequest) -> dict[bytes, bytes]:
     return task_environment(
         os.environb,
@@ -212,124 +163,13 @@ def _environment(req: RunRequest) -> dict[bytes, bytes]:
     )
 
 
-def _spawn(req: RunRequest, env: dict[bytes, bytes]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        req.box.wrap(list(req.argv)),  # a cgroup box joins its cgroup first, then execs
-        cwd=req.cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # own session and process group: killpg reaches grandchildren
-        close_fds=True,
-        preexec_fn=req.box.preexec(),  # rlimits only, and only when asked for
-    )
-
-
-def _unstartable(req: RunRequest, env: Mapping[bytes, bytes]) -> str | None:
-    """Why the program cannot be executed, as exec would say, or None. Checked before a
-    spawn through a wrapper (which would only report it as an exit code)."""
-    program = req.argv[0]
-    if "/" in program:
-        path: str | None = os.path.join(req.cwd or ".", program)
-    else:
-        search = os.fsdecode(env.get(b"PATH", os.fsencode(os.defpath)))
-        path = shutil.which(program, mode=os.F_OK, path=search)
-    if path is None or not os.path.exists(path):
-        return f"could not start {program!r}: No such file or directory"
-    if os.path.isdir(path) or not os.access(path, os.X_OK):
-        return f"could not start {program!r}: Permission denied"
-    return None
-
-
-def _spawn_error(req: RunRequest, exc: OSError) -> str:
-    what = exc.strerror or str(exc)
-    if req.cwd is not None and exc.filename == req.cwd:
-        return f"could not start {req.argv[0]!r}: working directory {req.cwd!r}: {what}"
-    return f"could not start {req.argv[0]!r}: {what}"
-
-
-class _Process:
-    """A spawned leader and its group, awaited without reaping until we choose to."""
-
-    def __init__(
-        self, popen: subprocess.Popen[bytes], box: Box, watcher: AttemptWatcher | None
-    ) -> None:
-        self.popen = popen
-        self.box = box
-        self.watcher = watcher
-        self.killed_by: str | None = None  # what the watcher says killed it
-        self.pid = popen.pid
-        self.exit_code: int | None = None
-        self.exited = anyio.Event()  # the leader is dead (a zombie until reaped)
-        self.known_descendants: list[psutil.Process] = []
-        self._pidfd = os.pidfd_open(self.pid) if HAS_PIDFD else None
-
-    async def wait_exited(self, control: RunnerControl | None = None) -> None:
-        """Return when the leader has died, leaving it unreaped so its pid stays ours."""
-        if self._pidfd is not None:
-            await anyio.wait_readable(self._pidfd)
-        else:  # pragma: no cover - non-Linux fallback: poll without reaping
-            flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
-            # WNOHANG never blocks, and there is no fd to await here.
-            while os.waitid(os.P_PID, self.pid, flags) is None:  # noqa: ASYNC110, ASYNC222
-                await anyio.sleep(0.02)
-        self.exited.set()
-        if control is not None:
-            control._wakeup.set()  # the watchdog sleeps on this
-
-    def note_descendants(self) -> None:
-        """Remember the leader's descendants, to kill those that leave the group (setsid)
-        even after the leader is gone and they were reparented. psutil checks each one's
-        identity before signalling, so a remembered pid that was reused is never hit."""
-        if self.exit_code is None and not self.box.exact:
-            known = {p.pid: p for p in self.known_descendants}
-            known.update((p.pid, p) for p in _procs.descendants(self.pid))
-            self.known_descendants = list(known.values())
-
-    def signal(self, sig: signal.Signals) -> None:
-        # The leader is alive or a zombie: its pid cannot have been reused yet.
-        if self.exit_code is None:
-            self.note_descendants()
-            _procs.signal_group(self.pid, sig)
-
-    def kill_all(self, *, scan: bool = True) -> None:
-        """SIGKILL the group and every known descendant that left it.
-
-        `scan=False` once the leader has exited: its children were reparented, so
-        scanning would find nothing; the descendants noted earlier still die."""
-        self.box.kill()  # a cgroup: everything in it, whatever its group or session
-        if self.exit_code is not None:
-            return
-        if scan:
-            self.note_descendants()
-        _procs.signal_group(self.pid, signal.SIGKILL)
-        _procs.kill_processes(self.known_descendants)
-
-    def reap(self) -> int:
-        if self.exit_code is None:
-            if self.watcher is not None:  # before the pid is freed for reuse
-                self.killed_by = self.watcher.exited()
-            _, status = os.waitpid(self.pid, 0)
-            self.exit_code = os.waitstatus_to_exitcode(status)
-            self.popen.returncode = self.exit_code  # so Popen never warns or re-waits
-        return self.exit_code
-
-    def close(self) -> None:
-        if self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
-        if self.popen.stdout is not None:
-            self.popen.stdout.close()
-
-
 class _Attempt:
     def __init__(
         self,
         req: RunRequest,
         sink: OutputSink,
         control: RunnerControl,
-        proc: _Process,
+        proc: Process,
         on_spawn: SpawnHook,
     ) -> None:
         self.req = req
@@ -512,16 +352,16 @@ async def run_attempt(
         return Outcome(_OUTCOME_OF_REQUEST[request.kind], f"{request.reason} before it started")
     env = _environment(req)
     if req.box.wraps:
-        problem = _unstartable(req, env)
+        problem = unstartable(req.argv, req.cwd, env)
         if problem is not None:
             return Outcome(OutcomeKind.SPAWN_FAILED, problem)
     try:
-        popen = _spawn(req, env)
+        popen = spawn(req.argv, req.cwd, env, req.box)
     except OSError as exc:
-        return Outcome(OutcomeKind.SPAWN_FAILED, _spawn_error(req, exc))
+        return Outcome(OutcomeKind.SPAWN_FAILED, spawn_error(req.argv, req.cwd, exc))
     except subprocess.SubprocessError as exc:  # the child could not join its cgroup
         return Outcome(OutcomeKind.SPAWN_FAILED, f"could not start {req.argv[0]!r}: {exc}")
-    proc = _Process(popen, req.box, req.watcher)
+    proc = Process(popen, req.box, req.watcher)
     control.pid = proc.pid
     attempt = _Attempt(req, sink, control, proc, on_spawn)
     control._kill_now = attempt.kill_now
@@ -532,10 +372,10 @@ async def run_attempt(
         async with anyio.create_task_group() as tg:
             tg.start_soon(attempt.pump_output)
             tg.start_soon(attempt.watch)
-            await proc.wait_exited(control)
+            await proc.wait_exited(control._wake)
             survivors = len(req.box.members())  # the leader, a zombie, is not counted
             proc.kill_all(scan=False)  # leftovers of a leader that exited die with it
-            await _wait_empty(req.box)
+            await wait_empty(req.box)
             proc.reap()
             # An escaped descendant may hold the pipe open: drain for a bounded time.
             if not attempt.output_done.is_set():
@@ -554,7 +394,7 @@ async def run_attempt(
         try:
             if proc.exit_code is None:  # not reaped: kill and wait, whatever cancels us
                 with anyio.CancelScope(shield=True):
-                    await _ensure_dead(proc)
+                    await ensure_dead(proc)
         finally:
             proc.close()
     request = control.request
@@ -562,42 +402,35 @@ async def run_attempt(
         return Outcome(OutcomeKind.LEASE_LOST, request.reason, proc.exit_code)
     code = proc.exit_code
     assert code is not None
-    self_fenced = attempt.ending is not None and attempt.ending.kind is OutcomeKind.SELF_FENCED
-    if proc.killed_by is not None and (attempt.ending is None or self_fenced):
+    return how_it_ended(code, attempt.ending, proc.killed_by, survivors, req.box.limit_report())
+
+
+def how_it_ended(
+    code: int,
+    ending: Outcome | None,
+    killed_by: str | None,
+    survivors: int,
+    limit_report: str | None,
+) -> Outcome:
+    """The outcome of an attempt whose leader exited with `code` (pure): why the runner
+    ended it (`ending`), if it did; the guard's report if the guard killed it
+    (`killed_by`); the descendants that outlived the leader; what a limit did."""
+    self_fenced = ending is not None and ending.kind is OutcomeKind.SELF_FENCED
+    if killed_by is not None and (ending is None or self_fenced):
         # The guard got there first (this process was frozen or slow): say so.
-        outcome = Outcome(OutcomeKind.SELF_FENCED, proc.killed_by, code)
-    elif attempt.ending is not None:
-        outcome = Outcome(attempt.ending.kind, attempt.ending.reason, code)
+        outcome = Outcome(OutcomeKind.SELF_FENCED, killed_by, code)
+    elif ending is not None:
+        outcome = Outcome(ending.kind, ending.reason, code)
     else:
         outcome = Outcome(OutcomeKind.EXITED, describe_exit(code), code)
     notes = []
-    if survivors and attempt.ending is None:
+    if survivors and ending is None:
         notes.append(
             f"{survivors} descendant process{'es' if survivors > 1 else ''} outlived the"
             " leader and were killed"
         )
-    limit = req.box.limit_report()
-    if limit:
-        notes.append(limit)
+    if limit_report:
+        notes.append(limit_report)
     if notes:
         outcome = Outcome(outcome.kind, "; ".join([outcome.reason, *notes]), code)
     return outcome
-
-
-async def _ensure_dead(proc: _Process) -> None:
-    """The cleanup of every path that did not reap: kill the group, reap the leader."""
-    proc.kill_all()
-    with anyio.move_on_after(KILL_WAIT_S):
-        await proc.wait_exited()
-    await _wait_empty(proc.box)
-    if proc.exited.is_set():
-        proc.reap()
-
-
-async def _wait_empty(box: Box) -> None:
-    """Until the kernel says the box is empty (a cgroup's `populated 0`), bounded: a
-    process in uninterruptible sleep must not hang the pool."""
-    with anyio.move_on_after(KILL_WAIT_S):
-        while not box.is_empty():
-            box.kill()
-            await anyio.sleep(0.002)

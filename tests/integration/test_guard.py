@@ -20,15 +20,9 @@ from typing import Any, BinaryIO
 import psutil
 import pytest
 
-from taskpool._guard import (
-    GUARD_CLOSED,
-    LEASE_EXPIRED,
-    POOL_DIED,
-    POOL_HUNG_UP,
-    Guard,
-    GuardError,
-    kill_cgroup,
-)
+from taskpool._guard import Guard, GuardError
+from taskpool._guard_kill import kill_cgroup
+from taskpool._guard_process import GUARD_CLOSED, LEASE_EXPIRED, POOL_DIED, POOL_HUNG_UP
 from taskpool._procs import ATTEMPT_ENV, attempt_marker
 from tests.helpers import eventually
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from taskpool._containment import _join, parse_mountinfo, parse_proc_cgroup
+from taskpool._cgroups import _join, parse_mountinfo, parse_proc_cgroup
 
 #: A pure cgroup v2 host (systemd), the pool in a delegated service cgroup.
 PURE_V2_MOUNTINFO = """\

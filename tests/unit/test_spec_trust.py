@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from taskpool import InvalidTask, Status, TaskInfo, TaskSpec
+from taskpool._attempt_process import task_environment
 from taskpool._models import (
     INT32_MAX,
     MAX_ARGS,
@@ -21,7 +22,6 @@ from taskpool._models import (
     MAX_NAME_BYTES,
 )
 from taskpool._procs import ATTEMPT_ENV
-from taskpool._runner import task_environment
 
 # --- size limits ------------------------------------------------------------
 
