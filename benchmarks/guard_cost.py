@@ -1,4 +1,4 @@
-"""What the node's guard (taskpool/_guard.py) costs: one process per node.
+"""What the node's guard (taskpool/_guard_process.py) costs: one process per node.
 
 Run: `.venv/bin/python benchmarks/guard_cost.py [--renewals N] [--sizes 10,100,1000]`.
 One JSON object goes to stdout, progress to stderr.
