@@ -132,8 +132,10 @@ def apply_sgr(style: Style, params: str) -> Style:
             style = replace(style, bg=None)
         elif code in (38, 48):
             colour, i = _extended_colour(codes, i)
-            if colour is not None:
-                style = replace(style, **{"fg" if code == 38 else "bg": colour})
+            if colour is not None and code == 38:
+                style = replace(style, fg=colour)
+            elif colour is not None:
+                style = replace(style, bg=colour)
     return style
 
 

@@ -8,6 +8,7 @@ Decisions (who may act, which request may act, what a page shows) live in
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import re
@@ -28,7 +29,6 @@ from starlette.responses import (
     JSONResponse,
     RedirectResponse,
     Response,
-    StreamingResponse,
 )
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -240,7 +240,8 @@ class Dashboard:
             if tail := renderer.finish():
                 await send(_sse("chunk", tail))
             final, events, why = await self._task_state(request)
-            details = pages.task_details(frame, final, events, why)
+            now = dataclasses.replace(frame, now=time.time())
+            details = pages.task_details(now, final, events, why)
             await send(
                 _sse(
                     "end",

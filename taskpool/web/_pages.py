@@ -7,6 +7,7 @@ the only markup not made here is the ANSI renderer's, which escapes in its turn.
 from __future__ import annotations
 
 import shlex
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from html import escape
@@ -33,8 +34,12 @@ class Frame:
     now: float = 0.0
 
 
-NAV = (("tasks", "/", "Tasks"), ("waiting", "/waiting", "Waiting & stuck"))
-NAV += (("queues", "/queues", "Queues"), ("nodes", "/nodes", "Nodes"))
+NAV = (
+    ("tasks", "/", "Tasks"),
+    ("waiting", "/waiting", "Waiting & stuck"),
+    ("queues", "/queues", "Queues"),
+    ("nodes", "/nodes", "Nodes"),
+)
 
 
 def layout(frame: Frame, active: str, heading: str, body: str) -> str:
@@ -87,6 +92,16 @@ def when(at: float | None, now: float) -> str:
     return f'<time title="{utc(at)}">{ago}</time>'
 
 
+def exit_code(code: int) -> str:
+    """`-15 (SIGTERM)`: a negative code is the signal that ended the process."""
+    if code < 0:
+        try:
+            return f"{code} ({signal.Signals(-code).name})"
+        except ValueError:
+            pass
+    return str(code)
+
+
 def task_link(frame: Frame, task_id: int) -> str:
     return f'<a href="{esc(frame.base)}/tasks/{task_id}">#{task_id}</a>'
 
@@ -115,7 +130,8 @@ def tasks_table(
             f'<td class="reason">{esc(reason)}</td></tr>'
         )
     return (
-        '<table class="grid"><thead><tr><th class="num">ID</th><th>Status</th><th>Command</th>'
+        '<table class="grid tasks"><thead><tr><th class="num">ID</th><th>Status</th>'
+        "<th>Command</th>"
         "<th>Project</th><th>Template</th><th class=num>Attempts</th><th>Submitted</th>"
         f"<th class=num>Ran</th><th>Reason</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
     )
@@ -169,7 +185,7 @@ def task_summary(frame: Frame, task: TaskInfo, why: str | None) -> str:
     if task.finished_at is not None:
         fields.append(("Finished", utc(task.finished_at)))
     if task.exit_code is not None:
-        fields.append(("Exit code", esc(task.exit_code)))
+        fields.append(("Exit code", exit_code(task.exit_code)))
     if task.owner_node is not None:
         fields.append(("Node", f"<code>{esc(task.owner_node)}</code> · pid {esc(task.pid)}"))
     if spec.cwd:
@@ -192,7 +208,8 @@ def timeline(events: Sequence[TaskEvent]) -> str:
         f"<tr><td><time>{utc(e.at)}</time></td>"
         f"<td>{badge(e.from_status) if e.from_status else ''}</td><td>→ {badge(e.to_status)}</td>"
         f'<td class="num">{esc(e.fence if e.fence is not None else "")}</td>'
-        f"<td><code>{esc((e.node_id or '')[:8])}</code></td><td class=reason>{esc(e.reason)}</td></tr>"
+        f"<td><code>{esc((e.node_id or '')[:8])}</code></td>"
+        f"<td class=reason>{esc(e.reason)}</td></tr>"
         for e in events
     )
     return (
@@ -234,7 +251,8 @@ def action_buttons(frame: Frame, task: TaskInfo) -> str:
 
 def task_page(frame: Frame, task: TaskInfo, events: Sequence[TaskEvent], why: str | None) -> str:
     live = "" if task.is_terminal else '<span class="live" data-live>● live</span>'
-    body = f"""<div class="title"><h1>Task {task.id} {badge(task.status)}</h1>{actions(frame, task)}</div>
+    heading = f"<h1>Task {task.id} {badge(task.status)}</h1>"
+    body = f"""<div class="title">{heading}{actions(frame, task)}</div>
 <div id="details">{task_details(frame, task, events, why)}</div>
 <h2>Output {live}</h2>
 <pre class="log" id="log" data-stream="{esc(frame.base)}/tasks/{task.id}/log"></pre>"""
@@ -264,7 +282,8 @@ def nodes_page(frame: Frame, nodes: Sequence[NodeInfo], running: Sequence[TaskIn
             f"<td>{when(n.started_at, frame.now)}</td></tr>"
         )
     table = (
-        '<table class="grid"><thead><tr><th>Node</th><th>State</th><th>Host</th><th class=num>PID</th>'
+        '<table class="grid"><thead><tr><th>Node</th><th>State</th><th>Host</th>'
+        "<th class=num>PID</th>"
         "<th class=num>Heartbeat</th><th>Containment</th><th class=num>Running</th>"
         f"<th>Started</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
         if rows
@@ -303,29 +322,32 @@ def waiting_page(
 
 def queues_page(frame: Frame, depths: Sequence[QueueDepth], window_full: bool) -> str:
     deepest = max((d.waiting + d.running for d in depths), default=1) or 1
-    rows = "".join(
-        f'<tr><td><a href="{esc(frame.base)}/?{urlencode({"project": d.project})}">'
-        f"{esc(d.project)}</a></td>"
-        f'<td class=num><a href="{esc(frame.base)}/?{urlencode({"project": d.project, "status": "waiting"})}">'
-        f"{d.waiting}</a></td><td class=num>{d.running}</td>"
-        f"<td class=num>{duration(d.oldest_waiting_s) if d.oldest_waiting_s is not None else '–'}</td>"
-        f'<td class="bar"><span class="b-run" style="width:{100 * d.running / deepest:.1f}%"></span>'
-        f'<span class="b-wait" style="width:{100 * d.waiting / deepest:.1f}%"></span></td></tr>'
-        for d in depths
-    )
+    rows = []
+    for d in depths:
+        listed = f"{esc(frame.base)}/?{urlencode({'project': d.project})}"
+        waiting = f"{esc(frame.base)}/?{urlencode({'project': d.project, 'status': 'waiting'})}"
+        oldest = duration(d.oldest_waiting_s) if d.oldest_waiting_s is not None else "–"
+        run_w, wait_w = 100 * d.running / deepest, 100 * d.waiting / deepest
+        rows.append(
+            f'<tr><td><a href="{listed}">{esc(d.project)}</a></td>'
+            f'<td class=num><a href="{waiting}">{d.waiting}</a></td>'
+            f"<td class=num>{d.running}</td><td class=num>{oldest}</td>"
+            f'<td class="bar"><span class="b-run" style="width:{run_w:.1f}%"></span>'
+            f'<span class="b-wait" style="width:{wait_w:.1f}%"></span></td></tr>'
+        )
     table = (
-        '<table class="grid"><thead><tr><th>Project</th><th class=num>Waiting</th>'
-        "<th class=num>Running</th><th class=num>Oldest wait</th><th>Depth</th></tr></thead>"
-        f"<tbody>{rows}</tbody></table>"
+        '<table class="grid queues"><thead><tr><th>Project</th><th class=num>Waiting</th>'
+        "<th class=num>Running</th><th class=num>Oldest wait</th>"
+        '<th><span class="key b-run"></span>running <span class="key b-wait"></span>waiting'
+        f"</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
         if rows
         else '<p class="empty ok">Nothing is waiting or running.</p>'
     )
-    note = (
-        '<p class="note">Counts stop at the newest tasks looked through.</p>' if window_full else ""
-    )
-    return layout(
-        frame, "queues", "Queues", f"<h1>Queues</h1><div data-refresh>{table}{note}</div>"
-    )
+    note = ""
+    if window_full:
+        note = '<p class="note">Counts stop at the newest tasks looked through.</p>'
+    body = f"<h1>Queues</h1><div data-refresh>{table}{note}</div>"
+    return layout(frame, "queues", "Queues", body)
 
 
 def login_page(frame: Frame, next_path: str, failed: bool) -> str:

@@ -183,9 +183,9 @@ def explain_waiting(
     )
     if rule is not None:
         for other in others:
-            if spec.template is not None and other.spec.template == spec.template:
-                if not (spec.template_parallel and other.spec.template_parallel):
-                    return f"template {spec.template!r} is held by {_holder(other, by_id, now)}"
+            same_template = spec.template is not None and other.spec.template == spec.template
+            if same_template and not (spec.template_parallel and other.spec.template_parallel):
+                return f"template {spec.template!r} is held by {_holder(other, by_id, now)}"
         for other in others:
             shared = sorted(spec.locks & other.spec.locks)
             if shared:

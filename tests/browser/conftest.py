@@ -19,6 +19,7 @@ APT_TIMEOUT_S = 900
 ROOT = Path(__file__).resolve().parents[2]
 #: Set to 1 to copy this run's screenshots over the README's (docs/screenshots/).
 UPDATE_SCREENSHOTS_ENV = "TASKPOOL_UPDATE_SCREENSHOTS"
+SCREENSHOT_DIR_ENV = "TASKPOOL_SCREENSHOT_DIR"
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +35,9 @@ def chromium() -> str:
         )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for command in (["apt-get", "update"], ["apt-get", "install", "-y", "chromium"]):
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=APT_TIMEOUT_S)
+        done = subprocess.run(
+            command, env=env, capture_output=True, text=True, timeout=APT_TIMEOUT_S
+        )
         if done.returncode != 0:
             pytest.fail(f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}", pytrace=False)
     if not os.path.exists(CHROMIUM):
@@ -60,9 +63,12 @@ async def browser(chromium: str) -> AsyncIterator[Browser]:
 
 @pytest.fixture(scope="session")
 def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Where this run's screenshots go (printed at the end); copied to docs/screenshots
+    """Where this run's screenshots go: TASKPOOL_SCREENSHOT_DIR if set (for CI to keep),
+    else a temporary directory; printed at the end, and copied to docs/screenshots
     when TASKPOOL_UPDATE_SCREENSHOTS=1."""
-    where = tmp_path_factory.mktemp("screenshots")
+    chosen = os.environ.get(SCREENSHOT_DIR_ENV)
+    where = Path(chosen) if chosen else tmp_path_factory.mktemp("screenshots")
+    where.mkdir(parents=True, exist_ok=True)
     yield where
     print(f"\ndashboard screenshots: {where}")
     if os.environ.get(UPDATE_SCREENSHOTS_ENV) == "1":

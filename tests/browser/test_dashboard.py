@@ -9,10 +9,11 @@ and events and from the pool's own attempt process, never from the page alone.
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import psutil
-from playwright.async_api import Browser, Page, expect
+from playwright.async_api import Browser, Page, ViewportSize, expect
 
 from taskpool import Status, TaskPool
 from taskpool.web import create_app
@@ -20,9 +21,12 @@ from tests.browser.serving import served
 from tests.helpers import eventually, fast_pool, no_attempt_processes, running
 
 TOKEN = "browser-test-token-0123456789"
-VIEWPORT = {"width": 1360, "height": 820}
+VIEWPORT: ViewportSize = {"width": 1360, "height": 820}
 #: Prints a green, numbered line five times a second, for ever.
-TICKER = r'i=0; while :; do i=$((i+1)); printf "\033[32mtick %d\033[0m \033]0;title\007ok\n" $i; sleep 0.2; done'
+TICKER = (
+    r"i=0; while :; do i=$((i+1)); "
+    r'printf "\033[32mtick %d\033[0m \033]0;title\007ok\n" $i; sleep 0.2; done'
+)
 EXPECT_TIMEOUT_MS = 30_000
 
 
@@ -31,7 +35,7 @@ async def sign_in(page: Page, base: str) -> None:
     await page.goto(base + "/")
     await expect(page).to_have_url(re.compile(r"/login\?next="))
     await page.fill('input[name="token"]', TOKEN)
-    await page.click('form.login button')
+    await page.click("form.login button")
     await expect(page.locator("h1")).to_have_text("Tasks")
 
 
@@ -125,7 +129,10 @@ async def test_waiting_view_names_what_holds_a_task_and_the_other_pages_render(
         await running(pool, holder)
         blocked = await pool.submit(["echo", "next"], project="infra", template="apply-prod")
         for n in range(3):
-            await pool.submit(["sleep", "600"], project="reports", not_before=4e9 + n)
+            later = time.time() + 3600 * (n + 1)
+            await pool.submit(
+                ["make", "report", f"--part={n}"], project="reports", not_before=later
+            )
 
         async with served(create_app(pool, auth=lambda request: True)) as base:
             page = await browser.new_page(viewport=VIEWPORT)
