@@ -5,9 +5,12 @@ nothing), bad and oversized bodies."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 
 from examples.asgi_app import MAX_BODY_BYTES, build
@@ -119,3 +122,75 @@ async def test_asgi_app_without_a_worker_submits_for_a_worker_process(database: 
     async with Client(database) as client:
         assert (await client.get(task_id)).status is Status.SUCCEEDED
     assert await no_attempt_processes()
+
+
+async def test_the_http_example_stops_reading_at_its_body_limit(tmp_path: Path) -> None:
+    """Moved from test_cli_trust.py with the example's rework: 413 past the body limit
+    without reading on (counted at the ASGI level), 400 to bodies that are not JSON
+    objects and to an argv over taskpool's own limit; none stores anything."""
+    db = str(tmp_path / "web.db")
+    app = build(db, token=TOKEN)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"authorization", AUTH["authorization"].encode()),
+    ]
+
+    async def post(chunks: list[bytes]) -> tuple[int, Any, int]:
+        sent: list[MutableMapping[str, Any]] = []
+        read = 0
+
+        async def receive() -> dict[str, Any]:
+            nonlocal read
+            read += 1
+            if read > len(chunks):  # after the body: the server waits for a disconnect
+                await anyio.sleep_forever()
+            return {
+                "type": "http.request",
+                "body": chunks[read - 1],
+                "more_body": read < len(chunks),
+            }
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/tasks",
+            "raw_path": b"/tasks",
+            "root_path": "",
+            "query_string": b"",
+            "headers": headers,
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+        }
+        await app(scope, receive, send)
+        return sent[0]["status"], json.loads(sent[1]["body"]), read
+
+    to_app, app_inbox = anyio.create_memory_object_stream[MutableMapping[str, Any]](4)
+    app_outbox, from_app = anyio.create_memory_object_stream[MutableMapping[str, Any]](4)
+    async with anyio.create_task_group() as tg, to_app, from_app, app_inbox, app_outbox:
+        tg.start_soon(app, {"type": "lifespan"}, app_inbox.receive, app_outbox.send)
+        await to_app.send({"type": "lifespan.startup"})
+        assert (await from_app.receive())["type"] == "lifespan.startup.complete"
+
+        chunk = b"x" * (1024 * 1024)
+        status, body, read = await post([chunk] * 100)  # 100 MB offered
+        assert status == 413
+        assert str(MAX_BODY_BYTES) in body["error"]
+        assert read == MAX_BODY_BYTES // len(chunk) + 1  # it stopped reading at the limit
+        huge_argv = json.dumps({"argv": ["echo", "x" * (MAX_BODY_BYTES // 2)]}).encode()
+        status, body, _ = await post([huge_argv])  # under the body limit, over argv's
+        assert status == 400
+        assert "MAX_ARGV_BYTES" in body["error"]
+        for malformed in (b"{not json", b"\xff\xfe\x00", b"[1, 2]", b'"argv"', b'{"argv": null}'):
+            status, body, _ = await post([malformed])
+            assert status == 400, (malformed, body)
+
+        await to_app.send({"type": "lifespan.shutdown"})
+        assert (await from_app.receive())["type"] == "lifespan.shutdown.complete"
+    async with Client(db) as client:
+        assert await client.list_tasks() == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import psutil
@@ -109,7 +110,7 @@ async def test_a_running_task_its_live_log_and_a_cancel_from_the_page(
     assert await no_attempt_processes()
 
 
-def _gone(proc: psutil.Process):  # type: ignore[no-untyped-def]
+def _gone(proc: psutil.Process) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
         # psutil compares the start time too: a recycled pid is not our process.
         return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
