@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import re
 import secrets
 import time
@@ -18,9 +17,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode
 
-import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -53,6 +51,7 @@ from ._security import (
     session_value,
     token_matches,
 )
+from ._stream import EventStream, sse
 from ._views import (
     SCAN_LIMIT,
     TaskFilter,
@@ -65,8 +64,6 @@ from ._views import (
 STATIC = Path(__file__).with_name("static")
 #: Bodies of the dashboard's own requests are a few bytes; anything near this is not one.
 MAX_BODY_BYTES = 16 * 1024
-#: A comment on an idle log stream this often keeps proxies from closing it.
-KEEPALIVE_S = 15.0
 _TASK_ID = re.compile(r"[0-9]{1,18}")  # within BIGINT: a longer number is no task
 
 AuthCallback = Callable[[Request], bool | Awaitable[bool]]
@@ -106,7 +103,7 @@ class Dashboard:
 
     def __init__(
         self,
-        tasks: TaskSource | Callable[[], TaskSource],
+        tasks: TaskSource,
         *,
         auth: AuthCallback | None,
         token: str | None,
@@ -117,20 +114,13 @@ class Dashboard:
     ) -> None:
         if token is not None and len(token) < 16:
             raise ValueError("a dashboard token must be at least 16 characters")
-        self._tasks = tasks
+        self.tasks = tasks
         self.auth = auth
         self.token = token
         self.secret = secret or secrets.token_bytes(32)
         self.title = title
         self.max_body_bytes = max_body_bytes
         self.stale_after_s = stale_after_s
-
-    @property
-    def tasks(self) -> TaskSource:
-        tasks = self._tasks
-        if callable(tasks) and not hasattr(tasks, "list_tasks"):
-            return tasks()
-        return tasks  # type: ignore[return-value]
 
     # -- access ------------------------------------------------------------
     async def access(self, request: Request) -> Access:
@@ -171,7 +161,7 @@ class Dashboard:
             base = request.scope.get("root_path", "").rstrip("/")
             if self.token is not None and request.method == "GET":
                 target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-                raise _Redirect(f"{base}/login?{_query({'next': target})}")
+                raise _Redirect(f"{base}/login?{urlencode({'next': target})}")
             raise HTTPException(403, "not allowed: the host's auth refused this request")
         return access, self.frame(request, access)
 
@@ -236,14 +226,14 @@ class Dashboard:
             renderer = AnsiRenderer()
             async for text in self.tasks.follow(task.id):
                 if shown := renderer.feed(text):
-                    await send(_sse("chunk", shown))
+                    await send(sse("chunk", shown))
             if tail := renderer.finish():
-                await send(_sse("chunk", tail))
+                await send(sse("chunk", tail))
             final, events, why = await self._task_state(request)
             now = dataclasses.replace(frame, now=time.time())
             details = pages.task_details(now, final, events, why)
             await send(
-                _sse(
+                sse(
                     "end",
                     {
                         "status": final.status.value,
@@ -336,7 +326,7 @@ class Dashboard:
         base = request.scope.get("root_path", "").rstrip("/")
         nxt = safe_next(form.get("next", [""])[0], base)
         if not token_matches(form.get("token", [""])[0], self.token):
-            return RedirectResponse(f"{base}/login?{_query({'next': nxt, 'failed': '1'})}", 303)
+            return RedirectResponse(f"{base}/login?{urlencode({'next': nxt, 'failed': '1'})}", 303)
         response = RedirectResponse(nxt, 303)
         response.set_cookie(
             SESSION_COOKIE,
@@ -356,64 +346,6 @@ class Dashboard:
         return response
 
 
-class EventStream(Response):
-    """A server-sent event stream written by `produce`, with a comment every
-    `KEEPALIVE_S` so that proxies keep an idle stream open; it ends when `produce`
-    returns or the browser goes away (then `produce` is cancelled, whatever it awaits)."""
-
-    def __init__(
-        self, produce: Callable[[Callable[[str], Awaitable[None]]], Awaitable[None]]
-    ) -> None:
-        # As StreamingResponse does: no body, so no Content-Length header.
-        self.status_code = 200
-        self.media_type = "text/event-stream"
-        self.background = None
-        self.init_headers({"cache-control": "no-store", "x-accel-buffering": "no"})
-        self.produce = produce
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        lock = anyio.Lock()  # one message at a time from the producer and the keepalive
-        gone = False
-
-        async def send_text(text: str) -> None:
-            nonlocal gone
-            async with lock:
-                if gone:
-                    return
-                try:
-                    await send(
-                        {"type": "http.response.body", "body": text.encode(), "more_body": True}
-                    )
-                except OSError:  # the connection broke under a send: the browser is gone
-                    gone = True
-                    tg.cancel_scope.cancel()
-
-        async def keepalive() -> None:
-            while True:
-                await anyio.sleep(KEEPALIVE_S)
-                await send_text(": keepalive\n\n")
-
-        async def until_disconnect() -> None:
-            nonlocal gone
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            gone = True
-            tg.cancel_scope.cancel()
-
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(until_disconnect)
-            tg.start_soon(keepalive)
-            await send_text(": stream\n\n")
-            try:
-                await self.produce(send_text)
-            except (StoreError, TaskNotFound) as exc:  # after the start: say it in the stream
-                await send_text(_sse("failure", str(exc)))
-            tg.cancel_scope.cancel()
-        if not gone:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
 class _Refused(Exception):
     def __init__(self, refusal: Refusal) -> None:
         super().__init__(refusal.message)
@@ -431,17 +363,6 @@ def task_id(request: Request) -> int:
     if not _TASK_ID.fullmatch(raw):
         raise TaskNotFound(f"no task {raw[:40]!r}")
     return int(raw)
-
-
-def _query(values: dict[str, str]) -> str:
-    from urllib.parse import urlencode
-
-    return urlencode(values)
-
-
-def _sse(event: str, data: object) -> str:
-    # JSON never contains a raw newline, which would end the SSE data line.
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
 def _task_json(info: TaskInfo) -> dict[str, Any]:

@@ -4,18 +4,24 @@ shown as text."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
+import pytest
 from starlette.requests import Request
 
 from taskpool import Client, Status
-from taskpool.web import create_app
+from taskpool.web import app_from_env, create_app, serve_async
+from tests.browser.serving import served
+from tests.helpers import eventually
 
 TOKEN = "a-long-enough-token-for-tests"
 HOST = "http://dash.test"
@@ -261,3 +267,35 @@ async def test_filters_and_paging_over_the_client(db: Path) -> None:
                 "?q=" + "x" * 5000,
             ):
                 assert (await web.get("/" + junk)).status_code == 200
+
+
+async def test_served_alone_it_opens_its_own_client(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`app_from_env` (for `uvicorn --factory`) and `serve_async` (for `taskpool web`)
+    open a client of their own on the store in the app's lifespan."""
+    async with opened(db) as client:
+        task_id = await client.submit(["true"])
+    monkeypatch.setenv("TASKPOOL_DB", str(db))
+    monkeypatch.setenv("TASKPOOL_WEB_TOKEN", TOKEN)
+    bearer = {"authorization": f"Bearer {TOKEN}"}
+    async with served(app_from_env()) as base, httpx.AsyncClient(base_url=base) as web:
+        shown = await web.get(f"/api/tasks/{task_id}", headers=bearer)
+        assert shown.json()["task"]["status"] == "waiting"
+        assert (await web.get("/")).status_code == 303  # the token is asked for
+
+    with socket.socket() as probe:  # a free port for serve_async, which takes a number
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(functools.partial(serve_async, db, "127.0.0.1", port, token=TOKEN))
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as web:
+
+            async def answered() -> httpx.Response | None:
+                try:
+                    return await web.get(f"/api/tasks/{task_id}", headers=bearer)
+                except httpx.ConnectError:
+                    return None
+
+            assert (await eventually(answered)).json()["task"]["id"] == task_id
+        tg.cancel_scope.cancel()
