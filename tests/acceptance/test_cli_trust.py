@@ -10,15 +10,12 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import MutableMapping
 from pathlib import Path
-from typing import Any
 
 import anyio
 import asyncpg
 import pytest
 
-from examples.asgi_app import MAX_BODY_BYTES, App
 from taskpool import Status
 from tests.helpers import eventually, no_attempt_processes, open_store
 from tests.postgres import fresh_postgres_database
@@ -223,53 +220,3 @@ def test_submit_creates_private_files(tmp_path: Path) -> None:
         extra = Path(f"{path}{suffix}")
         if extra.exists():  # a clean close may have removed them
             assert oct(os.stat(extra).st_mode & 0o777) == "0o600"
-
-
-async def test_the_http_example_refuses_oversized_and_malformed_bodies(tmp_path: Path) -> None:
-    """The ASGI app answers 413 past its body limit (without reading on) and 400 to bodies
-    that are not JSON objects; neither stores anything."""
-    app = App(str(tmp_path / "web.db"))
-    to_app, app_inbox = anyio.create_memory_object_stream[MutableMapping[str, Any]](4)
-    app_outbox, from_app = anyio.create_memory_object_stream[MutableMapping[str, Any]](4)
-
-    async def post(chunks: list[bytes]) -> tuple[int, Any, int]:
-        sent: list[MutableMapping[str, Any]] = []
-        read = 0
-
-        async def receive() -> dict[str, Any]:
-            nonlocal read
-            read += 1
-            return {
-                "type": "http.request",
-                "body": chunks[read - 1],
-                "more_body": read < len(chunks),
-            }
-
-        async def send(message: MutableMapping[str, Any]) -> None:
-            sent.append(message)
-
-        await app({"type": "http", "method": "POST", "path": "/tasks"}, receive, send)
-        return sent[0]["status"], json.loads(sent[1]["body"]), read
-
-    async with anyio.create_task_group() as tg, to_app, from_app, app_inbox, app_outbox:
-        tg.start_soon(app, {"type": "lifespan"}, app_inbox.receive, app_outbox.send)
-        await to_app.send({"type": "lifespan.startup"})
-        assert (await from_app.receive())["type"] == "lifespan.startup.complete"
-
-        chunk = b"x" * (1024 * 1024)
-        status, body, read = await post([chunk] * 100)  # 100 MB offered
-        assert status == 413
-        assert str(MAX_BODY_BYTES) in body["error"]
-        assert read == MAX_BODY_BYTES // len(chunk) + 1  # it stopped reading at the limit
-        huge_argv = json.dumps({"argv": ["echo", "x" * (MAX_BODY_BYTES // 2)]}).encode()
-        status, body, _ = await post([huge_argv])  # under the body limit, over argv's
-        assert status == 400
-        assert "MAX_ARGV_BYTES" in body["error"]
-        for malformed in (b"{not json", b"\xff\xfe\x00", b"[1, 2]", b'"argv"', b'{"argv": null}'):
-            status, body, _ = await post([malformed])
-            assert status == 400, (malformed, body)
-        assert app.tasks is not None
-        assert await app.tasks.list_tasks() == []
-
-        await to_app.send({"type": "lifespan.shutdown"})
-        assert (await from_app.receive())["type"] == "lifespan.shutdown.complete"
