@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Protocol
 
+from ._decisions import Settlement
 from ._models import Outcome, OutcomeKind, TaskInfo
 
 log = logging.getLogger("taskpool")
@@ -93,15 +94,16 @@ class Telemetry:
         if self.metrics:
             self.metrics.attempt_ended(task.spec.project, label, duration_s)
 
-    def settled(self, task: TaskInfo, how: str) -> None:
-        """An attempt whose owner vanished was re-queued or marked lost (`how`: rescued,
-        reconciled)."""
+    def settled(self, task: TaskInfo, how: Settlement) -> None:
+        """An attempt its runner never reported on was settled `how` (rescued after its
+        lease expired, settled as a dead predecessor's orphan, handed back): the event is
+        `attempt_<how>`, with the status the task went to."""
         self._log(
             logging.WARNING,
-            f"attempt_{how}",
+            f"attempt_{how.value}",
             "task %s %s -> %s: %s",
             task.id,
-            how,
+            how.value,
             task.status.value,
             task.reason,
             task_id=task.id,

@@ -132,23 +132,26 @@ async def test_a_dead_guard_is_restarted_and_still_guards(
     async with fast_pool(database, lease_ttl_s=3.0) as pool:
         task = await pool.submit(ticker(tmp_path))
         await eventually(lambda: _ticking(tmp_path))
-        old = pool._guard
+        node_guard = pool._guard
+        assert node_guard is not None
+        old = node_guard.process
         assert old is not None
         os.kill(old.pid, signal.SIGKILL)
 
         async def replaced() -> bool:
-            guard = pool._guard
+            guard = node_guard.process
             return guard is not None and guard is not old and guard.alive
 
         await eventually(replaced)
-        assert pool._guard is not None
-        await pool._guard.sync()  # it answers, having taken every watch sent before
+        new = node_guard.process
+        assert new is not None
+        await new.sync()  # it answers, having taken every watch sent before
         info = await pool.get(task)
         watched = f"node:{pool.node_id}" if both_containments == "cgroup" else None
         marker = f"{pool.store.store_id}:{task}:{info.fence}"
-        assert (watched or marker) in pool._guard._watching
+        assert (watched or marker) in new._watching
         assert (await pool.get(task)).status is Status.RUNNING
-        assert pool._guard_note.startswith("process ")
+        assert node_guard.note.startswith("process ")
         await pool.cancel(task, force=True)
         assert (await pool.wait(task)).status is Status.CANCELLED
 
