@@ -271,6 +271,9 @@ class GuardProcess:
             if events.get(self.sock.fileno(), 0) & select.POLLOUT:
                 self.flush()
             if self.pool_died(self.pool_pidfd in events):
+                # What the pool sent before it died is still in the socket: a watch
+                # sent just before a SIGKILL must be read, or that attempt is missed.
+                self.receive()
                 self.kill(self.watched.values(), POOL_DIED)
                 return 0
             if not self.receive():

@@ -330,13 +330,15 @@ def recycle_pid(pid: int, key: str) -> subprocess.Popen[bytes]:
 # -- the pool is another process: kill it, freeze it --------------------------------
 #: A stand-in for a pool: starts a guard, watches attempts, reports, then obeys stdin.
 OWNER = r"""
-import json, os, subprocess, sys, time
+import json, os, signal, subprocess, sys, time
 import anyio
 from taskpool._guard import Guard
 
 async def main():
-    keys, deadline_in_s, fork_holder = json.loads(sys.argv[1])
+    keys, deadline_in_s, fork_holder, stop_guard = json.loads(sys.argv[1])
     guard = await Guard.start()
+    if stop_guard:  # what we send now waits in the socket until the test resumes it
+        os.kill(guard.pid, signal.SIGSTOP)
     holder = None
     if fork_holder:  # a child forked without exec: it holds our end of the guard's socket
         holder = os.fork()
@@ -350,7 +352,8 @@ async def main():
             ["sleep", "600"], start_new_session=True, env={**os.environ, "TASKPOOL_ATTEMPT": key}
         )
         guard.watch(key, leader_pid=procs[key].pid, deadline=deadline)
-    await guard.sync()
+    if not stop_guard:
+        await guard.sync()
     print(json.dumps({"guard": guard.pid, "pids": {k: p.pid for k, p in procs.items()},
                       "deadline": deadline, "holder": holder}), flush=True)
     await anyio.wait_readable(sys.stdin.fileno())
@@ -367,10 +370,10 @@ anyio.run(main)
 
 
 def start_owner(
-    keys: list[str], deadline_in_s: float, *, fork_holder: bool = False
+    keys: list[str], deadline_in_s: float, *, fork_holder: bool = False, stop_guard: bool = False
 ) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     owner = subprocess.Popen(
-        [sys.executable, "-c", OWNER, json.dumps([keys, deadline_in_s, fork_holder])],
+        [sys.executable, "-c", OWNER, json.dumps([keys, deadline_in_s, fork_holder, stop_guard])],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -428,6 +431,42 @@ def test_sigkill_of_the_pool_kills_every_watched_attempt_at_once() -> None:
     finally:
         for fd in pidfds:
             os.close(fd)
+        stop_owner(owner)
+
+
+@pytest.mark.parametrize("fork_holder", [False, True], ids=["eof", "socket-held"])
+def test_a_watch_sent_just_before_the_pool_died_is_still_honoured(fork_holder: bool) -> None:
+    """The pool sends its watches and is SIGKILLed before the guard has read them: the
+    guard finds the pool dead and its messages waiting in the same wake-up, reads them
+    first, and kills those attempts too."""
+    keys = [new_key() for _ in range(2)]
+    owner, info = start_owner(keys, deadline_in_s=600, fork_holder=fork_holder, stop_guard=True)
+    pidfds: list[int] = []
+    guard = holder = -1
+    try:
+        pidfds = [os.pidfd_open(pid) for pid in info["pids"].values()]
+        guard = os.pidfd_open(info["guard"])
+        if fork_holder:
+            holder = os.pidfd_open(info["holder"])
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait()
+        signal.pidfd_send_signal(guard, signal.SIGCONT)
+        assert all(wait_exited(fd, is_fd=True) for fd in pidfds)
+        assert wait_exited(guard, is_fd=True)
+        assert owner.stderr is not None
+        log = owner.stderr.read().decode() if not fork_holder else ""
+        if not fork_holder:  # the holder keeps the pipe open: no EOF to read the log at
+            reasons = {k: why for line in log.splitlines() for k, why, _ in [kill_line(line)]}
+            assert set(reasons) == set(keys)
+    finally:
+        for fd in [*pidfds, guard]:
+            if fd >= 0:
+                os.close(fd)
+        if holder >= 0:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(holder, signal.SIGKILL)
+            wait_exited(holder, is_fd=True)
+            os.close(holder)
         stop_owner(owner)
 
 
