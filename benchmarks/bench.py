@@ -45,6 +45,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 import psutil
+import scale  # beside this file
 from bench_common import (  # beside this file
     DEFAULT_PG_DSN,
     SAFETY_TIMEOUT_S,
@@ -73,6 +74,10 @@ SECTIONS = (
     "first_start_with_backlog",
     "containment",
     "postgres",
+    "backlog",
+    "blocked_ahead",
+    "waiters",
+    "submit_many",
 )
 #: Store durability settings compared: the default (submits fsynced at once, the pool's
 #: own writes within 0.1 s) and an fsync on every commit. A submit is fsynced in both,
@@ -831,6 +836,10 @@ BENCHES: dict[str, Callable[[Config, Path], Awaitable[Json]]] = {
     "first_start_with_backlog": bench_first_start_with_backlog,
     "containment": bench_containment,
     "postgres": bench_postgres,
+    "backlog": scale.bench_backlog,
+    "blocked_ahead": scale.bench_blocked_ahead,
+    "waiters": scale.bench_waiters,
+    "submit_many": scale.bench_submit_many,
 }
 
 

@@ -53,6 +53,17 @@ class Config:
     pg_repeats: int
     pg_dsn: str
     workdir: str | None
+    # The scale sections (scale.py, pg_compare.py).
+    scale_measured: int  # tasks measured through the pool in `backlog`, `blocked_ahead`
+    scale_backlogs: tuple[int, ...]  # waiting tasks in `backlog`, the first the baseline
+    scale_blocked: int  # tasks of a full project queued ahead in `blocked_ahead`
+    scale_repeats: int
+    waiter_tasks: int  # tasks, each with its own waiter, in `waiters`
+    submit_many_n: int
+    node_counts: tuple[int, ...]
+    node_tasks: int
+    compare_tasks: int  # `pgqueuer`: N
+    compare_repeats: int
 
     @classmethod
     def make(
@@ -73,6 +84,16 @@ class Config:
             pg_repeats=1 if quick else 2,
             pg_dsn=pg_dsn,
             workdir=workdir,
+            scale_measured=200 if quick else 1000,
+            scale_backlogs=(1_000, 10_000, 100_000),
+            scale_blocked=50_000,
+            scale_repeats=1 if quick else 2,
+            waiter_tasks=1000,
+            submit_many_n=100_000,
+            node_counts=(1, 2, 4, 8),
+            node_tasks=500 if quick else 2000,
+            compare_tasks=300 if quick else 1000,
+            compare_repeats=1 if quick else 2,
         )
 
 
