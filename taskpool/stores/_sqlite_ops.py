@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Collection, Sequence
-from dataclasses import fields
 from typing import Any
 
 from .._decisions import (
@@ -26,7 +25,7 @@ from .._decisions import (
     plan_start,
 )
 from .._models import Claim, Limits, Outcome, TaskEvent, TaskInfo, TaskSpec
-from .._rules import Prefilter, Slot, claim_in_windows, merge_group_windows
+from .._rules import Prefilter, Slot, claim_in_windows
 from .._store import Renewal
 from ._common import (
     EVENT_COLUMNS,
@@ -38,6 +37,7 @@ from ._common import (
     task_info,
     task_state,
 )
+from ._sqlite_claim import candidates
 
 
 def stop_node(conn: sqlite3.Connection, node_id: str, reason: str, now: float) -> None:
@@ -198,167 +198,6 @@ def _slot(row: sqlite3.Row) -> Slot:
     )
 
 
-#: The SQL form of each list of `Prefilter`, about the task row `{t}`: those that
-#: look only at what a `Group` shares (so they block groups whole), then those that
-#: look at each task (with the tasks this claim has taken already). Each is added
-#: only when its list is non-empty, so the common query stays a plain index walk.
-_GROUP_FILTERS = {
-    "full_projects": "{t}.project NOT IN (SELECT value FROM json_each(:full_projects))",
-    "templates_exclusive": "({t}.template IS NULL OR {t}.template NOT IN "
-    "(SELECT value FROM json_each(:templates_exclusive)))",
-    "templates_any": "({t}.template IS NULL OR {t}.template_parallel "
-    "OR {t}.template NOT IN (SELECT value FROM json_each(:templates_any)))",
-}
-_TASK_FILTERS = {
-    "locks_held": "NOT EXISTS (SELECT 1 FROM task_locks l WHERE l.task_id = {t}.id "
-    "AND l.lock_name IN (SELECT value FROM json_each(:locks_held)))",
-    "taken": "{t}.id NOT IN (SELECT value FROM json_each(:taken))",
-}
-
-#: The columns a claim reads of a waiting task: its routing, its place in the queue
-#: and its state.
-_CANDIDATE_COLUMNS = (
-    "id, project, template, template_parallel, locks, priority, status, fence,"
-    " attempts_used, max_attempts, retry_backoff_s, owner_node, lease_expires_at,"
-    " cancel_requested"
-)
-
-#: How many waiting tasks, per candidate wanted, the plain window reads at most
-#: before it gives way to reading group by group.
-PLAIN_SCAN_PER_CANDIDATE = 4
-
-#: The first waiting task (in index order) of the group after task `g`'s: the next
-#: template_parallel of its template, else its project's next template, else the next
-#: project. Each is one seek in `tasks_waiting_group`: the loose index scan that
-#: lists the groups without reading their rows.
-_NEXT_GROUP = """COALESCE(
-    (SELECT n.id FROM tasks n WHERE n.status = 'waiting' AND n.project = g.project
-        AND n.template IS g.template AND n.template_parallel > g.template_parallel
-        ORDER BY n.template_parallel, n.priority DESC, n.id LIMIT 1),
-    CASE WHEN g.template IS NULL
-    THEN (SELECT n.id FROM tasks n WHERE n.status = 'waiting' AND n.project = g.project
-        AND n.template >= '' ORDER BY n.template, n.template_parallel, n.priority DESC, n.id
-        LIMIT 1)
-    ELSE (SELECT n.id FROM tasks n WHERE n.status = 'waiting' AND n.project = g.project
-        AND n.template > g.template ORDER BY n.template, n.template_parallel, n.priority DESC,
-        n.id LIMIT 1)
-    END,
-    (SELECT n.id FROM tasks n WHERE n.status = 'waiting' AND n.project > g.project
-        ORDER BY n.project, n.template, n.template_parallel, n.priority DESC, n.id LIMIT 1))"""
-
-
-def _in_group(t: str, group: str, task_filters: list[str]) -> str:
-    """Task row `t` is a waiting task of the group whose columns are `{group}project`,
-    `{group}template`, `{group}template_parallel`, ready, and left by the task filters."""
-    return (
-        f"{t}.status = 'waiting' AND {t}.project = {group}project"
-        f" AND {t}.template IS {group}template"
-        f" AND {t}.template_parallel = {group}template_parallel AND {t}.not_before <= :now"
-        + _and(_TASK_FILTERS, task_filters, t)
-    )
-
-
-def _filters(
-    prefilter: Prefilter, taken: Sequence[int]
-) -> tuple[list[str], list[str], dict[str, object]]:
-    """The group filters and the task filters that apply (their names), and their
-    parameters: each list as a JSON array."""
-    lists = {f.name: getattr(prefilter, f.name) for f in fields(prefilter)}
-    lists["taken"] = taken
-    params: dict[str, object] = {
-        name: json.dumps(list(values)) for name, values in lists.items() if values
-    }
-    return (
-        [n for n in _GROUP_FILTERS if n in params],
-        [n for n in _TASK_FILTERS if n in params],
-        params,
-    )
-
-
-def _and(sql: dict[str, str], names: list[str], alias: str) -> str:
-    return "".join(f" AND {sql[name].format(t=alias)}" for name in names)
-
-
-def _candidates(
-    conn: sqlite3.Connection, now: float, prefilter: Prefilter, taken: Sequence[int], window: int
-) -> list[sqlite3.Row]:
-    """The first `window` waiting tasks in queue order, minus those certainly blocked or
-    already taken.
-
-    First a plain window: the first few waiting tasks of the queue index, filtered.
-    Only if that is short although more tasks wait behind it (blocked tasks crowd the
-    head of the queue) is the window read group by group (`_window_by_groups`), which
-    never reads the tasks of a group blocked whole, however many wait."""
-    group_filters, task_filters, params = _filters(prefilter, taken)
-    scan = PLAIN_SCAN_PER_CANDIDATE * window
-    where = _and(_GROUP_FILTERS, group_filters, "t") + _and(_TASK_FILTERS, task_filters, "t")
-    found: list[sqlite3.Row] = conn.execute(
-        f"SELECT * FROM (SELECT {_CANDIDATE_COLUMNS}, not_before FROM tasks"
-        " WHERE status = 'waiting' ORDER BY priority DESC, id LIMIT :scan) AS t"
-        f" WHERE t.not_before <= :now{where} ORDER BY t.priority DESC, t.id LIMIT :window",
-        {**params, "now": now, "scan": scan, "window": window},
-    ).fetchall()
-    if len(found) == window:
-        return found
-    (queued,) = conn.execute(
-        "SELECT COUNT(*) FROM (SELECT 1 FROM tasks WHERE status = 'waiting'"
-        " ORDER BY priority DESC, id LIMIT :scan)",
-        {"scan": scan},
-    ).fetchone()
-    if queued < scan:
-        return found  # the plain window read the whole queue
-    return _window_by_groups(conn, now, group_filters, task_filters, params, window)
-
-
-def _window_by_groups(
-    conn: sqlite3.Connection,
-    now: float,
-    group_filters: list[str],
-    task_filters: list[str],
-    params: dict[str, object],
-    window: int,
-) -> list[sqlite3.Row]:
-    """`_candidates`' window, read group by group: the groups the group filters leave,
-    ranked by their first task the task filters leave (one statement: a loose index
-    scan lists the groups), then `merge_group_windows` over them."""
-    groups = _and(_GROUP_FILTERS, group_filters, "g")
-    ranked = conn.execute(
-        "WITH RECURSIVE firsts(id) AS ("
-        " SELECT (SELECT id FROM tasks WHERE status = 'waiting'"
-        "  ORDER BY project, template, template_parallel, priority DESC, id LIMIT 1)"
-        f" UNION ALL SELECT {_NEXT_GROUP} FROM firsts JOIN tasks g ON g.id = firsts.id"
-        "), offered AS ("
-        " SELECT g.project, g.template, g.template_parallel,"
-        f"  (SELECT h.id FROM tasks h WHERE {_in_group('h', 'g.', task_filters)}"
-        "   ORDER BY h.priority DESC, h.id LIMIT 1) AS head"
-        f" FROM firsts JOIN tasks g ON g.id = firsts.id WHERE 1{groups}"
-        ")"
-        " SELECT o.project, o.template, o.template_parallel FROM offered o"
-        " JOIN tasks t ON t.id = o.head ORDER BY t.priority DESC, t.id LIMIT :window",
-        {**params, "now": now, "window": window},
-    ).fetchall()
-    read_group = (
-        f"SELECT {_CANDIDATE_COLUMNS} FROM tasks t"
-        f" WHERE {_in_group('t', ':', task_filters)}"
-        " ORDER BY t.priority DESC, t.id LIMIT :n"
-    )
-
-    def fetch_group(group: sqlite3.Row, n: int) -> list[sqlite3.Row]:
-        return conn.execute(
-            read_group,
-            {
-                **params,
-                "now": now,
-                "n": n,
-                "project": group["project"],
-                "template": group["template"],
-                "template_parallel": group["template_parallel"],
-            },
-        ).fetchall()
-
-    return merge_group_windows(ranked, fetch_group, lambda r: (-r["priority"], r["id"]), window)
-
-
 def claim(
     conn: sqlite3.Connection, node_id: str, limits: Limits, lease_ttl_s: float, now: float
 ) -> list[Claim]:
@@ -373,7 +212,7 @@ def claim(
     states: dict[int, TaskState] = {}
 
     def fetch(prefilter: Prefilter, taken: Sequence[int], window: int) -> list[Slot]:
-        found = _candidates(conn, now, prefilter, taken, window)
+        found = candidates(conn, now, prefilter, taken, window)
         states.update((r["id"], task_state(r)) for r in found)
         return [_slot(r) for r in found]
 

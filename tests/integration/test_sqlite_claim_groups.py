@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, example, given, settings
 from taskpool import Limits, SQLiteStore, TaskSpec
 from taskpool._models import Outcome, OutcomeKind
 from taskpool._rules import Slot, plan_claims
-from taskpool.stores import _sqlite_ops
+from taskpool.stores import _sqlite_claim
 from tests.integration.test_claim_differential import (
     PARALLEL_BEFORE_A_FULL_WINDOW,
     build,
@@ -49,7 +49,7 @@ def test_every_window_read_group_by_group_claims_what_plan_claims_chooses(
         return [slot_of[c.task.id] for c in claims]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_sqlite_ops, "PLAIN_SCAN_PER_CANDIDATE", 0)
+        patch.setattr(_sqlite_claim, "PLAIN_SCAN_PER_CANDIDATE", 0)
         assert anyio.run(run) == expected_claim(world)
 
 
