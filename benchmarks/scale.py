@@ -159,29 +159,36 @@ class PostgresProbe:
 
 
 @asynccontextmanager
-async def fresh_store(
-    store: str, cfg: Config, workdir: Path, name: str
-) -> AsyncIterator[tuple[str, Probe]]:
-    """A fresh, migrated database of `store`: its location (a path or a DSN) and a probe."""
+async def fresh_store(store: str, cfg: Config, workdir: Path, name: str) -> AsyncIterator[str]:
+    """A fresh, migrated database of `store`: its location (a path or a DSN)."""
     if store == "sqlite":
         path = new_db(workdir, name)
         async with Client(path):
             pass  # creates and migrates it
-        probe = SQLiteProbe(str(path))
         try:
-            yield str(path), probe
+            yield str(path)
         finally:
-            await probe.close()
             new_db(workdir, name)  # removes it: a 100,000-task database is not small
     else:
         async with fresh_pg_database(cfg.pg_dsn) as dsn:
             async with Client(dsn):
                 pass
-            pg_probe = await PostgresProbe.open(dsn)
-            try:
-                yield dsn, pg_probe
-            finally:
-                await pg_probe.close()
+            yield dsn
+
+
+@asynccontextmanager
+async def probe_of(location: str) -> AsyncIterator[Probe]:
+    """A probe on the database at `location`, open only while a pool runs (an open
+    SQLite connection changes when the WAL is checkpointed)."""
+    probe: Probe
+    if location.startswith("postgresql://"):
+        probe = await PostgresProbe.open(location)
+    else:
+        probe = SQLiteProbe(location)
+    try:
+        yield probe
+    finally:
+        await probe.close()
 
 
 async def submit_bulk(location: str, specs: Sequence[TaskSpec]) -> tuple[list[int], float]:
@@ -209,7 +216,6 @@ class Run:
 
 async def run_measured(
     location: str,
-    probe: Probe,
     measured: Sequence[int],
     *,
     project_limits: dict[str, int] | None = None,
@@ -219,6 +225,21 @@ async def run_measured(
     """Start a pool of `POOL_SLOTS` on `location`, let it run until every measured task
     is terminal (each awaited by `pool.wait` if `waiters`), cancel `cancel_first`,
     leave; the measured tasks' rate from their events."""
+    async with probe_of(location) as probe:
+        return await _run_measured(
+            location, probe, measured, project_limits, cancel_first, waiters=waiters
+        )
+
+
+async def _run_measured(
+    location: str,
+    probe: Probe,
+    measured: Sequence[int],
+    project_limits: dict[str, int] | None,
+    cancel_first: Sequence[int],
+    *,
+    waiters: bool,
+) -> Run:
     lo, hi = id_range(measured)
     boot = time.perf_counter()
     async with TaskPool(
@@ -248,6 +269,7 @@ async def run_measured(
 class ClaimLoop:
     tasks_per_s: float
     claim_ms: Json
+    cpu_ms_per_task: float  # this process's CPU (all of SQLite's work; PostgreSQL's client)
 
 
 async def claim_loop(
@@ -262,7 +284,7 @@ async def claim_loop(
     latencies: list[float] = []
     held = 0  # tasks of BLOCKED left running
     async with open_store(location) as store:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         while wanted:
             called = time.perf_counter()
             claims = await store.claim("bench-claim-loop", limits, lease_ttl_s=600)
@@ -277,8 +299,10 @@ async def claim_loop(
                     await store.finish(claim.task.id, claim.fence, exited)
             if held >= POOL_SLOTS:
                 raise RuntimeError("the blocked project took every slot")
-        seconds = time.perf_counter() - start
-    return ClaimLoop(per_s(len(measured), seconds), summary_ms(latencies))
+        seconds, cpu_s = time.perf_counter() - start, time.process_time() - cpu
+    return ClaimLoop(
+        per_s(len(measured), seconds), summary_ms(latencies), round(cpu_s / len(measured) * 1e3, 3)
+    )
 
 
 def true_specs(n: int, project: str = "default") -> list[TaskSpec]:
@@ -304,12 +328,12 @@ async def measure_case(
 ) -> tuple[Run, ClaimLoop]:
     """One case twice, each on a fresh database `prepare` fills: through a pool, and
     through the bare claim loop."""
-    async with fresh_store(store, cfg, workdir, f"{name}-pool") as (location, probe):
+    async with fresh_store(store, cfg, workdir, f"{name}-pool") as location:
         measured, cancel = await prepare(location)
         run = await run_measured(
-            location, probe, measured, project_limits=project_limits, cancel_first=cancel
+            location, measured, project_limits=project_limits, cancel_first=cancel
         )
-    async with fresh_store(store, cfg, workdir, f"{name}-claims") as (location, _):
+    async with fresh_store(store, cfg, workdir, f"{name}-claims") as location:
         measured, _ = await prepare(location)
         loop = await claim_loop(location, measured, project_limits)
     return run, loop
@@ -326,6 +350,9 @@ def compare(runs: dict[str, list[Run]], loops: dict[str, list[ClaimLoop]], base:
         "claim_loop_ratio": {case: round(rate / claims[base], 3) for case, rate in claims.items()},
         "claim_ms": {
             case: max(cs, key=lambda c: c.tasks_per_s).claim_ms for case, cs in loops.items()
+        },
+        "claim_loop_cpu_ms_per_task": {
+            case: min(c.cpu_ms_per_task for c in cs) for case, cs in loops.items()
         },
         "all_pool_tasks_per_s": {case: [r.tasks_per_s for r in rs] for case, rs in runs.items()},
         "all_claim_loop_tasks_per_s": {
@@ -454,13 +481,11 @@ async def bench_waiters(cfg: Config, workdir: Path) -> Json:
         rates: dict[str, list[float]] = {"none": [], "waiters": []}
         for rep in range(cfg.scale_repeats):
             for case in rates:
-                async with fresh_store(store, cfg, workdir, f"waiters-{store}-{case}-{rep}") as (
-                    location,
-                    probe,
-                ):
+                name = f"waiters-{store}-{case}-{rep}"
+                async with fresh_store(store, cfg, workdir, name) as location:
                     ids, _ = await submit_bulk(location, true_specs(n))
                     progress(f"waiters {store}: {case} (#{rep + 1})")
-                    run = await run_measured(location, probe, ids, waiters=case == "waiters")
+                    run = await run_measured(location, ids, waiters=case == "waiters")
                 rates[case].append(run.tasks_per_s)
                 progress(f"waiters {store}: {case}: {run.tasks_per_s}/s")
         best = {case: max(r) for case, r in rates.items()}
@@ -533,11 +558,11 @@ async def bench_submit_many(cfg: Config, workdir: Path) -> Json:
         times: dict[str, list[float]] = {"submit_many": [], "one_insert": []}
         for rep in range(cfg.scale_repeats):
             progress(f"submit_many {store}: {n} tasks (#{rep + 1})")
-            async with fresh_store(store, cfg, workdir, f"submit-{store}-{rep}") as (location, _):
+            async with fresh_store(store, cfg, workdir, f"submit-{store}-{rep}") as location:
                 ids, seconds = await submit_bulk(location, true_specs(n))
                 assert len(ids) == n
                 times["submit_many"].append(seconds)
-            async with fresh_store(store, cfg, workdir, f"insert-{store}-{rep}") as (location, _):
+            async with fresh_store(store, cfg, workdir, f"insert-{store}-{rep}") as location:
                 if store == "sqlite":
                     times["one_insert"].append(
                         await asyncio.to_thread(sqlite_one_insert, location, n)
