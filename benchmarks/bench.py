@@ -44,6 +44,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+import pg_compare  # beside this file
 import psutil
 import scale  # beside this file
 from bench_common import (  # beside this file
@@ -78,6 +79,8 @@ SECTIONS = (
     "blocked_ahead",
     "waiters",
     "submit_many",
+    "nodes",
+    "pgqueuer",
 )
 #: Store durability settings compared: the default (submits fsynced at once, the pool's
 #: own writes within 0.1 s) and an fsync on every commit. A submit is fsynced in both,
@@ -840,6 +843,8 @@ BENCHES: dict[str, Callable[[Config, Path], Awaitable[Json]]] = {
     "blocked_ahead": scale.bench_blocked_ahead,
     "waiters": scale.bench_waiters,
     "submit_many": scale.bench_submit_many,
+    "nodes": pg_compare.bench_nodes,
+    "pgqueuer": pg_compare.bench_pgqueuer,
 }
 
 
