@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import platform
@@ -885,13 +886,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="PostgreSQL server for the postgres section: a DSN of a database to connect to"
         " for CREATE/DROP DATABASE (default: $TASKPOOL_BENCH_PG_DSN, else the local server)",
     )
+    parser.add_argument(
+        "--stores",
+        default="sqlite,postgres",
+        help="the stores the scale sections (backlog, blocked_ahead, waiters, submit_many)"
+        " measure, comma-separated (default: sqlite,postgres)",
+    )
     parser.add_argument("--backlog-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.backlog_child:
         print(json.dumps(asyncio.run(backlog_child(Path(args.backlog_child)))))
         return 0
-    cfg = Config.make(
-        quick=args.quick, concurrency=args.concurrency, workdir=args.dir, pg_dsn=args.pg_dsn
+    cfg = dataclasses.replace(
+        Config.make(
+            quick=args.quick, concurrency=args.concurrency, workdir=args.dir, pg_dsn=args.pg_dsn
+        ),
+        stores=tuple(args.stores.split(",")),
     )
     result = asyncio.run(run_all(cfg, args.only))
     print(json.dumps(result, indent=2))

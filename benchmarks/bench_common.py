@@ -64,6 +64,7 @@ class Config:
     node_tasks: int
     compare_tasks: int  # `pgqueuer`: N
     compare_repeats: int
+    stores: tuple[str, ...] = ("sqlite", "postgres")  # of the scale sections
 
     @classmethod
     def make(

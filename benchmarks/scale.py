@@ -38,7 +38,6 @@ from taskpool import Client, Limits, TaskPool, TaskSpec
 from taskpool._models import Outcome, OutcomeKind
 from taskpool.stores import open_store
 
-STORES = ("sqlite", "postgres")
 #: The pool of every run here (the issue's "pool of 8").
 POOL_SLOTS = 8
 #: The project of the tasks queued ahead in `blocked_ahead`, limited to one running.
@@ -387,7 +386,7 @@ async def bench_backlog(cfg: Config, workdir: Path) -> Json:
         "target_ratio": 0.8,
         "stores": {},
     }
-    for store in STORES:
+    for store in cfg.stores:
         runs: dict[str, list[Run]] = {str(n): [] for n in cfg.scale_backlogs}
         loops: dict[str, list[ClaimLoop]] = {str(n): [] for n in cfg.scale_backlogs}
         fills: dict[str, float] = {}
@@ -434,7 +433,7 @@ async def bench_blocked_ahead(cfg: Config, workdir: Path) -> Json:
     limits = {BLOCKED: 1}
     blocker = TaskSpec.build(["sleep", "600"], project=BLOCKED)
     cases = {"nothing_ahead": 0, "ahead": blocked - 1}
-    for store in STORES:
+    for store in cfg.stores:
         runs: dict[str, list[Run]] = {case: [] for case in cases}
         loops: dict[str, list[ClaimLoop]] = {case: [] for case in cases}
         for rep in range(cfg.scale_repeats):
@@ -477,7 +476,7 @@ async def bench_waiters(cfg: Config, workdir: Path) -> Json:
         "target_ratio": 0.9,
         "stores": {},
     }
-    for store in STORES:
+    for store in cfg.stores:
         rates: dict[str, list[float]] = {"none": [], "waiters": []}
         for rep in range(cfg.scale_repeats):
             for case in rates:
@@ -554,7 +553,7 @@ async def bench_submit_many(cfg: Config, workdir: Path) -> Json:
         "target_s": 3.0,
         "stores": {},
     }
-    for store in STORES:
+    for store in cfg.stores:
         times: dict[str, list[float]] = {"submit_many": [], "one_insert": []}
         for rep in range(cfg.scale_repeats):
             progress(f"submit_many {store}: {n} tasks (#{rep + 1})")
