@@ -19,7 +19,7 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import fields
 
-from .._rules import Group, Prefilter, merge_group_windows
+from .._rules import Group, Prefilter, QueueKey, merge_group_windows
 
 #: The SQL form of each list of `Prefilter`, about the task row `{t}`: those that look
 #: only at what a `Group` shares, then those that look at each task (with the tasks
@@ -176,17 +176,10 @@ def _window_by_groups(
     listed = conn.execute(_LIST_GROUPS, {"max_groups": MAX_GROUPS}).fetchall()
     if len(listed) > MAX_GROUPS:
         return None
-    offered = [
-        group
-        for group in (
-            Group(r["project"], r["template"], bool(r["template_parallel"])) for r in listed
-        )
-        if not prefilter.blocks_group(group)
-    ]
-    if not offered:
-        return []
+    groups = (Group(r["project"], r["template"], bool(r["template_parallel"])) for r in listed)
+    offered = [group for group in groups if not prefilter.blocks_group(group)]
     read_head = f"SELECT id, priority FROM tasks t WHERE {_in_group('t', task_filters)}"
-    heads: list[tuple[tuple[int, int], Group]] = []
+    heads: list[tuple[QueueKey, Group]] = []
     for group in offered:
         head = conn.execute(
             read_head + " ORDER BY t.priority DESC, t.id LIMIT 1",
