@@ -509,9 +509,9 @@ def sqlite_one_insert(path: str, n: int) -> float:
         conn.execute("BEGIN IMMEDIATE")
         conn.execute(
             "INSERT INTO tasks (status, argv, project, locks, submitted_at, reason, changed_at)"
-            " SELECT 'waiting', value, 'default', '[]', unixepoch('subsec'), 'submitted',"
-            " unixepoch('subsec') FROM json_each(?)",
-            (rows,),
+            " SELECT 'waiting', value, 'default', '[]', :now, 'submitted', :now"
+            " FROM json_each(:rows)",
+            {"rows": rows, "now": time.time()},
         )
         conn.execute("COMMIT")
         return time.perf_counter() - start
