@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
-import math
 import os
 import platform
 import resource
@@ -41,19 +41,33 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any, TypeVar
 
+import pg_compare  # beside this file
 import psutil
+import scale  # beside this file
+from bench_common import (  # beside this file
+    DEFAULT_PG_DSN,
+    SAFETY_TIMEOUT_S,
+    TERMINAL,
+    Config,
+    Json,
+    bare_asyncio_run,
+    connect_raw,
+    fresh_pg_database,
+    new_db,
+    per_s,
+    poll_until,
+    progress,
+    summary_ms,
+)
 
 from taskpool import SQLiteStore, Status, TaskPool, TaskSpec
 
-Json = dict[str, Any]
-T = TypeVar("T")
+#: Imported from here by submit_many.py.
+__all__ = ["DEFAULT_PG_DSN", "fresh_pg_database", "main"]
 
 SECTIONS = (
     "store_commit",
@@ -62,6 +76,12 @@ SECTIONS = (
     "first_start_with_backlog",
     "containment",
     "postgres",
+    "backlog",
+    "blocked_ahead",
+    "waiters",
+    "submit_many",
+    "nodes",
+    "pgqueuer",
 )
 #: Store durability settings compared: the default (submits fsynced at once, the pool's
 #: own writes within 0.1 s) and an fsync on every commit. A submit is fsynced in both,
@@ -69,119 +89,11 @@ SECTIONS = (
 SYNC_MODES = ("default", "fsync_every_commit")
 FSYNC_INTERVAL_S = {"default": 0.1, "fsync_every_commit": 0.0}
 RAW_SYNCHRONOUS = {"default": "FULL", "fsync_every_commit": "FULL"}
-TERMINAL = tuple(str(s) for s in Status if s.is_terminal)
-#: Nothing in a benchmark round should take this long; hitting it is a failure.
-SAFETY_TIMEOUT_S = 60.0
 SCRIPT = str(Path(__file__).resolve())
-#: The PostgreSQL server of the `postgres` section: a DSN of a database to connect to
-#: for CREATE/DROP DATABASE (each measurement gets a fresh throwaway database).
-DEFAULT_PG_DSN = os.environ.get(
-    "TASKPOOL_BENCH_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
 #: `max_parallel` of the single pool in `postgres.throughput` (and the baseline's
 #: semaphore), and of each of the two pools in `postgres.two_nodes` (4 slots in all).
 PG_CONCURRENCY = 4
 PG_NODE_PARALLEL = 2
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    quick: bool
-    concurrency: int
-    throughput_tasks: int
-    throughput_repeats: int
-    kill_rounds: int
-    backlog_big: int
-    backlog_small: int
-    backlog_repeats: int
-    commit_loop_n: int
-    submit_concurrent_n: int
-    pg_tasks: int
-    pg_repeats: int
-    pg_dsn: str
-    workdir: str | None
-
-    @classmethod
-    def make(
-        cls, *, quick: bool, concurrency: int, workdir: str | None, pg_dsn: str = DEFAULT_PG_DSN
-    ) -> Config:
-        return cls(
-            quick=quick,
-            concurrency=concurrency,
-            throughput_tasks=500 if quick else 2000,
-            throughput_repeats=1 if quick else 3,
-            kill_rounds=50 if quick else 200,
-            backlog_big=100_000,
-            backlog_small=1_000,
-            backlog_repeats=1 if quick else 3,
-            commit_loop_n=200 if quick else 500,
-            submit_concurrent_n=500 if quick else 2000,
-            pg_tasks=300 if quick else 1000,
-            pg_repeats=1 if quick else 2,
-            pg_dsn=pg_dsn,
-            workdir=workdir,
-        )
-
-
-# -- small helpers -------------------------------------------------------------
-
-
-def progress(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile: the smallest value with at least q% of values <= it."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
-def summary_ms(values_s: Sequence[float]) -> Json:
-    """p50/p99/max (and mean) of durations given in seconds, in milliseconds."""
-    ms = [v * 1000 for v in values_s]
-    return {
-        "n": len(ms),
-        "p50_ms": round(percentile(ms, 50), 3),
-        "p99_ms": round(percentile(ms, 99), 3),
-        "max_ms": round(max(ms), 3),
-        "mean_ms": round(statistics.fmean(ms), 3),
-    }
-
-
-def per_s(count: int, seconds: float) -> float:
-    return round(count / seconds, 1) if seconds > 0 else math.inf
-
-
-def new_db(workdir: Path, name: str) -> Path:
-    """A fresh, not yet existing database path."""
-    path = workdir / f"{name}.db"
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{path}{suffix}").unlink(missing_ok=True)
-    return path
-
-
-def connect_raw(path: Path, synchronous: str = "NORMAL") -> sqlite3.Connection:
-    """A plain sqlite3 connection with the store's pragmas (WAL), in autocommit mode."""
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(f"PRAGMA synchronous={synchronous}")
-    conn.execute("PRAGMA busy_timeout=30000")
-    return conn
-
-
-async def poll_until(
-    check: Callable[[], Awaitable[T | None]], *, interval_s: float, what: str
-) -> T:
-    """Call `check` every `interval_s` until it returns something not None."""
-    deadline = time.monotonic() + SAFETY_TIMEOUT_S
-    while True:
-        value = await check()
-        if value is not None:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        await asyncio.sleep(interval_s)
 
 
 # -- store commit cost -----------------------------------------------------------
@@ -259,24 +171,6 @@ async def bench_store_commit(cfg: Config, workdir: Path) -> Json:
 
 
 # -- throughput --------------------------------------------------------------------
-
-
-async def bare_asyncio_run(n: int, concurrency: int) -> float:
-    """Seconds to run `true` n times with asyncio subprocesses, at most `concurrency` at once."""
-    sem = asyncio.Semaphore(concurrency)
-
-    async def one() -> None:
-        async with sem:
-            proc = await asyncio.create_subprocess_exec(
-                "true", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-            )
-            await proc.communicate()
-            if proc.returncode != 0:
-                raise RuntimeError(f"true exited with {proc.returncode}")
-
-    start = time.perf_counter()
-    await asyncio.gather(*(one() for _ in range(n)))
-    return time.perf_counter() - start
 
 
 async def pool_run(
@@ -692,30 +586,6 @@ async def bench_first_start_with_backlog(cfg: Config, workdir: Path) -> Json:
 # -- postgres ----------------------------------------------------------------------------
 
 
-def pg_dsn_for(admin_dsn: str, database: str) -> str:
-    """`admin_dsn` (a postgresql:// URL) pointed at another database, query string kept."""
-    base, sep, query = admin_dsn.partition("?")
-    head, _, _ = base.rpartition("/")
-    return f"{head}/{database}{sep}{query}"
-
-
-@asynccontextmanager
-async def fresh_pg_database(admin_dsn: str) -> AsyncIterator[str]:
-    """Create an empty database, yield its DSN, drop it (and its connections) after."""
-    import asyncpg
-
-    name = f"taskpool_bench_{uuid.uuid4().hex[:16]}"
-    admin = await asyncpg.connect(admin_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield pg_dsn_for(admin_dsn, name)
-        finally:
-            await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
-
-
 async def pg_server_info(admin_dsn: str) -> Json:
     """The server's version and the settings that decide what a commit costs."""
     import asyncpg
@@ -970,6 +840,12 @@ BENCHES: dict[str, Callable[[Config, Path], Awaitable[Json]]] = {
     "first_start_with_backlog": bench_first_start_with_backlog,
     "containment": bench_containment,
     "postgres": bench_postgres,
+    "backlog": scale.bench_backlog,
+    "blocked_ahead": scale.bench_blocked_ahead,
+    "waiters": scale.bench_waiters,
+    "submit_many": scale.bench_submit_many,
+    "nodes": pg_compare.bench_nodes,
+    "pgqueuer": pg_compare.bench_pgqueuer,
 }
 
 
@@ -1010,13 +886,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="PostgreSQL server for the postgres section: a DSN of a database to connect to"
         " for CREATE/DROP DATABASE (default: $TASKPOOL_BENCH_PG_DSN, else the local server)",
     )
+    parser.add_argument(
+        "--stores",
+        default="sqlite,postgres",
+        help="the stores the scale sections (backlog, blocked_ahead, waiters, submit_many)"
+        " measure, comma-separated (default: sqlite,postgres)",
+    )
     parser.add_argument("--backlog-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.backlog_child:
         print(json.dumps(asyncio.run(backlog_child(Path(args.backlog_child)))))
         return 0
-    cfg = Config.make(
-        quick=args.quick, concurrency=args.concurrency, workdir=args.dir, pg_dsn=args.pg_dsn
+    cfg = dataclasses.replace(
+        Config.make(
+            quick=args.quick, concurrency=args.concurrency, workdir=args.dir, pg_dsn=args.pg_dsn
+        ),
+        stores=tuple(args.stores.split(",")),
     )
     result = asyncio.run(run_all(cfg, args.only))
     print(json.dumps(result, indent=2))

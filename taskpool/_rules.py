@@ -2,12 +2,14 @@
 
 The in-memory store calls `plan_claims` over every waiting task; SQLite calls it
 through `claim_in_windows`, which reads waiting tasks a window at a time, minus
-those `Prefilter` says are certainly blocked (a speed-up, never a second policy);
-PostgreSQL restates the policy in PL/pgSQL (`taskpool_claim`, migration 0002) to
-decide in one round trip under its claim lock. The differential claim test
-(tests/integration/test_claim_differential.py) runs the same random scenarios
-through `plan_claims` and every backend's claim and requires the same ordered
-choice.
+those `Prefilter` says are certainly blocked (a speed-up, never a second policy).
+When blocked tasks crowd the head of the queue, SQLite reads a window group by
+group (`merge_group_windows`), skipping the groups `Prefilter.blocks_group` rules
+out whole without reading their rows. PostgreSQL restates the policy in PL/pgSQL
+(`taskpool_claim`, migration 0002) to decide in one round trip under its claim lock.
+The differential claim test (tests/integration/test_claim_differential.py) runs the
+same random scenarios through `plan_claims` and every backend's claim and requires
+the same ordered choice.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +108,20 @@ def plan_claims(
 
 
 @dataclass(frozen=True, slots=True)
+class Group:
+    """What a task shares with every task of its blocking group: all that a `Prefilter`
+    looks at but its locks, so a group is blocked whole or not at all."""
+
+    project: str
+    template: str | None
+    template_parallel: bool
+
+    @classmethod
+    def of(cls, slot: Slot) -> Group:
+        return cls(slot.project, slot.template, slot.template_parallel)
+
+
+@dataclass(frozen=True, slots=True)
 class Prefilter:
     """What is certainly blocked by an occupancy, as lists a candidate query can filter
     on: a waiting task `drops` here is blocked by `blocked_by` for a reason other than
@@ -126,16 +143,20 @@ class Prefilter:
             locks_held=tuple(sorted(occ.locks_held)),
         )
 
+    def blocks_group(self, group: Group) -> bool:
+        """Every task of `group` is dropped, whatever its locks."""
+        if group.project in self.full_projects:
+            return True
+        if group.template is not None:
+            if group.template in self.templates_exclusive:
+                return True
+            if not group.template_parallel and group.template in self.templates_any:
+                return True
+        return False
+
     def drops(self, slot: Slot) -> bool:
         """The filter a backend's query applies, in Python (for the property tests)."""
-        if slot.project in self.full_projects:
-            return True
-        if slot.template is not None:
-            if slot.template in self.templates_exclusive:
-                return True
-            if not slot.template_parallel and slot.template in self.templates_any:
-                return True
-        return not slot.locks.isdisjoint(self.locks_held)
+        return self.blocks_group(Group.of(slot)) or not slot.locks.isdisjoint(self.locks_held)
 
 
 #: At most how many waiting tasks one window of `claim_in_windows` reads. Certainly
@@ -187,3 +208,32 @@ def claim_in_windows(
         if not picked or len(candidates) < window:
             break
     return chosen
+
+
+#: A waiting task's place in the queue: (-priority, id) ascends in queue order.
+QueueKey = tuple[int, int]
+G = TypeVar("G")
+T = TypeVar("T")
+
+
+def merge_group_windows(
+    ranked: Sequence[G],
+    fetch_group: Callable[[G, int], Sequence[T]],
+    key: Callable[[T], QueueKey],
+    window: int,
+) -> list[T]:
+    """The first `window` tasks of a queue split into groups, reading few of them.
+
+    `ranked` are the groups that have a task to offer, in the queue order of their
+    first one; `fetch_group(group, n)` reads a group's first `n` tasks in queue
+    order. A group's j-th task (from 0) has j tasks of its own group and the first
+    task of each of the r groups ranked before it ahead of it in the merged queue,
+    so the group ranked r (from 0) contributes only among its first `window - r`
+    tasks, and groups ranked `window` or later contribute nothing."""
+    merged = [
+        task
+        for rank, group in enumerate(ranked[:window])
+        for task in fetch_group(group, window - rank)
+    ]
+    merged.sort(key=key)
+    return merged[:window]

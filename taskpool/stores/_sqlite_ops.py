@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Collection, Sequence
-from dataclasses import fields
 from typing import Any
 
 from .._decisions import (
@@ -38,6 +37,7 @@ from ._common import (
     task_info,
     task_state,
 )
+from ._sqlite_claim import candidates
 
 
 def stop_node(conn: sqlite3.Connection, node_id: str, reason: str, now: float) -> None:
@@ -198,45 +198,6 @@ def _slot(row: sqlite3.Row) -> Slot:
     )
 
 
-#: The query's form of each list of `Prefilter` (and of the tasks already taken), each
-#: added only when its list is non-empty so the common query stays a plain index walk.
-_PREFILTER_SQL = {
-    "full_projects": "project NOT IN (SELECT value FROM json_each(:full_projects))",
-    "templates_exclusive": "(template IS NULL OR template NOT IN "
-    "(SELECT value FROM json_each(:templates_exclusive)))",
-    "templates_any": "(template IS NULL OR template_parallel "
-    "OR template NOT IN (SELECT value FROM json_each(:templates_any)))",
-    "locks_held": "NOT EXISTS (SELECT 1 FROM task_locks l WHERE l.task_id = tasks.id "
-    "AND l.lock_name IN (SELECT value FROM json_each(:locks_held)))",
-    "taken": "id NOT IN (SELECT value FROM json_each(:taken))",
-}
-
-#: The columns a claim reads of a waiting task: its routing and its state.
-_CANDIDATE_COLUMNS = (
-    "id, project, template, template_parallel, locks, status, fence, attempts_used,"
-    " max_attempts, retry_backoff_s, owner_node, lease_expires_at, cancel_requested"
-)
-
-
-def _candidates(
-    conn: sqlite3.Connection, now: float, prefilter: Prefilter, taken: Sequence[int], window: int
-) -> list[sqlite3.Row]:
-    """Waiting tasks in queue order, minus those certainly blocked or already taken."""
-    where = ["status = 'waiting'", "not_before <= :now"]
-    params: dict[str, object] = {"now": now, "window": window}
-    lists = {f.name: getattr(prefilter, f.name) for f in fields(prefilter)}
-    for name, values in {**lists, "taken": taken}.items():
-        if values:
-            where.append(_PREFILTER_SQL[name])
-            params[name] = json.dumps(list(values))
-    sql = (
-        f"SELECT {_CANDIDATE_COLUMNS} FROM tasks WHERE "
-        + " AND ".join(where)
-        + " ORDER BY priority DESC, id LIMIT :window"
-    )
-    return conn.execute(sql, params).fetchall()
-
-
 def claim(
     conn: sqlite3.Connection, node_id: str, limits: Limits, lease_ttl_s: float, now: float
 ) -> list[Claim]:
@@ -251,7 +212,7 @@ def claim(
     states: dict[int, TaskState] = {}
 
     def fetch(prefilter: Prefilter, taken: Sequence[int], window: int) -> list[Slot]:
-        found = _candidates(conn, now, prefilter, taken, window)
+        found = candidates(conn, now, prefilter, taken, window)
         states.update((r["id"], task_state(r)) for r in found)
         return [_slot(r) for r in found]
 

@@ -9,11 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from taskpool._rules import (
+    Group,
     Occupancy,
     Prefilter,
+    QueueKey,
     Slot,
     blocked_by,
     claim_in_windows,
+    merge_group_windows,
     plan_claims,
 )
 from tests.strategies import ClaimScenario, claim_scenarios, coexist
@@ -269,6 +272,122 @@ def test_a_task_chosen_from_one_window_is_never_read_again() -> None:
     reads: list[int] = []
     assert ids_of(windowed(sc, max_window=64, reads=reads)) == [1, 8]
     assert len(reads) == 2  # a full first window, and a second one behind it
+
+
+# --- reading a window group by group (what SQLite's claim runs when blocked tasks
+# crowd the head of the queue) ------------------------------------------------------
+
+
+@scenario_settings
+@given(claim_scenarios())
+def test_a_group_the_prefilter_blocks_whole_holds_only_tasks_it_drops(sc: ClaimScenario) -> None:
+    """Skipping a blocked group without reading it never skips a task the prefilter
+    would keep; what it keeps of other groups it decides by their locks alone."""
+    prefilter = Prefilter.of(occupancy(sc, []), sc.project_limits)
+    for candidate in sc.candidates:
+        lock_clash = not candidate.locks.isdisjoint(prefilter.locks_held)
+        blocked_whole = prefilter.blocks_group(Group.of(candidate))
+        assert prefilter.drops(candidate) == (blocked_whole or lock_clash)
+
+
+def by_groups(
+    queue: Sequence[tuple[QueueKey, Slot]], prefilter: Prefilter, taken: Sequence[int], window: int
+) -> list[Slot]:
+    """The window as SQLite reads it group by group: the groups listed (every group of
+    the queue, a loose index scan does not read them), those `blocks_group` rules out
+    skipped whole, the rest ranked by their first task the task filters (locks held,
+    taken) leave; then `merge_group_windows` reads from the ranked groups only."""
+
+    def task_left(slot: Slot) -> bool:
+        return slot.locks.isdisjoint(prefilter.locks_held) and slot.task_id not in taken
+
+    reads: list[tuple[Group, int]] = []
+
+    def fetch_group(group: Group, n: int) -> list[tuple[QueueKey, Slot]]:
+        assert not prefilter.blocks_group(group), "a blocked group was read"
+        reads.append((group, n))
+        return [(k, s) for k, s in queue if Group.of(s) == group and task_left(s)][:n]
+
+    heads: dict[Group, QueueKey] = {}
+    for key, slot in queue:  # in queue order: the first one left is the group's head
+        group = Group.of(slot)
+        if not prefilter.blocks_group(group) and task_left(slot):
+            heads.setdefault(group, key)
+    ranked = sorted(heads, key=heads.__getitem__)
+    merged = merge_group_windows(ranked, fetch_group, lambda entry: entry[0], window)
+    assert len(reads) <= window
+    return [slot for _, slot in merged]
+
+
+queue_priorities = st.lists(st.integers(min_value=-2, max_value=2), min_size=12, max_size=12)
+
+
+def queue_of(sc: ClaimScenario, priorities: Sequence[int]) -> list[tuple[QueueKey, Slot]]:
+    """The scenario's candidates with the drawn priorities, in queue order."""
+    keyed = [((-p, s.task_id), s) for s, p in zip(sc.candidates, priorities, strict=False)]
+    return sorted(keyed, key=lambda entry: entry[0])
+
+
+@scenario_settings
+@given(
+    claim_scenarios(),
+    queue_priorities,
+    st.integers(min_value=1, max_value=8),
+    st.lists(st.integers(min_value=1, max_value=12), max_size=4),
+)
+def test_a_window_read_group_by_group_is_the_plain_window(
+    sc: ClaimScenario, priorities: list[int], window: int, taken: list[int]
+) -> None:
+    """Whatever the priorities, the window and the tasks taken already, reading group by
+    group gives the same tasks, in the same order, as filtering the whole queue."""
+    queue = queue_of(sc, priorities)
+    prefilter = Prefilter.of(occupancy(sc, []), sc.project_limits)
+    plain = [s for _, s in queue if not prefilter.drops(s) and s.task_id not in taken]
+    assert ids_of(by_groups(queue, prefilter, taken, window)) == ids_of(plain[:window])
+
+
+@scenario_settings
+@given(claim_scenarios(), st.integers(min_value=1, max_value=6))
+def test_claiming_with_windows_read_group_by_group_chooses_what_plan_claims_chooses(
+    sc: ClaimScenario, max_window: int
+) -> None:
+    """`claim_in_windows` whose every window is read group by group (as SQLite reads it
+    when blocked tasks crowd the queue) still makes `plan_claims`'s choice."""
+    queue = [((0, s.task_id), s) for s in sc.candidates]
+
+    def fetch(prefilter: Prefilter, taken: Sequence[int], window: int) -> list[Slot]:
+        return by_groups(queue, prefilter, taken, window)
+
+    chosen = claim_in_windows(
+        fetch,
+        sc.running,
+        node_running=sc.node_running,
+        max_parallel=sc.max_parallel,
+        project_limits=sc.project_limits,
+        max_window=max_window,
+    )
+    assert ids_of(chosen) == ids_of(plan(sc))
+
+
+def test_a_group_ranked_late_is_read_only_as_far_as_it_can_reach() -> None:
+    """Of three groups, the first is read for the whole window, the second for one task
+    fewer, the third for two fewer; the merged window keeps queue order across them."""
+    queue = [
+        ((0, 1), slot(1, "a")),
+        ((0, 2), slot(2, "b")),
+        ((0, 3), slot(3, "a")),
+        ((0, 4), slot(4, "c")),
+        ((0, 5), slot(5, "b")),
+    ]
+    reads: list[tuple[str, int]] = []
+
+    def fetch_group(project: str, n: int) -> list[tuple[QueueKey, Slot]]:
+        reads.append((project, n))
+        return [(k, s) for k, s in queue if s.project == project][:n]
+
+    merged = merge_group_windows(["a", "b", "c"], fetch_group, lambda e: e[0], window=3)
+    assert [s.task_id for _, s in merged] == [1, 2, 3]
+    assert reads == [("a", 3), ("b", 2), ("c", 1)]
 
 
 # --- examples that read like documentation ---------------------------------------
