@@ -201,14 +201,15 @@ class Client:
         return await self.store.submit_many(list(specs))
 
     async def retry(self, task_id: int) -> int:
-        """Queue a finished task again, as a new task with the same spec; its id.
-        A task that is still waiting or running is refused with `InvalidTask`."""
+        """Queue a finished task again, as a new task with the same spec; its id. Its
+        first event's reason is `retry of task <id>`. A task that is still waiting or
+        running is refused with `InvalidTask`."""
         task = await self.store.get(task_id)
         if not task.is_terminal:
             raise InvalidTask(
                 f"task {task.id} is {task.status.value}; only a finished task is retried"
             )
-        return await self.submit_spec(task.spec)
+        return await self.store.submit(task.spec, reason=f"retry of task {task.id}")
 
     async def cancel(
         self, task_id: int, mode: CancelMode | str = CancelMode.GRACEFUL, *, force: bool = False

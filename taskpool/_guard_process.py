@@ -55,6 +55,7 @@ if __name__ == "__main__" and not __package__:
 import array
 import collections
 import contextlib
+import json
 import math
 import os
 import select
@@ -315,9 +316,16 @@ def main(args: list[str] | None = None) -> int:
     pool_pid = int(args[1])
     me = os.getpid()
 
+    # A worker logging JSON (`taskpool worker --log-format json`) wants every line so.
+    as_json = os.environ.get("TASKPOOL_LOG_FORMAT") == "json"
+
     def log(text: str) -> None:
+        line = f"taskpool guard {me}: {text}"
+        if as_json:
+            entry = {"ts": round(time.time(), 6), "level": "info", "logger": "taskpool.guard"}
+            line = json.dumps({**entry, "message": line, "guard_pid": me})
         with contextlib.suppress(OSError, ValueError):
-            print(f"taskpool guard {me}: {text}", file=sys.stderr, flush=True)
+            print(line, file=sys.stderr, flush=True)
 
     # A terminal's Ctrl-C goes to the pool, which shuts down in order; not to us (we
     # run in our own session anyway).

@@ -119,8 +119,9 @@ class Store(abc.ABC):
 
     # -- the queue ---------------------------------------------------------
     @abc.abstractmethod
-    async def submit(self, spec: TaskSpec) -> int:
-        """Store a task as waiting; durable when this returns."""
+    async def submit(self, spec: TaskSpec, *, reason: str = "submitted") -> int:
+        """Store a task as waiting; durable when this returns. `reason` is its first
+        event's (a retry says which task it retries)."""
 
     async def submit_many(self, specs: Sequence[TaskSpec]) -> list[int]:
         """Store several tasks as waiting, in order, and return their ids in the same

@@ -174,7 +174,7 @@ class MemoryStore(Store):
         )
 
     # -- the queue ---------------------------------------------------------
-    async def submit(self, spec: TaskSpec) -> int:
+    async def submit(self, spec: TaskSpec, *, reason: str = "submitted") -> int:
         self._check()
         spec = spec.checked()  # as the SQL stores: InvalidTask, and nothing stored
         now = time.time()
@@ -192,11 +192,11 @@ class MemoryStore(Store):
             started_at=None,
             finished_at=None,
             exit_code=None,
-            reason="submitted",
+            reason=reason,
             cancel_requested=None,
         )
         self._tasks[task_id] = _Task(info, not_before=spec.not_before or 0.0)
-        self._log(TaskEvent(0, task_id, now, None, None, None, Status.WAITING, "submitted"))
+        self._log(TaskEvent(0, task_id, now, None, None, None, Status.WAITING, reason))
         return task_id
 
     async def claim(self, node_id: str, limits: Limits, lease_ttl_s: float) -> list[Claim]:

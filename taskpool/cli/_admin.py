@@ -6,8 +6,8 @@ import argparse
 import time
 from typing import TYPE_CHECKING
 
-from ._format import emit, when
-from ._options import open_client
+from ._format import emit, field, when
+from ._options import env_name, open_client, option, positive
 
 if TYPE_CHECKING:
     from ._options import Commands
@@ -19,8 +19,13 @@ def add_commands(commands: Commands) -> None:
 
     stale = commands.add_parser("stale", help="what looks stuck: expired leases, silent nodes")
     stale.set_defaults(run=cmd_stale)
-    stale.add_argument(
-        "--older-than", type=float, default=60.0, help="heartbeat age that counts as silent, s"
+    option(
+        stale,
+        "--older-than",
+        env_name("stale", "--older-than-s"),
+        "heartbeat age that counts as silent, s",
+        type=positive(float),
+        default=60.0,
     )
 
 
@@ -29,13 +34,13 @@ async def cmd_nodes(args: argparse.Namespace) -> None:
         nodes = await client.nodes()
     now = time.time()
     lines = [
-        f"{n.id}  {n.host}:{n.pid}  max {n.max_parallel}  "
+        f"{field(n.id)}  {field(n.host)}:{n.pid}  max {n.max_parallel}  "
         + (
             f"stopped {when(n.stopped_at)}"
             if n.stopped_at is not None
             else f"heartbeat {now - n.heartbeat_at:.0f} s ago"
         )
-        + f"\n    containment: {n.containment or 'unknown'}"
+        + f"\n    containment: {field(n.containment or 'unknown')}"
         for n in nodes
     ]
     emit(args, nodes, "\n".join(lines) or "no nodes")
@@ -47,11 +52,12 @@ async def cmd_stale(args: argparse.Namespace) -> None:
     now = report.at
     lines = [
         f"task {t.id}: lease expired {now - (t.lease_expires_at or now):.0f} s ago, owner "
-        f"{t.owner_node}"
+        f"{field(t.owner_node or '-')}"
         for t in report.expired_leases
     ]
     lines += [
-        f"node {n.id} ({n.host}:{n.pid}): no heartbeat for {now - n.heartbeat_at:.0f} s"
+        f"node {field(n.id)} ({field(n.host)}:{n.pid}): no heartbeat for"
+        f" {now - n.heartbeat_at:.0f} s"
         for n in report.silent_nodes
     ]
     emit(

@@ -1,5 +1,7 @@
 """How the CLI renders what it prints: JSON-ready data (with `--json`) and the text
-lines of tasks, events and limits. Pure: the commands do the printing."""
+lines of tasks, events and limits, every name, path and argv in them escaped by
+`field` (a task's words never drive the operator's terminal; JSON escapes them
+itself). Pure: the commands do the printing."""
 
 from __future__ import annotations
 
@@ -7,11 +9,13 @@ import argparse
 import dataclasses
 import enum
 import json
+import shlex
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .._models import ResourceLimits, TaskInfo, TaskSpec
+from .._terminal import escape_field
 
 
 def plain(value: Any, *, show_env: bool = False) -> Any:
@@ -42,19 +46,26 @@ def when(ts: float | None) -> str:
     return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
+def field(value: str | Sequence[str]) -> str:
+    """A name or path, or an argv as a shell would quote it, safe to print on one line."""
+    text = value if isinstance(value, str) else shlex.join(value)
+    return escape_field(text)
+
+
 def env_line(spec: TaskSpec, *, show: bool) -> str:
     env = (spec.env if show else spec.masked_env()) or {}
-    shown = " ".join(f"{k}={v}" for k, v in sorted(env.items())) or "-"
-    passed = " ".join(sorted(spec.pass_env)) or "-"
+    shown = " ".join(field(f"{k}={v}") for k, v in sorted(env.items())) or "-"
+    passed = " ".join(field(name) for name in sorted(spec.pass_env)) or "-"
     base = "the worker's" if spec.inherit_env else "empty"
     return f"  env: {shown}  pass-env: {passed}  (from {base} environment)"
 
 
 def task_line(t: TaskInfo) -> str:
-    command = " ".join(t.spec.argv)
+    command = field(t.spec.argv)
     if len(command) > 50:
         command = command[:47] + "..."
-    return f"{t.id:>6}  {t.status.value:<10} {t.spec.project:<12} {command}  ({t.reason})"
+    project = field(t.spec.project)
+    return f"{t.id:>6}  {t.status.value:<10} {project:<12} {command}  ({field(t.reason or '-')})"
 
 
 def limits_text(limits: ResourceLimits) -> str:

@@ -3,76 +3,202 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import TYPE_CHECKING
 
+from .._errors import InvalidTask
 from .._models import CancelMode, Status, TaskSpec
-from ._format import emit, env_line, limits_text, task_line, when
-from ._options import limit_options, open_client
+from .._terminal import Neutraliser
+from ._format import emit, env_line, field, limits_text, task_line, when
+from ._options import (
+    choice,
+    env_name,
+    limit_options,
+    non_negative,
+    open_client,
+    option,
+    positive,
+)
 
 if TYPE_CHECKING:
     from ._options import Commands
 
 
 def add_commands(commands: Commands) -> None:
-    submit = commands.add_parser("submit", help="queue a task; prints its id")
-    submit.set_defaults(run=cmd_submit)
-    submit.add_argument("argv", nargs=argparse.REMAINDER, help="the command (after --)")
-    submit.add_argument("--project", default="default")
-    submit.add_argument("--template")
-    submit.add_argument("--parallel", action="store_true", help="the template allows parallel runs")
-    submit.add_argument("--lock", action="append", default=[], help="a named resource lock")
-    submit.add_argument("--priority", type=int, default=0)
-    submit.add_argument("--timeout", type=float, help="seconds")
-    submit.add_argument("--stall-timeout", type=float, help="seconds without output")
-    submit.add_argument("--max-attempts", type=int, default=1)
-    submit.add_argument("--backoff", type=float, default=1.0, help="first retry delay, s")
-    submit.add_argument("--cwd")
-    limit_options(submit, "", env=False)
-    submit.add_argument(
-        "--env",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="set a variable (stored in the database as given: no secrets; repeatable)",
-    )
-    submit.add_argument(
-        "--pass-env",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="pass the worker's own value of NAME at spawn time; only the name is stored"
-        " (for secrets; repeatable)",
-    )
-    submit.add_argument(
-        "--clean-env",
-        action="store_true",
-        help="start from an empty environment instead of the worker's",
-    )
+    _add_submit(commands)
 
     ls = commands.add_parser("ls", help="list tasks, newest first")
     ls.set_defaults(run=cmd_ls)
-    ls.add_argument("--status", action="append", choices=[s.value for s in Status])
-    ls.add_argument("--project")
-    ls.add_argument("--limit", type=int, default=50)
+    statuses = [s.value for s in Status]
+    option(
+        ls,
+        "--status",
+        "TASKPOOL_LS_STATUS",
+        "only tasks in this status (repeatable)",
+        kind="append",
+        type=choice(statuses),
+        choices=statuses,
+    )
+    option(ls, "--project", "TASKPOOL_LS_PROJECT", "only tasks of this project")
+    option(ls, "--limit", "TASKPOOL_LS_LIMIT", "at most this many", type=positive(int), default=50)
 
     show = commands.add_parser("show", help="one task and its events")
     show.set_defaults(run=cmd_show)
-    show.add_argument("id", type=int)
+    show.add_argument("id", type=int, help="the task's id")
 
-    logs = commands.add_parser("logs", help="a task's output")
+    logs = commands.add_parser(
+        "logs",
+        help="a task's output",
+        description="A task's output. Terminal control sequences in it are shown as text"
+        " (\\x1b[...), never obeyed; colours are kept when stdout is a terminal; a carriage"
+        " return becomes a newline. --raw prints the output exactly as stored.",
+    )
     logs.set_defaults(run=cmd_logs)
-    logs.add_argument("id", type=int)
-    logs.add_argument("-f", "--follow", action="store_true", help="until the task ends")
+    logs.add_argument("id", type=int, help="the task's id")
+    option(logs, "--follow", "TASKPOOL_LOGS_FOLLOW", "until the task ends", short="-f", kind="flag")
+    option(
+        logs,
+        "--raw",
+        "TASKPOOL_LOGS_RAW",
+        "the output exactly as stored, control sequences included",
+        kind="flag",
+    )
 
     cancel = commands.add_parser("cancel", help="cancel a task")
     cancel.set_defaults(run=cmd_cancel)
-    cancel.add_argument("id", type=int)
-    cancel.add_argument("--force", action="store_true", help="SIGKILL at once")
+    cancel.add_argument("id", type=int, help="the task's id")
+    option(cancel, "--force", "TASKPOOL_CANCEL_FORCE", "SIGKILL at once", kind="flag")
 
     retry = commands.add_parser("retry", help="queue a finished task again, as a new task")
     retry.set_defaults(run=cmd_retry)
-    retry.add_argument("id", type=int)
+    retry.add_argument("id", type=int, help="the finished task's id")
+
+
+def _add_submit(commands: Commands) -> None:
+    submit = commands.add_parser(
+        "submit",
+        help="queue a task; prints its id",
+        description="Queue a task; prints its id. The command follows `--`. Repeatable"
+        " options take a comma-separated list in their variable.",
+    )
+    submit.set_defaults(run=cmd_submit)
+    submit.add_argument("argv", nargs=argparse.REMAINDER, help="the command (after --)")
+
+    def var(flag: str) -> str:
+        return env_name("submit", flag)
+
+    option(submit, "--project", var("--project"), "the task's project", default="default")
+    option(submit, "--template", var("--template"), "its template: one running at a time")
+    option(
+        submit,
+        "--parallel",
+        var("--parallel"),
+        "the template allows parallel runs",
+        kind="flag",
+    )
+    option(submit, "--lock", var("--lock"), "a named resource lock (repeatable)", kind="append")
+    option(submit, "--priority", var("--priority"), "higher runs first", type=int, default=0)
+    option(
+        submit, "--timeout", var("--timeout-s"), "seconds", type=positive(float), metavar="SECONDS"
+    )
+    option(
+        submit,
+        "--stall-timeout",
+        var("--stall-timeout-s"),
+        "seconds without output",
+        metavar="SECONDS",
+        type=positive(float),
+    )
+    option(
+        submit,
+        "--max-attempts",
+        var("--max-attempts"),
+        "attempts in all",
+        type=positive(int),
+        default=1,
+    )
+    option(
+        submit,
+        "--backoff",
+        var("--backoff-s"),
+        "first retry delay, s",
+        metavar="SECONDS",
+        type=non_negative(float),
+        default=1.0,
+    )
+    option(
+        submit,
+        "--cwd",
+        var("--cwd"),
+        "working directory; a relative one is resolved here, by the submitter",
+        type=absolute_path,
+    )
+    limit_options(submit, "", var)
+    option(
+        submit,
+        "--env",
+        var("--env"),
+        "set a variable (stored in the database as given: no secrets; repeatable)",
+        kind="append",
+        metavar="NAME=VALUE",
+    )
+    option(
+        submit,
+        "--pass-env",
+        var("--pass-env"),
+        "pass the worker's own value of NAME at spawn time; only the name is stored"
+        " (for secrets; repeatable)",
+        kind="append",
+        metavar="NAME",
+    )
+    option(
+        submit,
+        "--clean-env",
+        var("--clean-env"),
+        "start from an empty environment instead of the worker's",
+        kind="flag",
+    )
+
+
+def absolute_path(text: str) -> str:
+    """The submitter's relative path means its own directory, not the worker's."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return os.path.abspath(text)
+
+
+#: A submit's fields, as `TaskSpec.build`'s checks name them, and the options that
+#: set them: its errors are said in the CLI's terms.
+_SUBMIT_FLAGS = {
+    "pass_env name": "--pass-env",
+    "pass_env": "--pass-env",
+    "env value": "--env value",
+    "env name": "--env name",
+    "env": "--env",
+    "lock name": "--lock",
+    "locks": "--lock",
+    "project": "--project",
+    "template": "--template",
+    "priority": "--priority",
+    "cwd": "--cwd",
+    "memory_max": "--memory-max",
+    "pids_max": "--pids-max",
+    "cpu_max": "--cpu-max",
+    "timeout_s": "--timeout",
+    "stall_timeout_s": "--stall-timeout",
+    "max_attempts": "--max-attempts",
+    "retry_backoff_s": "--backoff",
+}
+
+
+def in_cli_terms(message: str) -> str:
+    """An `InvalidTask` message that opens with a field's name, opening with its
+    option instead (`timeout_s must be ... or None` -> `--timeout must be ...`)."""
+    for name, flag in _SUBMIT_FLAGS.items():  # longer names first where one prefixes another
+        if message.startswith(name + " "):
+            return flag + message[len(name) :].replace(" or None", "")
+    return message
 
 
 async def cmd_submit(args: argparse.Namespace) -> None:
@@ -85,25 +211,28 @@ async def cmd_submit(args: argparse.Namespace) -> None:
         if not sep:
             raise ValueError(f"--env wants NAME=VALUE, got {item!r}")
         env[name] = value
-    spec = TaskSpec.build(
-        argv,
-        cwd=args.cwd,
-        env=env or None,
-        pass_env=args.pass_env,
-        inherit_env=not args.clean_env,
-        project=args.project,
-        template=args.template,
-        template_parallel=args.parallel,
-        locks=args.lock,
-        priority=args.priority,
-        timeout_s=args.timeout,
-        stall_timeout_s=args.stall_timeout,
-        max_attempts=args.max_attempts,
-        retry_backoff_s=args.backoff,
-        memory_max=args.memory_max,
-        pids_max=args.pids_max,
-        cpu_max=args.cpu_max,
-    )
+    try:
+        spec = TaskSpec.build(
+            argv,
+            cwd=args.cwd,
+            env=env or None,
+            pass_env=args.pass_env,
+            inherit_env=not args.clean_env,
+            project=args.project,
+            template=args.template,
+            template_parallel=args.parallel,
+            locks=args.lock,
+            priority=args.priority,
+            timeout_s=args.timeout,
+            stall_timeout_s=args.stall_timeout,
+            max_attempts=args.max_attempts,
+            retry_backoff_s=args.backoff,
+            memory_max=args.memory_max,
+            pids_max=args.pids_max,
+            cpu_max=args.cpu_max,
+        )
+    except InvalidTask as exc:
+        raise InvalidTask(in_cli_terms(str(exc))) from None
     async with open_client(args, create=True) as client:
         task_id = await client.submit_spec(spec)
     emit(args, {"id": task_id}, str(task_id))
@@ -120,15 +249,20 @@ async def cmd_show(args: argparse.Namespace) -> None:
     async with open_client(args) as client:
         task = await client.get(args.id)
         events = await client.events(args.id)
+    spec = task.spec
     lines = [
         task_line(task),
-        f"  command: {list(task.spec.argv)}  cwd: {task.spec.cwd or '-'}",
-        env_line(task.spec, show=args.show_env),
-        f"  attempts: {task.attempts_used}/{task.spec.max_attempts}  owner: "
-        f"{task.owner_node or '-'}  pid: {task.pid or '-'}  exit code: {task.exit_code}",
-        f"  limits: {limits_text(task.spec.limits)}",
+        f"  command: {field(spec.argv)}  cwd: {field(spec.cwd or '-')}",
+        env_line(spec, show=args.show_env),
+        f"  attempts: {task.attempts_used}/{spec.max_attempts}  owner: "
+        f"{field(task.owner_node or '-')}  pid: {task.pid or '-'}  exit code: "
+        + ("-" if task.exit_code is None else str(task.exit_code)),
+        f"  limits: {limits_text(spec.limits)}",
         "  events:",
-        *(f"    {when(e.at)}  {e.from_status or '-'} -> {e.to_status}: {e.reason}" for e in events),
+        *(
+            f"    {when(e.at)}  {e.from_status or '-'} -> {e.to_status}: {field(e.reason)}"
+            for e in events
+        ),
     ]
     emit(args, {"task": task, "events": events}, "\n".join(lines))
 
@@ -139,15 +273,24 @@ FOLLOW_POLL_S = 0.25
 
 
 async def cmd_logs(args: argparse.Namespace) -> None:
+    out = Neutraliser(keep_sgr=sys.stdout.isatty())
+
+    def write(text: str) -> None:
+        sys.stdout.write(text if args.raw else out.feed(text))
+        sys.stdout.flush()
+
     async with open_client(args, poll_interval_s=FOLLOW_POLL_S) as client:
-        if not args.follow:
-            sys.stdout.write(await client.output(args.id))
-            sys.stdout.flush()
-            return
-        await client.get(args.id)  # TaskNotFound before anything is printed
-        async for text in client.follow(args.id):
-            sys.stdout.write(text)
-            sys.stdout.flush()
+        await client.get(args.id)  # TaskNotFound before anything is printed, -f or not
+        try:
+            if not args.follow:
+                write(await client.output(args.id))
+            else:
+                async for text in client.follow(args.id):
+                    write(text)
+        finally:  # also when interrupted: no colour left on in the operator's terminal
+            if not args.raw:
+                sys.stdout.write(out.flush())
+                sys.stdout.flush()
 
 
 async def cmd_cancel(args: argparse.Namespace) -> None:

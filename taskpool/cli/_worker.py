@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
+import threading
+import types
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -15,7 +18,15 @@ import anyio
 from .._models import ResourceLimits
 from .._pool import TaskPool
 from .._redact import redact
-from ._options import limit_options, option
+from ._options import (
+    UsageError,
+    choice,
+    env_name,
+    limit_options,
+    non_negative,
+    option,
+    positive,
+)
 
 if TYPE_CHECKING:
     from ._options import Commands
@@ -35,57 +46,154 @@ def add_commands(commands: Commands) -> None:
         " --outage-tolerance, an SQLite file deleted or replaced under it) exits 1.",
     )
     worker.set_defaults(run=cmd_worker)
-    option(worker, "--max-parallel", "MAX_PARALLEL", "tasks at once", type=int, default=4)
-    worker.add_argument(
-        "--project-limit",
-        action="append",
-        default=[],
-        metavar="PROJECT=N",
-        help="cap running tasks of a project across nodes (repeatable)",
+    option(
+        worker,
+        "--max-parallel",
+        "TASKPOOL_MAX_PARALLEL",
+        "tasks at once",
+        type=positive(int),
+        default=4,
     )
-    option(worker, "--lease-ttl", "LEASE_TTL_S", "lease time to live, s", type=float, default=30)
+    option(
+        worker,
+        "--project-limit",
+        "TASKPOOL_PROJECT_LIMIT",
+        "cap running tasks of a project across nodes (repeatable)",
+        kind="append",
+        type=project_limit,
+        metavar="PROJECT=N",
+    )
+    option(
+        worker,
+        "--lease-ttl",
+        "TASKPOOL_LEASE_TTL_S",
+        "lease time to live, s",
+        metavar="SECONDS",
+        type=positive(float),
+        default=30.0,
+    )
+    option(
+        worker,
+        "--heartbeat-interval",
+        "TASKPOOL_HEARTBEAT_INTERVAL_S",
+        "lease renewal and heartbeat every this many s (none: a third of --lease-ttl)",
+        metavar="SECONDS",
+        type=positive(float),
+    )
+    option(
+        worker,
+        "--reaper-interval",
+        "TASKPOOL_REAPER_INTERVAL_S",
+        "look for expired leases of other nodes every this many s",
+        metavar="SECONDS",
+        type=positive(float),
+        default=5.0,
+    )
     option(
         worker,
         "--shutdown-drain",
-        "SHUTDOWN_DRAIN_S",
+        "TASKPOOL_SHUTDOWN_DRAIN_S",
         "drain time at exit, s",
-        type=float,
-        default=10,
-    )
-    option(worker, "--kill-grace", "KILL_GRACE_S", "SIGTERM to SIGKILL, s", type=float, default=5)
-    option(
-        worker,
-        "--metrics-port",
-        "METRICS_PORT",
-        "serve Prometheus metrics on this port (needs prometheus-client)",
-        type=int,
+        metavar="SECONDS",
+        type=non_negative(float),
+        default=10.0,
     )
     option(
         worker,
-        "--log-format",
-        "LOG_FORMAT",
-        "text, or json: one object per line with the record's fields",
-        choices=["text", "json"],
-        default="text",
+        "--kill-grace",
+        "TASKPOOL_KILL_GRACE_S",
+        "SIGTERM to SIGKILL, s",
+        metavar="SECONDS",
+        type=non_negative(float),
+        default=5.0,
     )
     option(
         worker,
         "--outage-tolerance",
-        "STORE_OUTAGE_TOLERANCE_S",
+        "TASKPOOL_STORE_OUTAGE_TOLERANCE_S",
         "store outage ridden out before the worker crashes, s",
-        type=float,
-        default=30,
+        metavar="SECONDS",
+        type=non_negative(float),
+        default=30.0,
     )
     option(
         worker,
+        "--metrics-port",
+        "TASKPOOL_METRICS_PORT",
+        "serve Prometheus metrics on this port (the `metrics` extra)",
+        type=port,
+    )
+    option(
+        worker,
+        "--metrics-host",
+        "TASKPOOL_METRICS_HOST",
+        "the address --metrics-port listens on (0.0.0.0: every interface)",
+        default="127.0.0.1",
+    )
+    option(
+        worker,
+        "--log-format",
+        "TASKPOOL_LOG_FORMAT",
+        "text, or json: every line on stderr one object with the record's fields",
+        type=choice(LOG_FORMATS),
+        choices=LOG_FORMATS,
+        default="text",
+    )
+    containments = ["auto", "cgroup", "process-group"]
+    option(
+        worker,
         "--containment",
-        "CONTAINMENT",
+        "TASKPOOL_CONTAINMENT",
         "auto (a cgroup per task where one can be made, else process groups), cgroup, or"
         " process-group",
-        choices=["auto", "cgroup", "process-group"],
+        type=choice(containments),
+        choices=containments,
         default="auto",
     )
-    limit_options(worker, "default for tasks that set none: ", env=True)
+    limit_options(worker, "default for tasks that set none: ", lambda flag: env_name(None, flag))
+
+
+LOG_FORMATS = ["text", "json"]
+
+
+def project_limit(text: str) -> tuple[str, int]:
+    """`PROJECT=N`: a project's cap."""
+    project, _, n = text.partition("=")
+    if not project or not n.isdigit():
+        raise argparse.ArgumentTypeError(f"wants PROJECT=N, got {text!r}")
+    return project, int(n)
+
+
+def port(text: str) -> int:
+    number = int(text)
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {text!r}")
+    return number
+
+
+def lease_problems(*, lease_ttl: float, heartbeat_interval: float | None) -> list[str]:
+    """Why these lease settings cannot work, in the flags' terms (empty if they can).
+
+    An attempt whose lease was not renewed is stopped `self_fence_margin_s` before
+    it runs out (see `TaskPool`); a renewal that comes later than that stops every
+    attempt at each renewal. The pool's own check (heartbeat < lease) lets that pass."""
+    margin = max(0.5, lease_ttl / 10)  # TaskPool.self_fence_margin_s
+    heartbeat = heartbeat_interval if heartbeat_interval is not None else lease_ttl / 3
+    if heartbeat < lease_ttl - margin:
+        return []
+    why = (
+        f"a lease must be renewed sooner than --lease-ttl minus its {margin:g} s self-fence"
+        f" margin ({lease_ttl - margin:g} s), or every running task is stopped before its"
+        " renewal"
+    )
+    if heartbeat_interval is None:
+        return [
+            f"--lease-ttl {lease_ttl:g} s is too short: renewed every {heartbeat:.3g} s (a"
+            f" third of it, without --heartbeat-interval), {why}"
+        ]
+    return [
+        f"--heartbeat-interval {heartbeat:g} s is too long for --lease-ttl {lease_ttl:g} s: {why}"
+    ]
 
 
 class _WorkerStop:
@@ -129,17 +237,14 @@ async def _watch_signals(
             pool.hurry_shutdown()
         else:
             text = f"{name}: already stopping at once"
-        print(f"taskpool worker: {text}", file=sys.stderr, flush=True)
+        say(text, event="signal", signal=name)
 
 
 async def cmd_worker(args: argparse.Namespace) -> int:
-    limits = {}
-    for item in args.project_limit:
-        project, _, n = item.partition("=")
-        if not project or not n.isdigit():
-            raise ValueError(f"--project-limit wants PROJECT=N, got {item!r}")
-        limits[project] = int(n)
     _configure_logging(args.log_format)
+    problems = lease_problems(lease_ttl=args.lease_ttl, heartbeat_interval=args.heartbeat_interval)
+    if problems:
+        raise UsageError("; ".join(problems))
     metrics = None
     if args.metrics_port is not None:
         import prometheus_client
@@ -147,13 +252,15 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         from ..metrics import PrometheusMetrics
 
         metrics = PrometheusMetrics()
-        prometheus_client.start_http_server(args.metrics_port, addr="127.0.0.1")
+        prometheus_client.start_http_server(args.metrics_port, addr=args.metrics_host)
     pool = TaskPool(
         args.db,  # the pool opens it, sized for its tasks, and closes it
         metrics=metrics,
         max_parallel=args.max_parallel,
-        project_limits=limits,
+        project_limits=dict(args.project_limit),
         lease_ttl_s=args.lease_ttl,
+        heartbeat_interval_s=args.heartbeat_interval,
+        reaper_interval_s=args.reaper_interval,
         shutdown_drain_s=args.shutdown_drain,
         kill_grace_s=args.kill_grace,
         store_outage_tolerance_s=args.outage_tolerance,
@@ -171,10 +278,10 @@ async def cmd_worker(args: argparse.Namespace) -> int:
             tg.start_soon(_watch_signals, signals, stop, pool, args.shutdown_drain)
             try:
                 async with pool:
-                    print(
-                        f"taskpool worker: node {pool.node_id} on {redact(args.db)}",
-                        file=sys.stderr,
-                        flush=True,
+                    say(
+                        f"node {pool.node_id} on {redact(args.db)}",
+                        event="worker_ready",
+                        node_id=pool.node_id,
                     )
                     await stop.requested.wait()
             except Exception as exc:  # raised below, outside the group (not as a group)
@@ -212,12 +319,66 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+#: The worker's own lines (its start, the signals it got): plain `taskpool worker: ...`
+#: lines in text mode, records like any other in JSON mode.
+_log = logging.getLogger("taskpool.worker")
+
+
+def say(text: str, **fields: object) -> None:
+    """One line of the worker's own on stderr, in the format `--log-format` chose."""
+    if _json_logging:
+        _log.info("taskpool worker: %s", text, extra={"taskpool": fields})
+    else:
+        print(f"taskpool worker: {text}", file=sys.stderr, flush=True)
+
+
+_json_logging = False
+
+
 def _configure_logging(log_format: str) -> None:
+    """Every logger through one handler on stderr, in `log_format`: taskpool's own
+    records from INFO, everybody else's (asyncpg's, asyncio's) from WARNING, Python
+    warnings, and in JSON mode uncaught exceptions too (in any thread, or ignored in
+    a destructor), so that no line on stderr is anything but JSON. The guard process
+    learns the format from TASKPOOL_LOG_FORMAT, which tasks never inherit."""
+    global _json_logging
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("taskpool")
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("taskpool").setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    os.environ["TASKPOOL_LOG_FORMAT"] = log_format
+    _json_logging = log_format == "json"
+    if _json_logging:
+        sys.excepthook = _log_uncaught
+        threading.excepthook = _log_thread_uncaught
+        sys.unraisablehook = _log_unraisable
+
+
+def _log_uncaught(
+    kind: type[BaseException], exc: BaseException, tb: types.TracebackType | None
+) -> None:
+    _log.critical("uncaught exception", exc_info=(kind, exc, tb))
+
+
+def _log_thread_uncaught(hook: threading.ExceptHookArgs) -> None:
+    if hook.exc_value is None:
+        return
+    thread = hook.thread.name if hook.thread is not None else "?"
+    _log.critical(
+        "uncaught exception in thread %s",
+        thread,
+        exc_info=(hook.exc_type, hook.exc_value, hook.exc_traceback),
+    )
+
+
+def _log_unraisable(hook: sys.UnraisableHookArgs) -> None:
+    exc_info = (
+        (hook.exc_type, hook.exc_value, hook.exc_traceback) if hook.exc_value is not None else None
+    )
+    _log.error("exception ignored in %r: %s", hook.object, hook.err_msg or "", exc_info=exc_info)

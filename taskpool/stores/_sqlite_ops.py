@@ -251,14 +251,17 @@ def info(r: sqlite3.Row) -> TaskInfo:
 _INSERT_ROWS = 500
 
 
-def insert_tasks(conn: sqlite3.Connection, specs: Sequence[TaskSpec], now: float) -> list[int]:
+def insert_tasks(
+    conn: sqlite3.Connection, specs: Sequence[TaskSpec], now: float, *, reason: str = "submitted"
+) -> list[int]:
     """Insert checked specs as waiting tasks, and their locks; their ids in order. Runs
-    in the caller's transaction: all of them are stored or none."""
+    in the caller's transaction: all of them are stored or none. `reason` is each
+    one's first event's."""
     ids: list[int] = []
     for start in range(0, len(specs), _INSERT_ROWS):
         chunk = specs[start : start + _INSERT_ROWS]
         values = ", ".join(
-            ["('waiting', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'submitted', ?, ?, ?, ?)"]
+            ["('waiting', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"]
             * len(chunk)
         )
         params = [
@@ -281,6 +284,7 @@ def insert_tasks(conn: sqlite3.Connection, specs: Sequence[TaskSpec], now: float
                 spec.stall_timeout_s,
                 spec.max_attempts,
                 spec.retry_backoff_s,
+                reason,
                 now,
                 spec.memory_max,
                 spec.pids_max,

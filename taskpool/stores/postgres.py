@@ -349,7 +349,7 @@ class PostgresStore(Store):
         return await self._tx(op)
 
     # -- the queue ---------------------------------------------------------
-    async def submit(self, spec: TaskSpec) -> int:
+    async def submit(self, spec: TaskSpec, *, reason: str = "submitted") -> int:
         spec = spec.checked()  # InvalidTask here, before the database sees anything
 
         async def op(conn: asyncpg.Connection) -> int:
@@ -359,7 +359,7 @@ class PostgresStore(Store):
                 " stall_timeout_s, max_attempts, retry_backoff_s, reason, changed_at,"
                 " pass_env, inherit_env, memory_max, pids_max, cpu_max)"
                 f" SELECT 'waiting', $1, $2, $3::jsonb, $4, $5, $6, $7, $8, now.t, $9, $10,"
-                f" $11, $12, $13, 'submitted', now.t, $14, $15, $16, $17, $18"
+                f" $11, $12, $13, $19, now.t, $14, $15, $16, $17, $18"
                 f" FROM ({_NOW}) AS now(t)"
                 " RETURNING id",
                 list(spec.argv),
@@ -380,6 +380,7 @@ class PostgresStore(Store):
                 spec.memory_max,
                 spec.pids_max,
                 spec.cpu_max,
+                reason,
             )
             return task_id
 

@@ -268,10 +268,11 @@ class SQLiteStore(Store):
         return await self._read(op)
 
     # -- the queue ---------------------------------------------------------
-    async def submit(self, spec: TaskSpec) -> int:
+    async def submit(self, spec: TaskSpec, *, reason: str = "submitted") -> int:
         spec = spec.checked()  # InvalidTask here, before the writer sees anything
         ids = await self._write(
-            lambda conn: ops.insert_tasks(conn, [spec], self._clock()), durable=True
+            lambda conn: ops.insert_tasks(conn, [spec], self._clock(), reason=reason),
+            durable=True,
         )
         return ids[0]
 
