@@ -252,7 +252,14 @@ def test_uncaught_exceptions_and_the_guard_log_json_too(tmp_path: Path) -> None:
     assert "ZeroDivisionError" in str(records[0]["exception"])
     assert "RuntimeError: boom" in str(records[1]["exception"])
     guard = subprocess.run(
-        [sys.executable, "-I", "-S", str(ROOT / "taskpool" / "_guard.py"), "--pool-pid", "1"],
+        [
+            sys.executable,
+            "-I",
+            "-S",
+            str(ROOT / "taskpool" / "_guard_process.py"),
+            "--pool-pid",
+            "1",
+        ],
         capture_output=True,
         text=True,
         timeout=60,
