@@ -3,7 +3,7 @@
 They read rows (locked `FOR UPDATE` where they write them, with the database's own
 clock as `now`, the one clock every node shares), ask `taskpool._decisions` what to
 do, and write the answer; the trigger of the first migration logs every transition.
-The claim is decided in the database (`taskpool_claim`, migration 0002). The store
+The claim is decided in the database (`taskpool_claim`, migration 0006). The store
 (`postgres.py`) runs them; nothing here opens or closes anything.
 """
 
@@ -38,9 +38,8 @@ from ._common import (
 if TYPE_CHECKING:
     import asyncpg
 
-#: Key of the advisory lock that serializes claims (and migrations, with +1).
-CLAIM_LOCK = 0x7A5C_9001
-MIGRATION_LOCK = CLAIM_LOCK + 1
+#: Key of the advisory lock that serializes migrations (every version uses this one).
+MIGRATION_LOCK = 0x7A5C_9002
 
 #: The database's clock, in UNIX seconds: every node decides leases on it.
 NOW = "SELECT extract(epoch FROM clock_timestamp())::float8"
@@ -221,22 +220,25 @@ async def finish(conn: asyncpg.Connection, task_id: int, fence: int, outcome: Ou
 
 async def claim(
     conn: asyncpg.Connection, node_id: str, limits: Limits, lease_ttl_s: float
-) -> list[Claim]:
-    """One claim at a time across the cluster (an advisory lock), decided and written by
-    `taskpool_claim` (migration 0002) in one round trip."""
+) -> tuple[list[Claim], bool]:
+    """What `taskpool_claim` (migration 0006) decides and writes, in one statement that
+    must run outside an explicit transaction: its locks are then released at its own
+    commit, with no round trip to this process in between. Also says whether it lost a
+    race to another claim and left slots free (then claiming again finds more)."""
     # A stopped node claims nothing (its claim would be left for lease expiry); the
     # node's row is held FOR SHARE so that `stop_node` waits for this claim to commit.
     # An uncorrelated condition is a one-time filter: the function does not run at all.
     rows = await conn.fetch(
-        "SELECT * FROM taskpool_claim($1, $2, $3, $4::jsonb, $5) WHERE COALESCE("
-        "(SELECT stopped_at IS NULL FROM taskpool_nodes WHERE id = $2 FOR SHARE), true)",
-        CLAIM_LOCK,
+        "SELECT (c.task).*, c.contended FROM taskpool_claim($1, $2, $3::jsonb, $4) AS c"
+        " WHERE COALESCE((SELECT stopped_at IS NULL FROM taskpool_nodes WHERE id = $1"
+        " FOR SHARE), true)",
         node_id,
         limits.max_parallel,
         json.dumps(dict(limits.project_limits)),
         lease_ttl_s,
     )
-    return [Claim(info(row)) for row in rows]
+    claims = [Claim(info(row)) for row in rows if row["id"] is not None]
+    return claims, any(row["contended"] for row in rows)
 
 
 def info(r: Any) -> TaskInfo:

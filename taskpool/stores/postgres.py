@@ -47,6 +47,10 @@ WORK_CHANNEL = "taskpool_work"
 
 _NOW = ops.NOW
 
+#: How long a claim that lost a race waits before each new try (then it returns what
+#: it has): the claim it lost to holds its locks for one statement, about a millisecond.
+_CLAIM_RACE_DELAYS_S = (0.001, 0.004, 0.016)
+
 #: SQLSTATE classes worth retrying: connection exceptions, insufficient resources,
 #: operator intervention (shutdown), and serialization failures or deadlocks.
 _TRANSIENT_SQLSTATE_PREFIXES = ("08", "53", "57", "40")
@@ -281,7 +285,9 @@ class PostgresStore(Store):
             if scope.cancelled_caught:
                 pool.terminate()
 
-    async def _tx(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    async def _tx(
+        self, fn: Callable[[asyncpg.Connection], Awaitable[T]], *, transaction: bool = True
+    ) -> T:
         """Run `fn` in one transaction on a pooled connection, mapping driver errors."""
         import asyncpg
 
@@ -294,6 +300,8 @@ class PostgresStore(Store):
             with anyio.CancelScope(shield=True):
                 conn = await pool.acquire(timeout=self.connect_timeout_s)
             try:
+                if not transaction:
+                    return await fn(conn)
                 async with conn.transaction():
                     return await fn(conn)
             finally:
@@ -301,6 +309,11 @@ class PostgresStore(Store):
                     await pool.release(conn, timeout=self.command_timeout_s)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise _map_error(exc) from exc
+
+    async def _statement(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """Run `fn`, one statement, outside an explicit transaction (PostgreSQL commits it
+        as it ends), on a pooled connection, mapping driver errors."""
+        return await self._tx(fn, transaction=False)
 
     async def check_identity(self) -> None:
         """The database answering must be the one opened: a restore of another database
@@ -400,7 +413,18 @@ class PostgresStore(Store):
         return await self._tx(op)
 
     async def claim(self, node_id: str, limits: Limits, lease_ttl_s: float) -> list[Claim]:
-        return await self._tx(lambda conn: ops.claim(conn, node_id, limits, lease_ttl_s))
+        """One claim statement, again at once (a few times) while it lost a race to
+        another claim and left slots free: what that claim held is decided by now."""
+        claims: list[Claim] = []
+        for delay in (*_CLAIM_RACE_DELAYS_S, None):
+            got, contended = await self._statement(
+                lambda conn: ops.claim(conn, node_id, limits, lease_ttl_s)
+            )
+            claims.extend(got)
+            if not contended or delay is None:
+                return claims
+            await anyio.sleep(delay)
+        raise AssertionError("unreachable")
 
     async def record_spawn(self, task_id: int, fence: int, pid: int, pid_started_at: float) -> None:
         await self._tx(lambda conn: ops.record_spawn(conn, task_id, fence, pid, pid_started_at))
@@ -424,11 +448,18 @@ class PostgresStore(Store):
         limits: Limits,
         lease_ttl_s: float,
     ) -> list[Claim]:
-        async def op(conn: asyncpg.Connection) -> list[Claim]:
-            await ops.finish(conn, task_id, fence, outcome)
-            return await ops.claim(conn, node_id, limits, lease_ttl_s)
-
-        return await self._tx(op)
+        """`finish`, committed, then `claim`: a claim holds its locks for its own statement
+        only, never across the round trips of a finish. The outcome is written whatever
+        becomes of the claim: a claim that fails for an outage claims nothing here (the
+        node's claim loop is woken by the end this commit announces)."""
+        await self.finish(task_id, fence, outcome)
+        try:
+            return await self.claim(node_id, limits, lease_ttl_s)
+        except StoreUnavailable as exc:
+            log.warning(
+                "claim after finishing task %s failed, left to the claim loop: %s", task_id, exc
+            )
+            return []
 
     async def renew_leases(self, node_id: str, lease_ttl_s: float) -> Renewal:
         return await self._tx(lambda conn: ops.renew_leases(conn, node_id, lease_ttl_s))
