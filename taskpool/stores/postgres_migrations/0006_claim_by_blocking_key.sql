@@ -116,7 +116,8 @@ CREATE FUNCTION taskpool_claim(
     p_node TEXT, p_max_parallel INTEGER, p_project_limits JSONB, p_lease_ttl_s DOUBLE PRECISION
 ) RETURNS TABLE (task taskpool_tasks, contended BOOLEAN) LANGUAGE plpgsql AS $$
 DECLARE
-    v_now DOUBLE PRECISION := extract(epoch FROM clock_timestamp());
+    v_now DOUBLE PRECISION;      -- what leases and not_before are read against
+    v_at DOUBLE PRECISION;       -- when the claim is written: after everything it read
     v_node_running INTEGER;
     v_counts JSONB;
     v_exclusive TEXT[];
@@ -142,6 +143,7 @@ DECLARE
     c RECORD;
 BEGIN
     PERFORM pg_advisory_xact_lock(taskpool_lock_key('node', p_node));
+    v_now := extract(epoch FROM clock_timestamp());
     SELECT * INTO v_node_running, v_counts, v_exclusive, v_any, v_held
       FROM taskpool_occupancy(p_node, p_project_limits, v_now);
 
@@ -302,19 +304,22 @@ BEGIN
         v_stage := 3;
     END LOOP;
 
+    -- Stamped after every read it made, so a claim never seems to start before the end
+    -- of an attempt it saw ended.
+    v_at := extract(epoch FROM clock_timestamp());
     RETURN QUERY
     WITH claimed AS (
         UPDATE taskpool_tasks AS t SET status = 'running', fence = fence + 1,
                attempts_used = attempts_used + 1, owner_node = p_node,
-               lease_expires_at = v_now + p_lease_ttl_s, started_at = v_now,
-               changed_at = v_now, pid = NULL, pid_started_at = NULL, exit_code = NULL,
+               lease_expires_at = v_at + p_lease_ttl_s, started_at = v_at,
+               changed_at = v_at, pid = NULL, pid_started_at = NULL, exit_code = NULL,
                reason = format('claimed by node %s (attempt %s of %s)', p_node,
                                attempts_used + 1, max_attempts)
          WHERE id = ANY (v_kept)
         RETURNING t AS claimed_row, t.id, t.fence, t.priority
     ), attempt AS (
         INSERT INTO taskpool_attempts (task_id, fence, node_id, claimed_at)
-        SELECT claimed.id, claimed.fence, p_node, v_now FROM claimed
+        SELECT claimed.id, claimed.fence, p_node, v_at FROM claimed
     )
     SELECT claimed.claimed_row, false FROM claimed ORDER BY claimed.priority DESC, claimed.id;
     IF v_lost_any AND v_node_running < p_max_parallel THEN
