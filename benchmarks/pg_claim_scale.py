@@ -265,7 +265,9 @@ def summarize(out: Json) -> Json:
         rates = medians(out["backlog"], "waiting")
         low = min(rates)
         summary["backlog_tasks_per_s"] = rates
-        summary["backlog_ratio_vs_smallest"] = {k: round(v / rates[low], 3) for k, v in rates.items()}
+        summary["backlog_ratio_vs_smallest"] = {
+            k: round(v / rates[low], 3) for k, v in rates.items()
+        }
     if out["blocked"]:
         rates = medians(out["blocked"], "blocked_ahead")
         summary["blocked_tasks_per_s"] = rates
@@ -273,7 +275,8 @@ def summarize(out: Json) -> Json:
     if out["nodes"]:
         rates = medians(out["nodes"], "nodes")
         summary["nodes_tasks_per_s"] = rates
-        summary["nodes_ratio_vs_one"] = {k: round(v / rates[min(rates)], 3) for k, v in rates.items()}
+        one = min(rates)
+        summary["nodes_ratio_vs_one"] = {k: round(v / rates[one], 3) for k, v in rates.items()}
         cpu: dict[int, list[float]] = {}
         for run in out["nodes"]:
             if run["db_cpu_ms_per_task"] is not None:
