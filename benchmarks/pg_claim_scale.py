@@ -66,11 +66,19 @@ async def run_node(dsn: str, slots: int, limits: Json) -> None:
     from taskpool import TaskPool
     from taskpool.stores.postgres import PostgresStore
 
-    store = PostgresStore(dsn, max_size=slots + 4)
+    # Generous timeouts: the baseline's claims, serialized, take seconds with a big
+    # backlog, and a node that crashed on them would measure nothing.
+    store = PostgresStore(dsn, max_size=slots + 4, command_timeout_s=60)
     await store.open()
     try:
         async with TaskPool(
-            store, max_parallel=slots, project_limits=limits, shutdown_drain_s=0.1, guard=False
+            store,
+            max_parallel=slots,
+            project_limits=limits,
+            shutdown_drain_s=0.1,
+            guard=False,
+            lease_ttl_s=180,
+            store_call_timeout_s=60,
         ):
             print("ready", flush=True)
             await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
@@ -94,7 +102,9 @@ def child(src: str, *argv: str, stdin: int | None = None) -> subprocess.Popen[by
 
 
 @contextlib.contextmanager
-def nodes(src: str, dsn: str, count: int, slots: int, limits: Json) -> Iterator[None]:
+def nodes(
+    src: str, dsn: str, count: int, slots: int, limits: Json
+) -> Iterator[list[subprocess.Popen[bytes]]]:
     procs = [
         child(src, "_node", dsn, str(slots), json.dumps(limits), stdin=subprocess.PIPE)
         for _ in range(count)
@@ -104,7 +114,7 @@ def nodes(src: str, dsn: str, count: int, slots: int, limits: Json) -> Iterator[
             assert proc.stdout is not None
             if proc.stdout.readline().strip() != b"ready":
                 raise RuntimeError("a node did not start")
-        yield
+        yield procs
     finally:
         for proc in procs:
             assert proc.stdin is not None
@@ -156,7 +166,9 @@ async def insert(dsn: str, argv: list[str], project: str, n: int) -> None:
         await conn.close()
 
 
-async def wait_for_ends(dsn: str, project: str, n: int, timeout_s: float = 600) -> float:
+async def wait_for_ends(
+    dsn: str, project: str, n: int, procs: list[subprocess.Popen[bytes]], timeout_s: float = 600
+) -> float:
     """Seconds from the first claim of `project` to its `n`th end, once there."""
     conn = await asyncpg.connect(dsn)
     try:
@@ -168,6 +180,8 @@ async def wait_for_ends(dsn: str, project: str, n: int, timeout_s: float = 600) 
             )
             if ends >= n:
                 break
+            if any(proc.poll() is not None for proc in procs):
+                raise RuntimeError(f"a node exited after {ends} tasks of {project}")
             await asyncio.sleep(0.05)
         else:
             raise RuntimeError(f"{n} tasks of {project} did not end in {timeout_s} s")
@@ -192,8 +206,8 @@ async def backlog_run(src: str, admin: str, waiting: int, n: int) -> Json:
     async with fresh_database(admin) as dsn:
         await asyncio.to_thread(lambda: child(src, "_migrate", dsn).wait())
         await insert(dsn, ["true"], "default", waiting)
-        with nodes(src, dsn, 1, 8, {}):
-            seconds = await wait_for_ends(dsn, "default", n)
+        with nodes(src, dsn, 1, 8, {}) as procs:
+            seconds = await wait_for_ends(dsn, "default", n, procs)
     return {"waiting": waiting, "tasks_per_s": round(n / seconds, 1)}
 
 
@@ -202,18 +216,18 @@ async def blocked_run(src: str, admin: str, blocked: int, n: int) -> Json:
         await asyncio.to_thread(lambda: child(src, "_migrate", dsn).wait())
         await insert(dsn, ["sleep", "600"], "blocked", blocked)
         await insert(dsn, ["true"], "free", n)
-        with nodes(src, dsn, 1, 8, {"blocked": 1}):
-            seconds = await wait_for_ends(dsn, "free", n)
+        with nodes(src, dsn, 1, 8, {"blocked": 1}) as procs:
+            seconds = await wait_for_ends(dsn, "free", n, procs)
     return {"blocked_ahead": blocked, "tasks_per_s": round(n / seconds, 1)}
 
 
 async def nodes_run(src: str, admin: str, count: int, n: int, data_dir: Path | None) -> Json:
     async with fresh_database(admin) as dsn:
         await asyncio.to_thread(lambda: child(src, "_migrate", dsn).wait())
-        with nodes(src, dsn, count, 4, {}):
+        with nodes(src, dsn, count, 4, {}) as procs:
             cpu_before = server_cpu_s(data_dir)
             await insert(dsn, ["true"], "default", n)
-            seconds = await wait_for_ends(dsn, "default", n)
+            seconds = await wait_for_ends(dsn, "default", n, procs)
             cpu = server_cpu_s(data_dir) - cpu_before
     return {
         "nodes": count,

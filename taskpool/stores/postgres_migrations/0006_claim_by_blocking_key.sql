@@ -148,9 +148,12 @@ BEGIN
       FROM taskpool_occupancy(p_node, p_project_limits, v_now);
 
     LOOP  -- one pass over a cursor per iteration
-        SELECT coalesce(array_agg(key), '{}') INTO v_full
-          FROM jsonb_each_text(p_project_limits)
-         WHERE coalesce((v_counts ->> key)::int, 0) >= value::int;
+        v_full := '{}';
+        IF p_project_limits <> '{}' THEN
+            SELECT coalesce(array_agg(key), '{}') INTO v_full
+              FROM jsonb_each_text(p_project_limits)
+             WHERE coalesce((v_counts ->> key)::int, 0) >= value::int;
+        END IF;
         v_window := least(64, 2 * (p_max_parallel - v_node_running) + 2);
         IF v_stage = 1 THEN
             -- The first 128 waiting tasks at most (a constant: the generic plan walks
