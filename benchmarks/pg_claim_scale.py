@@ -196,9 +196,9 @@ async def wait_for_ends(
             " JOIN taskpool_tasks t ON t.id = e.task_id WHERE t.project = $1)"
             " SELECT (SELECT min(at) FROM e WHERE to_status = 'running') AS first,"
             " (SELECT at FROM e WHERE to_status = 'succeeded' ORDER BY at OFFSET $2 - 1 LIMIT 1)"
-            " AS nth, extract(epoch FROM clock_timestamp()) AS now",
+            " AS nth, extract(epoch FROM clock_timestamp())::float8 AS now",
             project,
-            min(n, ends),
+            max(1, min(n, ends)),
         )
         if partial:
             return ends / (row["now"] - row["first"]), True
