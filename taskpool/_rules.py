@@ -6,7 +6,8 @@ those `Prefilter` says are certainly blocked (a speed-up, never a second policy)
 When blocked tasks crowd the head of the queue, SQLite reads a window group by
 group (`merge_group_windows`), skipping the groups `Prefilter.blocks_group` rules
 out whole without reading their rows. PostgreSQL restates the policy in PL/pgSQL
-(`taskpool_claim`, migration 0002) to decide in one round trip under its claim lock.
+(`taskpool_claim`, migration 0006) to decide in one statement, under per-node and
+per-blocking-key locks instead of one cluster-wide lock.
 The differential claim test (tests/integration/test_claim_differential.py) runs the
 same random scenarios through `plan_claims` and every backend's claim and requires
 the same ordered choice.

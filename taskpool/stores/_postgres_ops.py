@@ -1,10 +1,11 @@
-"""PostgreSQL's operations, each run inside one transaction on a pooled connection.
+"""PostgreSQL's operations, each run inside one transaction on a pooled connection
+(the claim: one statement, outside any explicit transaction).
 
 They read rows (locked `FOR UPDATE` where they write them, with the database's own
 clock as `now`, the one clock every node shares), ask `taskpool._decisions` what to
 do, and write the answer; the trigger of the first migration logs every transition.
-The claim is decided in the database (`taskpool_claim`, migration 0002). The store
-(`postgres.py`) runs them; nothing here opens or closes anything.
+The claim is decided and written in the database (`taskpool_claim`, migration
+0006). The store (`postgres.py`) runs them; nothing here opens or closes anything.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .._decisions import (
     plan_orphan_settlement,
     plan_rescue,
 )
-from .._models import Claim, Limits, Outcome, TaskEvent, TaskInfo
+from .._models import Claim, Limits, Outcome, TaskEvent, TaskInfo, TaskSpec
 from .._store import Renewal
 from ._common import (
     EVENT_COLUMNS,
@@ -38,12 +39,123 @@ from ._common import (
 if TYPE_CHECKING:
     import asyncpg
 
-#: Key of the advisory lock that serializes claims (and migrations, with +1).
-CLAIM_LOCK = 0x7A5C_9001
-MIGRATION_LOCK = CLAIM_LOCK + 1
+#: Key of the advisory lock that serializes migrations (every version uses this one).
+MIGRATION_LOCK = 0x7A5C_9002
 
 #: The database's clock, in UNIX seconds: every node decides leases on it.
 NOW = "SELECT extract(epoch FROM clock_timestamp())::float8"
+
+
+#: `submit_many`'s one statement. `$1` is a JSON array of specs (`spec_json`). Ids are
+#: drawn first and paired with the specs by rank, so that a batch's ids ascend in the
+#: order given (the queue's order among equal priorities) whatever order the
+#: sequence is read in; the insert trigger logs each task's 'submitted' event.
+SUBMIT_MANY = f"""
+WITH spec AS (
+    SELECT s, n FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS t(s, n)
+), drawn AS (
+    SELECT nextval(pg_get_serial_sequence('taskpool_tasks', 'id')) AS id
+    FROM spec
+), ranked AS (
+    SELECT id, row_number() OVER (ORDER BY id) AS n FROM drawn
+), now AS ({NOW} AS t), inserted AS (
+    INSERT INTO taskpool_tasks (id, status, argv, cwd, env, project, template,
+        template_parallel, locks, priority, submitted_at, not_before, timeout_s,
+        stall_timeout_s, max_attempts, retry_backoff_s, reason, changed_at, pass_env,
+        inherit_env, memory_max, pids_max, cpu_max)
+    SELECT ranked.id, 'waiting',
+        ARRAY(SELECT a FROM jsonb_array_elements_text(s->'argv') WITH ORDINALITY AS v(a, i)
+              ORDER BY i),
+        s->>'cwd',
+        CASE WHEN jsonb_typeof(s->'env') = 'object' THEN s->'env' END,
+        s->>'project',
+        s->>'template',
+        (s->>'template_parallel')::boolean,
+        ARRAY(SELECT jsonb_array_elements_text(s->'locks')),
+        (s->>'priority')::integer,
+        now.t,
+        (s->>'not_before')::float8,
+        (s->>'timeout_s')::float8,
+        (s->>'stall_timeout_s')::float8,
+        (s->>'max_attempts')::integer,
+        (s->>'retry_backoff_s')::float8,
+        'submitted',
+        now.t,
+        ARRAY(SELECT jsonb_array_elements_text(s->'pass_env')),
+        (s->>'inherit_env')::boolean,
+        (s->>'memory_max')::bigint,
+        (s->>'pids_max')::integer,
+        (s->>'cpu_max')::float8
+    FROM spec JOIN ranked USING (n), now
+    ORDER BY ranked.id
+    RETURNING id
+)
+SELECT id FROM inserted ORDER BY id
+"""
+
+
+def spec_json(spec: TaskSpec) -> dict[str, Any]:
+    """A checked spec as one element of `SUBMIT_MANY`'s JSON array."""
+    return {
+        "argv": list(spec.argv),
+        "cwd": spec.cwd,
+        "env": dict(spec.env) if spec.env is not None else None,
+        "project": spec.project,
+        "template": spec.template,
+        "template_parallel": spec.template_parallel,
+        "locks": sorted(spec.locks),
+        "priority": spec.priority,
+        "not_before": spec.not_before or 0.0,
+        "timeout_s": spec.timeout_s,
+        "stall_timeout_s": spec.stall_timeout_s,
+        "max_attempts": spec.max_attempts,
+        "retry_backoff_s": spec.retry_backoff_s,
+        "pass_env": sorted(spec.pass_env),
+        "inherit_env": spec.inherit_env,
+        "memory_max": spec.memory_max,
+        "pids_max": spec.pids_max,
+        "cpu_max": spec.cpu_max,
+    }
+
+
+async def submit(conn: asyncpg.Connection, spec: TaskSpec, reason: str = "submitted") -> int:
+    """Insert one checked spec as a waiting task; the trigger logs `reason`."""
+    task_id: int = await conn.fetchval(
+        "INSERT INTO taskpool_tasks (status, argv, cwd, env, project, template,"
+        " template_parallel, locks, priority, submitted_at, not_before, timeout_s,"
+        " stall_timeout_s, max_attempts, retry_backoff_s, reason, changed_at,"
+        " pass_env, inherit_env, memory_max, pids_max, cpu_max)"
+        f" SELECT 'waiting', $1, $2, $3::jsonb, $4, $5, $6, $7, $8, now.t, $9, $10,"
+        f" $11, $12, $13, $19, now.t, $14, $15, $16, $17, $18"
+        f" FROM ({NOW}) AS now(t)"
+        " RETURNING id",
+        list(spec.argv),
+        spec.cwd,
+        json.dumps(dict(spec.env)) if spec.env is not None else None,
+        spec.project,
+        spec.template,
+        spec.template_parallel,
+        sorted(spec.locks),
+        spec.priority,
+        spec.not_before or 0.0,
+        spec.timeout_s,
+        spec.stall_timeout_s,
+        spec.max_attempts,
+        spec.retry_backoff_s,
+        sorted(spec.pass_env),
+        spec.inherit_env,
+        spec.memory_max,
+        spec.pids_max,
+        spec.cpu_max,
+        reason,
+    )
+    return task_id
+
+
+async def submit_many(conn: asyncpg.Connection, specs: Sequence[TaskSpec]) -> list[int]:
+    """Insert checked specs in one statement (`SUBMIT_MANY`), ids in the order given."""
+    rows = await conn.fetch(SUBMIT_MANY, json.dumps([spec_json(spec) for spec in specs]))
+    return [r["id"] for r in rows]
 
 
 async def stop_node(conn: asyncpg.Connection, node_id: str, reason: str) -> None:
@@ -221,22 +333,25 @@ async def finish(conn: asyncpg.Connection, task_id: int, fence: int, outcome: Ou
 
 async def claim(
     conn: asyncpg.Connection, node_id: str, limits: Limits, lease_ttl_s: float
-) -> list[Claim]:
-    """One claim at a time across the cluster (an advisory lock), decided and written by
-    `taskpool_claim` (migration 0002) in one round trip."""
+) -> tuple[list[Claim], bool]:
+    """What `taskpool_claim` (migration 0006) decides and writes, in one statement that
+    must run outside an explicit transaction: its locks are then released at its own
+    commit, with no round trip to this process in between. Also says whether it lost a
+    race to another claim and left slots free (then claiming again finds more)."""
     # A stopped node claims nothing (its claim would be left for lease expiry); the
     # node's row is held FOR SHARE so that `stop_node` waits for this claim to commit.
     # An uncorrelated condition is a one-time filter: the function does not run at all.
     rows = await conn.fetch(
-        "SELECT * FROM taskpool_claim($1, $2, $3, $4::jsonb, $5) WHERE COALESCE("
-        "(SELECT stopped_at IS NULL FROM taskpool_nodes WHERE id = $2 FOR SHARE), true)",
-        CLAIM_LOCK,
+        "SELECT (c.task).*, c.contended FROM taskpool_claim($1, $2, $3::jsonb, $4) AS c"
+        " WHERE COALESCE((SELECT stopped_at IS NULL FROM taskpool_nodes WHERE id = $1"
+        " FOR SHARE), true)",
         node_id,
         limits.max_parallel,
         json.dumps(dict(limits.project_limits)),
         lease_ttl_s,
     )
-    return [Claim(info(row)) for row in rows]
+    claims = [Claim(info(row)) for row in rows if row["id"] is not None]
+    return claims, any(row["contended"] for row in rows)
 
 
 def info(r: Any) -> TaskInfo:

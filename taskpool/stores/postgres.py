@@ -1,11 +1,14 @@
 """The multi-node store: PostgreSQL through asyncpg (imported only when used).
 
-Every operation is one transaction. Claims take a transaction-level advisory
-lock first, so two nodes never decide on overlapping snapshots: the database,
-not a check in Python, makes template and lock exclusivity hold cluster-wide.
-Fenced writes lock their task row (`FOR UPDATE`) and compare fence, status and
-lease expiry against the database's own clock, the one clock every node shares.
-Rescues skip rows another transaction holds (`SKIP LOCKED`).
+Every operation is one transaction. A claim is one statement outside any explicit
+transaction (`taskpool_claim`, migration 0006): it locks what its choice depends on
+(the claiming node, and each blocking key of the tasks it takes: a limited project,
+a template, a named lock) with transaction-level advisory locks released at its own
+commit, never across a round trip, so claims that share no key run side by side,
+and the database, not a check in Python, makes template and lock exclusivity hold
+cluster-wide. Fenced writes lock their task row (`FOR UPDATE`) and compare fence,
+status and lease expiry against the database's own clock, the one clock every node
+shares. Rescues skip rows another transaction holds (`SKIP LOCKED`).
 
 Driver errors become `StoreUnavailable` when retrying may help (connection lost,
 server shutting down, serialization failure) and `StoreError` otherwise.
@@ -13,11 +16,10 @@ server shutting down, serialization failure) and `StoreError` otherwise.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from importlib import resources
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 
@@ -34,6 +36,7 @@ from ._common import (
     node_from_row,
     node_values,
 )
+from ._postgres_driver import map_error, quiet_connection_class, scrub
 
 if TYPE_CHECKING:
     import asyncpg
@@ -45,11 +48,9 @@ log = logging.getLogger("taskpool")
 #: claim (submits, ends, retries, rescues).
 WORK_CHANNEL = "taskpool_work"
 
-_NOW = ops.NOW
-
-#: SQLSTATE classes worth retrying: connection exceptions, insufficient resources,
-#: operator intervention (shutdown), and serialization failures or deadlocks.
-_TRANSIENT_SQLSTATE_PREFIXES = ("08", "53", "57", "40")
+#: How long a claim that lost a race waits before each new try (then it returns what
+#: it has): the claim it lost to holds its locks for one statement, about a millisecond.
+_CLAIM_RACE_DELAYS_S = (0.001, 0.004, 0.016)
 
 
 def migrations() -> list[tuple[int, str]]:
@@ -61,113 +62,6 @@ def migrations() -> list[tuple[int, str]]:
         if entry.name.endswith(".sql")
     ]
     return sorted(found)
-
-
-#: `submit_many`'s one statement. `$1` is a JSON array of specs (`_spec_json`). Ids are
-#: drawn first and paired with the specs by rank, so that a batch's ids ascend in the
-#: order given (the queue's order among equal priorities) whatever order the
-#: sequence is read in; the insert trigger logs each task's 'submitted' event.
-_SUBMIT_MANY = f"""
-WITH spec AS (
-    SELECT s, n FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS t(s, n)
-), drawn AS (
-    SELECT nextval(pg_get_serial_sequence('taskpool_tasks', 'id')) AS id
-    FROM spec
-), ranked AS (
-    SELECT id, row_number() OVER (ORDER BY id) AS n FROM drawn
-), now AS ({_NOW} AS t), inserted AS (
-    INSERT INTO taskpool_tasks (id, status, argv, cwd, env, project, template,
-        template_parallel, locks, priority, submitted_at, not_before, timeout_s,
-        stall_timeout_s, max_attempts, retry_backoff_s, reason, changed_at, pass_env,
-        inherit_env, memory_max, pids_max, cpu_max)
-    SELECT ranked.id, 'waiting',
-        ARRAY(SELECT a FROM jsonb_array_elements_text(s->'argv') WITH ORDINALITY AS v(a, i)
-              ORDER BY i),
-        s->>'cwd',
-        CASE WHEN jsonb_typeof(s->'env') = 'object' THEN s->'env' END,
-        s->>'project',
-        s->>'template',
-        (s->>'template_parallel')::boolean,
-        ARRAY(SELECT jsonb_array_elements_text(s->'locks')),
-        (s->>'priority')::integer,
-        now.t,
-        (s->>'not_before')::float8,
-        (s->>'timeout_s')::float8,
-        (s->>'stall_timeout_s')::float8,
-        (s->>'max_attempts')::integer,
-        (s->>'retry_backoff_s')::float8,
-        'submitted',
-        now.t,
-        ARRAY(SELECT jsonb_array_elements_text(s->'pass_env')),
-        (s->>'inherit_env')::boolean,
-        (s->>'memory_max')::bigint,
-        (s->>'pids_max')::integer,
-        (s->>'cpu_max')::float8
-    FROM spec JOIN ranked USING (n), now
-    ORDER BY ranked.id
-    RETURNING id
-)
-SELECT id FROM inserted ORDER BY id
-"""
-
-
-def _spec_json(spec: TaskSpec) -> dict[str, Any]:
-    """A checked spec as one element of `_SUBMIT_MANY`'s JSON array."""
-    return {
-        "argv": list(spec.argv),
-        "cwd": spec.cwd,
-        "env": dict(spec.env) if spec.env is not None else None,
-        "project": spec.project,
-        "template": spec.template,
-        "template_parallel": spec.template_parallel,
-        "locks": sorted(spec.locks),
-        "priority": spec.priority,
-        "not_before": spec.not_before or 0.0,
-        "timeout_s": spec.timeout_s,
-        "stall_timeout_s": spec.stall_timeout_s,
-        "max_attempts": spec.max_attempts,
-        "retry_backoff_s": spec.retry_backoff_s,
-        "pass_env": sorted(spec.pass_env),
-        "inherit_env": spec.inherit_env,
-        "memory_max": spec.memory_max,
-        "pids_max": spec.pids_max,
-        "cpu_max": spec.cpu_max,
-    }
-
-
-def _map_error(exc: BaseException) -> StoreError:
-    """The taskpool error for a driver error, its text redacted (a driver may echo the
-    connection string it was given)."""
-    import asyncpg
-
-    if isinstance(exc, asyncpg.PostgresError):
-        state = getattr(exc, "sqlstate", None) or ""
-        if state.startswith(_TRANSIENT_SQLSTATE_PREFIXES):
-            return StoreUnavailable(redact(f"PostgreSQL {state}: {exc}"))
-        return StoreError(redact(f"PostgreSQL {state}: {exc}"))
-    return StoreUnavailable(redact(f"PostgreSQL connection: {exc!r}"))
-
-
-def _scrub(exc: BaseException, dsn: str) -> BaseException:
-    """Redact, in place, a driver exception's arguments: it stays the cause of the
-    taskpool error (tracebacks print it), so it must not carry the DSN's password."""
-    secrets = dsn_secrets(dsn)
-    exc.args = tuple(redact(a, secrets=secrets) if isinstance(a, str) else a for a in exc.args)
-    return exc
-
-
-def _quiet_connection_class() -> type:
-    import asyncpg
-
-    class QuietConnection(asyncpg.Connection):  # type: ignore[misc]
-        """Skips the reset query on release (a round trip per operation): the store
-        takes only transaction-level locks, opens no cursors, sets nothing and LISTENs
-        on a connection of its own. Open transactions are still rolled back."""
-
-        def get_reset_query(self) -> str:
-            return ""
-
-    return QuietConnection
 
 
 class PostgresStore(Store):
@@ -221,7 +115,7 @@ class PostgresStore(Store):
                 self.dsn,
                 min_size=self.min_size,
                 max_size=self.max_size,
-                connection_class=_quiet_connection_class(),
+                connection_class=quiet_connection_class(),
                 timeout=self.connect_timeout_s,
                 command_timeout=self.command_timeout_s,
                 # A client frozen inside a transaction (SIGSTOP, a paused VM) must not
@@ -231,10 +125,10 @@ class PostgresStore(Store):
                 },
             )
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            error = _map_error(_scrub(exc, self.dsn))
+            error = map_error(scrub(exc, self.dsn))
             raise type(error)(f"{where}: {error}") from exc
         except ValueError as exc:  # a malformed DSN (a port that is not a number, ...)
-            raise StoreError(f"{where}: {_scrub(exc, self.dsn)}") from exc
+            raise StoreError(f"{where}: {scrub(exc, self.dsn)}") from exc
         try:
             async with pool.acquire() as conn:
                 await self._migrate(conn, create=self.create)
@@ -268,7 +162,7 @@ class PostgresStore(Store):
                 await conn.execute(sql)
                 await conn.execute(
                     "INSERT INTO taskpool_schema_version (version, applied_at)"
-                    f" VALUES ($1, ({_NOW}))",
+                    f" VALUES ($1, ({ops.NOW}))",
                     version,
                 )
 
@@ -281,7 +175,9 @@ class PostgresStore(Store):
             if scope.cancelled_caught:
                 pool.terminate()
 
-    async def _tx(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    async def _tx(
+        self, fn: Callable[[asyncpg.Connection], Awaitable[T]], *, transaction: bool = True
+    ) -> T:
         """Run `fn` in one transaction on a pooled connection, mapping driver errors."""
         import asyncpg
 
@@ -294,13 +190,20 @@ class PostgresStore(Store):
             with anyio.CancelScope(shield=True):
                 conn = await pool.acquire(timeout=self.connect_timeout_s)
             try:
+                if not transaction:
+                    return await fn(conn)
                 async with conn.transaction():
                     return await fn(conn)
             finally:
                 with anyio.CancelScope(shield=True):
                     await pool.release(conn, timeout=self.command_timeout_s)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise _map_error(exc) from exc
+            raise map_error(exc) from exc
+
+    async def _statement(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """Run `fn`, one statement, outside an explicit transaction (PostgreSQL commits it
+        as it ends), on a pooled connection, mapping driver errors."""
+        return await self._tx(fn, transaction=False)
 
     async def check_identity(self) -> None:
         """The database answering must be the one opened: a restore of another database
@@ -352,39 +255,7 @@ class PostgresStore(Store):
     async def submit(self, spec: TaskSpec, *, reason: str = "submitted") -> int:
         spec = spec.checked()  # InvalidTask here, before the database sees anything
 
-        async def op(conn: asyncpg.Connection) -> int:
-            task_id: int = await conn.fetchval(
-                "INSERT INTO taskpool_tasks (status, argv, cwd, env, project, template,"
-                " template_parallel, locks, priority, submitted_at, not_before, timeout_s,"
-                " stall_timeout_s, max_attempts, retry_backoff_s, reason, changed_at,"
-                " pass_env, inherit_env, memory_max, pids_max, cpu_max)"
-                f" SELECT 'waiting', $1, $2, $3::jsonb, $4, $5, $6, $7, $8, now.t, $9, $10,"
-                f" $11, $12, $13, $19, now.t, $14, $15, $16, $17, $18"
-                f" FROM ({_NOW}) AS now(t)"
-                " RETURNING id",
-                list(spec.argv),
-                spec.cwd,
-                json.dumps(dict(spec.env)) if spec.env is not None else None,
-                spec.project,
-                spec.template,
-                spec.template_parallel,
-                sorted(spec.locks),
-                spec.priority,
-                spec.not_before or 0.0,
-                spec.timeout_s,
-                spec.stall_timeout_s,
-                spec.max_attempts,
-                spec.retry_backoff_s,
-                sorted(spec.pass_env),
-                spec.inherit_env,
-                spec.memory_max,
-                spec.pids_max,
-                spec.cpu_max,
-                reason,
-            )
-            return task_id
-
-        return await self._tx(op)
+        return await self._tx(lambda conn: ops.submit(conn, spec, reason))
 
     async def submit_many(self, specs: Sequence[TaskSpec]) -> list[int]:
         """All the tasks in one transaction and one statement: the specs travel as one
@@ -392,16 +263,21 @@ class PostgresStore(Store):
         checked = [spec.checked() for spec in specs]  # InvalidTask before the database
         if not checked:
             return []
-        rows = json.dumps([_spec_json(spec) for spec in checked])
-
-        async def op(conn: asyncpg.Connection) -> list[int]:
-            ids = await conn.fetch(_SUBMIT_MANY, rows)
-            return [r["id"] for r in ids]
-
-        return await self._tx(op)
+        return await self._tx(lambda conn: ops.submit_many(conn, checked))
 
     async def claim(self, node_id: str, limits: Limits, lease_ttl_s: float) -> list[Claim]:
-        return await self._tx(lambda conn: ops.claim(conn, node_id, limits, lease_ttl_s))
+        """One claim statement, again at once (a few times) while it lost a race to
+        another claim and left slots free: what that claim held is decided by now."""
+        claims: list[Claim] = []
+        for delay in (*_CLAIM_RACE_DELAYS_S, None):
+            got, contended = await self._statement(
+                lambda conn: ops.claim(conn, node_id, limits, lease_ttl_s)
+            )
+            claims.extend(got)
+            if not contended or delay is None:
+                return claims
+            await anyio.sleep(delay)
+        raise AssertionError("unreachable")
 
     async def record_spawn(self, task_id: int, fence: int, pid: int, pid_started_at: float) -> None:
         await self._tx(lambda conn: ops.record_spawn(conn, task_id, fence, pid, pid_started_at))
@@ -425,11 +301,18 @@ class PostgresStore(Store):
         limits: Limits,
         lease_ttl_s: float,
     ) -> list[Claim]:
-        async def op(conn: asyncpg.Connection) -> list[Claim]:
-            await ops.finish(conn, task_id, fence, outcome)
-            return await ops.claim(conn, node_id, limits, lease_ttl_s)
-
-        return await self._tx(op)
+        """`finish`, committed, then `claim`: a claim holds its locks for its own statement
+        only, never across the round trips of a finish. The outcome is written whatever
+        becomes of the claim: a claim that fails for an outage claims nothing here (the
+        node's claim loop is woken by the end this commit announces)."""
+        await self.finish(task_id, fence, outcome)
+        try:
+            return await self.claim(node_id, limits, lease_ttl_s)
+        except StoreUnavailable as exc:
+            log.warning(
+                "claim after finishing task %s failed, left to the claim loop: %s", task_id, exc
+            )
+            return []
 
     async def renew_leases(self, node_id: str, lease_ttl_s: float) -> Renewal:
         return await self._tx(lambda conn: ops.renew_leases(conn, node_id, lease_ttl_s))
