@@ -174,6 +174,10 @@ def _age_text(age: float | None) -> str:
     return f"{age:g} s"
 
 
+#: What a pool prunes unless told otherwise: finished tasks kept 30 days.
+DEFAULT_RETENTION = Retention()
+
+
 @dataclass(frozen=True)
 class PrunePlan:
     """A `Retention` at one instant: what a store deletes.
@@ -307,7 +311,7 @@ def parse_age(text: str) -> float:
     return float(number) * _AGE_UNITS[(unit or "s").lower()]
 
 
-async def keep_pruning(store: Store, policy: Retention, *, interval_s: float) -> None:
+async def keep_pruning(store: Store, policy: Retention, interval_s: float) -> None:
     """Prune `store` by `policy` every `interval_s`, forever. Nodes started together
     do not all prune at once (the first prune comes after a random part of the
     interval, at most a minute); when they do, their prunes share the work safely
