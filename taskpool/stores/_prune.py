@@ -28,7 +28,7 @@ import os
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio.to_thread
 
@@ -42,12 +42,15 @@ from .._retention import (
     Retention,
     keep_boundary,
 )
+from ._writer import map_error
 
 if TYPE_CHECKING:
     import asyncpg
 
     from .postgres import PostgresStore
     from .sqlite import SQLiteStore
+
+T = TypeVar("T")
 
 #: Free pages returned to the file system per incremental-vacuum transaction (4 KiB
 #: each by default): 16 MiB moved at most while other writers wait.
@@ -228,7 +231,9 @@ def _shrink(path: str) -> bool:
         (mode,) = conn.execute("PRAGMA auto_vacuum").fetchone()
         if mode != 2:
             return False
-        while conn.execute("PRAGMA freelist_count").fetchone()[0] > 0:
+        (free,) = conn.execute("PRAGMA freelist_count").fetchone()
+        # Bounded: pages other writers free meanwhile wait for the next prune.
+        for _ in range(free // VACUUM_STEP_PAGES + 1):
             # executescript steps the pragma to its end (execute would free one page),
             # each in a transaction of its own: other writers wait for one step at most.
             conn.executescript(f"PRAGMA incremental_vacuum({VACUUM_STEP_PAGES});")
@@ -239,6 +244,14 @@ def _shrink(path: str) -> bool:
         return True
     finally:
         conn.close()
+
+
+async def _in_thread(fn: Callable[[str], T], path: str) -> T:
+    """Run `fn` on a connection of its own in a thread, SQLite's errors as taskpool's."""
+    try:
+        return await anyio.to_thread.run_sync(fn, path)
+    except sqlite3.Error as exc:
+        raise map_error(exc) from exc
 
 
 def _full_vacuum(path: str) -> None:
@@ -281,7 +294,7 @@ async def prune_sqlite(
             report, after = _add(report, counts), last
     if dry_run or not (report.tasks or report.output_tasks):
         return report
-    incremental = await anyio.to_thread.run_sync(_shrink, path)
+    incremental = await _in_thread(_shrink, path)
     freed = max(0, size_before - await anyio.to_thread.run_sync(_file_size, path))
     return dataclasses.replace(
         report, bytes_freed=freed, note="" if incremental else NOT_INCREMENTAL
@@ -291,7 +304,7 @@ async def prune_sqlite(
 async def vacuum_sqlite(store: SQLiteStore) -> int:
     path = str(store.path)
     before = await anyio.to_thread.run_sync(_file_size, path)
-    await anyio.to_thread.run_sync(_full_vacuum, path)
+    await _in_thread(_full_vacuum, path)
     return max(0, before - await anyio.to_thread.run_sync(_file_size, path))
 
 
