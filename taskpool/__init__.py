@@ -31,6 +31,7 @@ from ._models import (
     TaskSpec,
 )
 from ._pool import TaskPool
+from ._retention import PruneReport, Retention
 from ._store import OutputChunk, Store
 from .stores.postgres import PostgresStore
 from .stores.sqlite import SQLiteStore
@@ -46,7 +47,9 @@ __all__ = [
     "PoolClosed",
     "PoolCrashed",
     "PostgresStore",
+    "PruneReport",
     "ResourceLimits",
+    "Retention",
     "SQLiteStore",
     "StaleReport",
     "Status",

@@ -65,6 +65,7 @@ from ._recovery import (
     release_and_stop,
     rescue_expired,
 )
+from ._retention import DEFAULT_INTERVAL_S, DEFAULT_RETENTION, Retention, keep_pruning
 from ._runner import RunnerControl, StopKind
 from ._store import Store
 from ._store_calls import StoreCalls
@@ -96,6 +97,8 @@ class TaskPool(PoolClientAPI):
     running tasks per project across every node sharing the store.
     A store that stays unavailable for longer than `store_outage_tolerance_s`
     crashes the pool (its children are killed and `PoolCrashed` is raised).
+    `retention` prunes finished tasks every `retention_interval_s` (default: kept 30
+    days, checked hourly; None keeps everything): see `Retention`.
     """
 
     def __init__(
@@ -118,6 +121,8 @@ class TaskPool(PoolClientAPI):
         guard: bool = True,
         default_limits: ResourceLimits | None = None,
         metrics: Metrics | None = None,
+        retention: Retention | None = DEFAULT_RETENTION,
+        retention_interval_s: float = DEFAULT_INTERVAL_S,
     ) -> None:
         if max_parallel < 1:
             raise ValueError("max_parallel must be >= 1")
@@ -154,6 +159,10 @@ class TaskPool(PoolClientAPI):
                 lease_ttl_s,
             )
         self.metrics = metrics
+        # Finished tasks pruned in the background (_retention.py); None keeps everything.
+        self.retention, self.retention_interval_s = retention, retention_interval_s
+        if not retention_interval_s > 0:
+            raise ValueError("retention_interval_s must be > 0")
         self.containment_mode = containment
         self.cgroup_mount = cgroup_mount
         self.default_limits = default_limits or ResourceLimits()
@@ -350,6 +359,11 @@ class TaskPool(PoolClientAPI):
                 tg.start_soon(
                     self.store.watch_for_work, self._work_arrived, name="taskpool work watcher"
                 )
+                if self.retention is not None:
+                    policy, every = self.retention, self.retention_interval_s
+                    tg.start_soon(
+                        keep_pruning, self.store, policy, every, name="taskpool retention"
+                    )
 
     # -- recovery ----------------------------------------------------------
     async def _reconcile_predecessors(self) -> None:

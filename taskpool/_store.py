@@ -35,6 +35,7 @@ from ._models import (
     TaskInfo,
     TaskSpec,
 )
+from ._retention import PruneReport, Retention
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +197,22 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def request_cancel(self, task_id: int, *, force: bool = False) -> TaskInfo:
         """Cancel a waiting task at once; ask the owner of a running one to stop it."""
+
+    @abc.abstractmethod
+    async def prune(
+        self, policy: Retention, *, now: float | None = None, dry_run: bool = False
+    ) -> PruneReport:
+        """Remove finished tasks (with their attempts, events and output) and output
+        that `policy` no longer keeps, as of `now` (default: the store's clock), in
+        transactions of at most `_retention.BATCH_TASKS` tasks; never a waiting or
+        running task. `dry_run` removes nothing and reports what it would remove.
+        Concurrent prunes are safe. SQLite files in incremental vacuum mode shrink."""
+
+    async def vacuum(self) -> int | None:
+        """Rewrite the storage to return free space (SQLite: a full VACUUM that also
+        turns on incremental vacuum; it holds the write lock throughout). Bytes the
+        file shrank by, None where not known. Stores with nothing to do keep this."""
+        return None
 
     # -- reads -------------------------------------------------------------
     @abc.abstractmethod

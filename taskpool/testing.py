@@ -43,6 +43,7 @@ from ._models import (
     TaskInfo,
     TaskSpec,
 )
+from ._retention import FinishedTask, PruneReport, Retention, select_prunable
 from ._rules import Slot, plan_claims
 from ._store import Orphan, OutputChunk, Renewal, Store
 from .stores._common import no_task
@@ -63,6 +64,7 @@ class MemoryStore(Store):
         self._tasks: dict[int, _Task] = {}
         self._nodes: dict[str, NodeInfo] = {}
         self._events: list[TaskEvent] = []
+        self._last_task_id = self._last_event_id = 0
         self._lock = anyio.Lock()
         self._open = False
         #: The UNIX time leases, retries and claims are decided on: set your own to
@@ -101,7 +103,8 @@ class MemoryStore(Store):
             self._log(event)
 
     def _log(self, event: TaskEvent) -> None:
-        self._events.append(dataclasses.replace(event, id=len(self._events) + 1))
+        self._last_event_id += 1  # never reused, even after a prune
+        self._events.append(dataclasses.replace(event, id=self._last_event_id))
 
     def _fenced(self, task_id: int, fence: int) -> _Task:
         task = self._task(task_id)
@@ -178,7 +181,8 @@ class MemoryStore(Store):
         self._check()
         spec = spec.checked()  # as the SQL stores: InvalidTask, and nothing stored
         now = time.time()
-        task_id = len(self._tasks) + 1
+        self._last_task_id += 1  # never reused, even after a prune
+        task_id = self._last_task_id
         info = TaskInfo(
             id=task_id,
             spec=spec,
@@ -323,6 +327,36 @@ class MemoryStore(Store):
             task.info = dataclasses.replace(task.info, cancel_requested=plan.mode)
             self._log(plan.event)
         return task.info
+
+    async def prune(
+        self, policy: Retention, *, now: float | None = None, dry_run: bool = False
+    ) -> PruneReport:
+        self._check()
+        finished = [
+            FinishedTask(t.info.id, t.info.status, t.info.finished_at, bool(t.output))
+            for t in self._tasks.values()
+            if t.info.status.is_terminal and t.info.finished_at is not None
+        ]
+        chosen = select_prunable(finished, policy.plan(self.clock() if now is None else now))
+        gone = set(chosen.tasks)
+        report = PruneReport(dry_run=dry_run).plus(
+            len(chosen.tasks),
+            sum(self._tasks[i].info.fence for i in chosen.tasks),  # one attempt per claim
+            sum(1 for e in self._events if e.task_id in gone),
+            sum(
+                len(c)
+                for i in (*chosen.tasks, *chosen.output_only)
+                for c in self._tasks[i].output.values()
+            ),
+            len(chosen.output_only),
+        )
+        if not dry_run:
+            for task_id in chosen.tasks:
+                del self._tasks[task_id]
+            for task_id in chosen.output_only:
+                self._tasks[task_id].output.clear()
+            self._events = [e for e in self._events if e.task_id not in gone]
+        return report
 
     # -- reads -------------------------------------------------------------
     async def get(self, task_id: int) -> TaskInfo:

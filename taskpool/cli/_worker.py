@@ -18,6 +18,7 @@ import anyio
 from .._models import ResourceLimits
 from .._pool import TaskPool
 from .._redact import redact
+from . import _prune
 from ._options import (
     UsageError,
     choice,
@@ -151,6 +152,7 @@ def add_commands(commands: Commands) -> None:
         default="auto",
     )
     limit_options(worker, "default for tasks that set none: ", lambda flag: env_name(None, flag))
+    _prune.add_worker_options(worker)
 
 
 LOG_FORMATS = ["text", "json"]
@@ -266,6 +268,7 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         store_outage_tolerance_s=args.outage_tolerance,
         containment=args.containment,
         default_limits=ResourceLimits(args.memory_max, args.pids_max, args.cpu_max),
+        **_prune.worker_retention(args),
     )
     stop = _WorkerStop()
     failure: Exception | None = None

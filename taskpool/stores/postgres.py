@@ -26,8 +26,10 @@ import anyio
 from .._errors import StoreError, StoreUnavailable
 from .._models import Claim, Limits, NodeInfo, Outcome, Status, TaskEvent, TaskInfo, TaskSpec
 from .._redact import dsn_secrets, redact
+from .._retention import PruneReport, Retention
 from .._store import Orphan, OutputChunk, Renewal, Store
 from . import _postgres_ops as ops
+from . import _prune
 from ._common import (
     NODE_COLUMNS,
     alive_filter,
@@ -428,3 +430,13 @@ class PostgresStore(Store):
             return [OutputChunk(r[0], r[1], r[2]) for r in rows]
 
         return await self._tx(op)
+
+    # -- retention ---------------------------------------------------------
+    async def prune(
+        self, policy: Retention, *, now: float | None = None, dry_run: bool = False
+    ) -> PruneReport:
+        return await _prune.prune_postgres(self, policy, now, dry_run)
+
+    async def vacuum(self) -> int | None:
+        await _prune.vacuum_postgres(self)
+        return None

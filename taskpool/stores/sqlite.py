@@ -27,7 +27,9 @@ import anyio.to_thread
 
 from .._errors import StoreError, StoreUnavailable
 from .._models import Claim, Limits, NodeInfo, Outcome, Status, TaskEvent, TaskInfo, TaskSpec
+from .._retention import PruneReport, Retention
 from .._store import Orphan, OutputChunk, Renewal, Store
+from . import _prune
 from . import _sqlite_ops as ops
 from ._common import (
     NODE_COLUMNS,
@@ -118,6 +120,9 @@ class SQLiteStore(Store):
                 uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30.0
             )
         conn.row_factory = sqlite3.Row
+        # Before anything else: a new file takes it with its first table, and then
+        # shrinks after a prune (taskpool/stores/_prune.py); no effect on existing ones.
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")  # the writer raises it per batch
         conn.execute("PRAGMA foreign_keys=ON")
@@ -396,6 +401,15 @@ class SQLiteStore(Store):
             return [OutputChunk(r[0], r[1], r[2]) for r in rows]
 
         return await self._read(op)
+
+    # -- retention ---------------------------------------------------------
+    async def prune(
+        self, policy: Retention, *, now: float | None = None, dry_run: bool = False
+    ) -> PruneReport:
+        return await _prune.prune_sqlite(self, policy, now, dry_run)
+
+    async def vacuum(self) -> int | None:
+        return await _prune.vacuum_sqlite(self)
 
 
 # -- operations, run inside a transaction ------------------------------------

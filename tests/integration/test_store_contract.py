@@ -30,6 +30,8 @@ from taskpool import (
     LeaseLost,
     Limits,
     NodeInfo,
+    PruneReport,
+    Retention,
     SQLiteStore,
     Status,
     Store,
@@ -540,3 +542,152 @@ async def test_a_retry_waits_out_its_backoff(clocked: tuple[Opener, Clock]) -> N
         clock.now += 0.5
         (again,) = await store.claim("node-0", Limits(), lease_ttl_s=30)
         assert (again.task.id, again.task.attempts_used) == (task, 2)
+
+
+# --- retention: prune ------------------------------------------------------------------
+
+FAILED_1 = Outcome(OutcomeKind.EXITED, "exited with code 1", 1)
+
+
+async def _finished(store: Store, n: int, outcome: Outcome = EXITED_0, **spec: object) -> list[int]:
+    """`n` tasks run to their end through the store as a pool would, with output."""
+    ids = [await store.submit(TaskSpec.build(["true"], **spec)) for _ in range(n)]  # type: ignore[arg-type]
+    claims = await store.claim("node-0", Limits(max_parallel=n), lease_ttl_s=30)
+    assert sorted(c.task.id for c in claims) == ids
+    for claim in claims:
+        await store.append_output(claim.task.id, claim.fence, ["out 1\n", "out 2\n"])
+        await store.finish(claim.task.id, claim.fence, outcome)
+    return ids
+
+
+async def _gone(store: Store, task_id: int) -> bool:
+    """Nothing of the task left: no row, no events, no output."""
+    try:
+        await store.get(task_id)
+    except TaskNotFound:
+        pass
+    else:
+        return False
+    if await store.events(task_id):
+        return False
+    try:
+        return await store.read_output(task_id) == []
+    except TaskNotFound:  # MemoryStore says so where the SQL stores find no rows
+        return True
+
+
+async def _latest_finish(store: Store, ids: list[int]) -> float:
+    return max([(await store.get(i)).finished_at or 0.0 for i in ids])
+
+
+async def test_prune_never_touches_waiting_or_running_tasks(opener: Opener) -> None:
+    """Even a policy that keeps no finished task leaves waiting and running tasks, with
+    their events and output, as they were; every finished task goes with its events and
+    output."""
+    async with handles(opener, 1) as (store,):
+        done = await _finished(store, 3)
+        running = await store.submit(TaskSpec.build(["sleep", "9"]))
+        (claim,) = await store.claim("node-0", Limits(max_parallel=1), lease_ttl_s=30)
+        await store.append_output(running, claim.fence, ["still going\n"])
+        waiting = await store.submit(TaskSpec.build(["true"], not_before=time.time() + 3600))
+        before = {t: await store.events(t) for t in (running, waiting)}
+        report = await store.prune(Retention(older_than_s=0, keep_last=0), now=time.time() + 60)
+        assert (report.tasks, report.attempts, report.events, report.output_chunks) == (3, 3, 9, 6)
+        assert [await _gone(store, t) for t in done] == [True] * 3
+        assert (await store.get(running)).status is Status.RUNNING
+        assert (await store.get(waiting)).status is Status.WAITING
+        assert {t: await store.events(t) for t in (running, waiting)} == before
+        assert [c.text for c in await store.read_output(running)] == ["still going\n"]
+        # The running one still ends normally, and is then pruned like any other.
+        await store.finish(running, claim.fence, EXITED_0)
+        again = await store.prune(Retention(older_than_s=0), now=time.time() + 60)
+        assert again.tasks == 1
+        assert await _gone(store, running)
+
+
+async def test_prune_dry_run_removes_nothing_and_reports_what_a_prune_removes(
+    opener: Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dry run counts exactly what the real prune then removes (across batches)."""
+    monkeypatch.setattr("taskpool.stores._prune.BATCH_TASKS", 2)
+    async with handles(opener, 1) as (store,):
+        old = await _finished(store, 5)
+        kept = await _finished(store, 1, FAILED_1)
+        policy = Retention(older_than_s=60, per_status={"failed": None})
+        now = await _latest_finish(store, old + kept) + 120
+        dry = await store.prune(policy, now=now, dry_run=True)
+        assert dry.dry_run
+        assert [await _gone(store, t) for t in old + kept] == [False] * 6
+        real = await store.prune(policy, now=now)
+        assert not real.dry_run
+        counts = (dry.tasks, dry.attempts, dry.events, dry.output_chunks)
+        assert counts == (real.tasks, real.attempts, real.events, real.output_chunks)
+        assert counts == (5, 5, 15, 10)
+        assert [await _gone(store, t) for t in old] == [True] * 5
+        assert (await store.get(kept[0])).status is Status.FAILED
+        assert (await store.prune(policy, now=now)).tasks == 0
+
+
+async def test_prune_respects_per_status_ages_and_keep_last(opener: Opener) -> None:
+    """Succeeded tasks go after `older_than_s`, failed ones after their own longer age;
+    `keep_last` keeps only the most recently finished, whatever their age."""
+    async with handles(opener, 1) as (store,):
+        succeeded = await _finished(store, 2)
+        failed = await _finished(store, 2, FAILED_1)
+        finished = succeeded + failed
+        now = await _latest_finish(store, finished) + 500
+        policy = Retention(older_than_s=100, per_status={"failed": 1000})
+        report = await store.prune(policy, now=now)
+        assert report.tasks == 2
+        assert [await _gone(store, t) for t in finished] == [True, True, False, False]
+        later = await store.prune(policy, now=now + 1000)
+        assert later.tasks == 2
+        assert [await _gone(store, t) for t in failed] == [True, True]
+
+        newer = await _finished(store, 4)
+        by_count = await store.prune(Retention(older_than_s=None, keep_last=1), now=now)
+        assert by_count.tasks == 3
+        assert [await _gone(store, t) for t in newer] == [True, True, True, False]
+
+
+async def test_prune_can_drop_output_alone(opener: Opener) -> None:
+    """`output_older_than_s` drops the output of old tasks and keeps their rows, attempts
+    and events; younger tasks keep their output."""
+    async with handles(opener, 1) as (store,):
+        (task,) = await _finished(store, 1)
+        events = await store.events(task)
+        now = await _latest_finish(store, [task]) + 500
+        young = Retention(older_than_s=None, output_older_than_s=1000)
+        assert (await store.prune(young, now=now)).output_chunks == 0
+        assert len(await store.read_output(task)) == 2
+        old = Retention(older_than_s=None, output_older_than_s=100)
+        report = await store.prune(old, now=now)
+        assert (report.tasks, report.output_tasks, report.output_chunks) == (0, 1, 2)
+        assert await store.read_output(task) == []
+        assert (await store.get(task)).status is Status.SUCCEEDED
+        assert await store.events(task) == events
+
+
+async def test_concurrent_prunes_share_the_work_safely(
+    opener: Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two handles pruning at once remove every prunable task once between them (their
+    counts add up to what there was), and nothing else."""
+    monkeypatch.setattr("taskpool.stores._prune.BATCH_TASKS", 3)
+    async with handles(opener, 2) as (one, two):
+        doomed = await _finished(one, 20)
+        waiting = await one.submit(TaskSpec.build(["true"], not_before=time.time() + 3600))
+        now = await _latest_finish(one, doomed) + 60
+        reports: list[PruneReport] = []
+
+        async def prune(store: Store) -> None:
+            reports.append(await store.prune(Retention(older_than_s=0), now=now))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(prune, one)
+            tg.start_soon(prune, two)
+        assert sum(r.tasks for r in reports) == 20
+        assert sum(r.events for r in reports) == 60
+        assert sum(r.output_chunks for r in reports) == 40
+        assert [await _gone(two, t) for t in doomed] == [True] * 20
+        assert (await two.get(waiting)).status is Status.WAITING
