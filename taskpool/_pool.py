@@ -54,7 +54,7 @@ from ._models import (
     TaskSpec,
 )
 from ._runner import RunnerControl, RunRequest, StopKind, run_attempt
-from ._store import Orphan, Store
+from ._store import Orphan, Store, Wake
 from ._telemetry import Metrics, Telemetry
 from .stores import node_connections, open_store
 
@@ -842,9 +842,12 @@ class TaskPool:
                 await anyio.sleep(min(delay, deadline - now))
                 delay = min(delay * 2, 1.0)
 
-    def _work_arrived(self) -> None:
-        self._wake.set()
-        self._task_changed()  # a waiter may be waiting on another node's work too
+    def _work_arrived(self, wake: Wake) -> None:
+        # Only work wakes the claim loop, and it claims only with a free slot: an 'end'
+        # was claimed for by the node that ended its task, in the same transaction.
+        if wake is Wake.WORK:
+            self._wake.set()
+        self._task_changed()  # a waiter may be waiting on another node's task too
 
     def _task_changed(self) -> None:
         self._client.notify_changed()
