@@ -154,9 +154,16 @@ class StatusReads:
             del self._parked[watch]
             if self._reader is watch:
                 self._reader = None
-                for successor in self._parked:  # the longest parked takes the turn
-                    successor.nudge()
-                    break
+            if self._reader is None:
+                self._offer_turn()
+
+    def _offer_turn(self) -> None:
+        """Wake the longest parked caller that stays parked, to take the reader's turn
+        (one that is leaving passes it on in its turn, see `park`)."""
+        for successor in self._parked:
+            if successor.settled is None and not successor.poked:
+                successor.nudge()
+                return
 
     async def _read(self) -> None:
         """One read of every watched task's status; settles the watches it decides."""
