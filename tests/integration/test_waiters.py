@@ -100,7 +100,8 @@ async def test_a_change_costs_one_read_for_all_waiters_and_wakes_only_those_ende
                 for task_id in batch:
                     await store.finish(task_id, fences[task_id], EXITED_0)
                 client.notify_changed()
-                await _until(lambda batch=batch: all(t in returned for t in batch))
+                wanted = start + 20
+                await _until(lambda: len(returned) == wanted)  # noqa: B023 (awaited here)
                 assert sorted(returned) == ids[: start + 20]
                 assert len(store.status_reads) == reads_before + 1
                 assert sorted(store.gets[gets_before:]) == list(batch)
