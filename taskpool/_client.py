@@ -10,8 +10,8 @@ read of their tasks' statuses (`taskpool._waiters`), made after a change
 notification (a pool in the same process, or PostgreSQL's LISTEN/NOTIFY) and
 otherwise on a polling backoff that starts at `min_poll_interval_s` and doubles up
 to `poll_interval_s`; at most once per `min_poll_interval_s` however many
-notifications arrive and however many callers wait. Only the callers whose task
-ended are woken, and each then reads its own task once.
+notifications arrive and however many callers wait. The tasks found ended are
+fetched in one more query, and only their callers are woken.
 """
 
 from __future__ import annotations
@@ -182,9 +182,12 @@ class Client:
             self._tg.start_soon(self.store.watch_for_work, self._store_woke)
 
     async def _ended(self, watch: Watch) -> TaskInfo | None:
-        """Once the shared read has settled `watch`: the task's state if it has ended,
-        read by this caller alone (so `TaskNotFound`, or a store error when the shared
-        read failed, is raised to this caller only); None, and watched again, if not."""
+        """Once the shared read has settled `watch`: the ended task it fetched or, when
+        it found no such task or failed, the task as this caller reads it alone (so
+        `TaskNotFound`, or the store's error, is raised to this caller only); None, and
+        watched again, if it has not ended after all."""
+        if watch.info is not None:
+            return watch.info
         info = await self.store.get(watch.task_id)
         if info.is_terminal:
             return info
@@ -274,8 +277,8 @@ class Client:
         """Wait until the task is terminal and return it (`TimeoutError` after
         `timeout_s`; the task is left alone; `TaskNotFound` if there is none).
 
-        Concurrent calls share one status read per change (see the class); a call
-        reads its own task once more when that read says it ended."""
+        Concurrent calls share one status read per change (see the class), which
+        also fetches the tasks it finds ended."""
         with anyio.fail_after(timeout_s if timeout_s is not None else math.inf):
             watch = self._reads.register(task_id)
             try:

@@ -6,7 +6,8 @@ every waiting caller (`Client.wait`, and `Client.follow` for its status check)
 registers its task id here, and one read of all their statuses (`Store.statuses`)
 follows each change, at most once per `first_s` however many changes are notified,
 and otherwise on a polling backoff (`first_s` doubling up to `max_s`, started again
-when a caller registers). Only the callers whose task has ended are woken.
+when a caller registers). The tasks it finds ended are fetched in one more query
+(`Store.get_many`), and only their callers are woken, with their task in hand.
 
 The read is made by one of the parked callers at a time, the *reader*: whoever parks
 while nobody reads takes the turn and keeps it for as long as it stays parked; when it
@@ -25,14 +26,16 @@ from collections.abc import Callable, Iterator
 import anyio
 
 from ._errors import StoreError
+from ._models import TaskInfo
 from ._store import Store
 
 
 class Settled(enum.Enum):
-    """What a shared read found out for a watch; the caller then reads its task itself
-    (one `get`, whose answer or error is its own)."""
+    """What a shared read found out for a watch. But for `ENDED` (the task is in
+    `Watch.info`), the caller then reads its task itself: one `get`, whose answer or
+    error is its own."""
 
-    ENDED = "ended"  # the task is terminal
+    ENDED = "ended"  # the task is terminal: `Watch.info`
     MISSING = "missing"  # no task has this id
     READ_FAILED = "read failed"  # the shared read raised a StoreError
 
@@ -40,12 +43,13 @@ class Settled(enum.Enum):
 class Watch:
     """One caller's registration: its task id and what the shared reads found for it."""
 
-    __slots__ = ("_nudge", "follows", "poked", "settled", "task_id")
+    __slots__ = ("_nudge", "follows", "info", "poked", "settled", "task_id")
 
     def __init__(self, task_id: int, *, follows: bool) -> None:
         self.task_id = task_id
         self.follows = follows  # a follower: woken by output activity too
         self.settled: Settled | None = None
+        self.info: TaskInfo | None = None  # the ended task, when settled ENDED
         self.poked = False  # output may have arrived (followers only)
         self._nudge = anyio.Event()
 
@@ -173,29 +177,33 @@ class StatusReads:
         self._next_poll = self._last_read + next(self._delays)
         try:
             found = await self._store.statuses(task_ids)
+            ended = await self._store.get_many([t for t, s in found.items() if s.is_terminal])
         except StoreError:
             # Every caller reads for itself instead: an outage reaches each as its own
             # read's error, as it would without sharing.
-            self._settle(task_ids, lambda _: Settled.READ_FAILED)
+            self._settle(task_ids, lambda _: (Settled.READ_FAILED, None))
             return
         except BaseException:
             self._changed = True  # not read (cancelled): the next reader reads at once
             raise
 
-        def verdict(task_id: int) -> Settled | None:
-            status = found.get(task_id)
-            if status is None:
-                return Settled.MISSING
-            return Settled.ENDED if status.is_terminal else None
+        def verdict(task_id: int) -> tuple[Settled, TaskInfo | None] | None:
+            if task_id in ended:
+                return Settled.ENDED, ended[task_id]
+            return (Settled.MISSING, None) if task_id not in found else None
 
         self._settle(task_ids, verdict)
 
-    def _settle(self, task_ids: list[int], verdict: Callable[[int], Settled | None]) -> None:
+    def _settle(
+        self,
+        task_ids: list[int],
+        verdict: Callable[[int], tuple[Settled, TaskInfo | None] | None],
+    ) -> None:
         for task_id in task_ids:
             settled = verdict(task_id)
             if settled is None:
                 continue
             for watch in self._watches.get(task_id, []):
                 if watch.settled is None:
-                    watch.settled = settled
+                    watch.settled, watch.info = settled
                     watch.nudge()

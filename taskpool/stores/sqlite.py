@@ -367,6 +367,17 @@ class SQLiteStore(Store):
 
         return await self._read(op)
 
+    async def get_many(self, task_ids: Collection[int]) -> dict[int, TaskInfo]:
+        wanted = json.dumps(sorted(set(task_ids)))
+
+        def op(conn: sqlite3.Connection) -> dict[int, TaskInfo]:
+            rows = conn.execute(
+                "SELECT * FROM tasks WHERE id IN (SELECT value FROM json_each(?))", (wanted,)
+            ).fetchall()
+            return {info.id: info for info in map(ops.info, rows)}
+
+        return await self._read(op)
+
     async def list_tasks(
         self,
         *,

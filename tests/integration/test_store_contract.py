@@ -249,11 +249,12 @@ async def test_unknown_task(opener: Opener) -> None:
             await store.request_cancel(99)
 
 
-async def test_statuses_reads_many_tasks_at_once_and_leaves_out_unknown_ids(
+async def test_statuses_and_get_many_read_many_tasks_at_once_leaving_out_unknown_ids(
     opener: Opener,
 ) -> None:
-    """`statuses` answers for every id it knows, as `get` would, from another handle,
-    and leaves out ids of no task (the waiters' shared read relies on both)."""
+    """`statuses` and `get_many` answer for every id they know, as `get` would, from
+    another handle, and leave out ids of no task (the waiters' shared read relies on
+    both)."""
     async with handles(opener, 2) as (one, two):
         assert await two.statuses([]) == {}
         done, running, waiting = [await one.submit(TaskSpec.build(["true"])) for _ in range(3)]
@@ -267,6 +268,9 @@ async def test_statuses_reads_many_tasks_at_once_and_leaves_out_unknown_ids(
             waiting: Status.WAITING,
         }
         assert found == {t: (await two.get(t)).status for t in (done, running, waiting)}
+        fetched = await two.get_many([done, 9999, running, done])
+        assert fetched == {done: await two.get(done), running: await two.get(running)}
+        assert await two.get_many([]) == {}
 
 
 async def test_output_reads_in_order_across_attempts(opener: Opener) -> None:

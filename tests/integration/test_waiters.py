@@ -33,13 +33,18 @@ EXITED_0 = Outcome(OutcomeKind.EXITED, "exited with code 0", 0)
 
 
 class CountingStore(MemoryStore):
-    """Counts `get` and `statuses` calls; `statuses` fails while `failing` is set."""
+    """Counts `get`, `get_many` and `statuses` calls; `statuses` fails while `failing`."""
 
     def __init__(self) -> None:
         super().__init__()
         self.gets: list[int] = []
         self.status_reads: list[list[int]] = []
+        self.fetches: list[list[int]] = []
         self.failing = False
+
+    async def get_many(self, task_ids: Collection[int]) -> dict[int, TaskInfo]:
+        self.fetches.append(sorted(task_ids))
+        return await super().get_many(task_ids)
 
     async def get(self, task_id: int) -> TaskInfo:
         self.gets.append(task_id)
@@ -79,7 +84,7 @@ async def _until(predicate: Callable[[], bool]) -> None:
 
 async def test_a_change_costs_one_read_for_all_waiters_and_wakes_only_those_ended() -> None:
     """100 waiters, tasks ended 20 at a time: each change is one `statuses` read of
-    every watched id, and only the waiters of ended tasks read their task (once)."""
+    every watched id and one fetch of the ended tasks, and only their waiters wake."""
     store = CountingStore()
     async with store:
         client = Client(store, min_poll_interval_s=0.001)
@@ -104,7 +109,8 @@ async def test_a_change_costs_one_read_for_all_waiters_and_wakes_only_those_ende
                 await _until(lambda: len(returned) == wanted)  # noqa: B023 (awaited here)
                 assert sorted(returned) == ids[: start + 20]
                 assert len(store.status_reads) == reads_before + 1
-                assert sorted(store.gets[gets_before:]) == list(batch)
+                assert store.fetches[-1] == batch  # the ended tasks, in one query
+                assert store.gets[gets_before:] == []  # no waiter reads alone
         assert set(returned.values()) == {Status.SUCCEEDED}
         assert client._reads.reading_for == 0
 
@@ -268,4 +274,5 @@ async def test_followers_and_waiters_share_the_read_and_see_all_output() -> None
             client.notify_changed()
         assert seen == ["one\n", "two\n"]
         assert ended == [Status.SUCCEEDED]
-        assert store.gets == [task, task]  # each read it once, when the shared read said
+        assert store.gets == []  # the shared read fetched the ended task for both
+        assert store.fetches[-1] == [task]
