@@ -147,7 +147,7 @@ async def one_run(args: argparse.Namespace, waiters: int) -> dict[str, Any]:
             client = await stack.enter_async_context(Client(waiter_store))
             for task_id in ids[:waiters]:
                 tg.start_soon(wait, client, task_id)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         async with AsyncExitStack() as pools:
             first = None
             for store in stores:
@@ -161,6 +161,7 @@ async def one_run(args: argparse.Namespace, waiters: int) -> dict[str, Any]:
                     tg.start_soon(wait, first, task_id)
             await ended.wait()
             elapsed = time.perf_counter() - started
+            cpu = time.process_time() - cpu_started
             with anyio.fail_after(600):
                 await all_waited.wait()
         calls: Counter[str] = sum((s.calls for s in stores), Counter())
@@ -169,6 +170,9 @@ async def one_run(args: argparse.Namespace, waiters: int) -> dict[str, Any]:
         return {
             "waiters": waiters,
             "tasks_per_s": round(n / elapsed, 1),
+            # This process's CPU (pools, waiters; not the tasks, not the server): less
+            # disturbed by other load on the machine than the rate.
+            "process_cpu_ms_per_task": round(cpu * 1000 / n, 2),
             "claim_transactions_per_task": round(
                 (calls["claim"] + calls["finish_and_claim"]) / n, 3
             ),
@@ -201,6 +205,7 @@ async def main() -> None:
             print(f"round {r + 1}: {json.dumps(result)}", file=sys.stderr)
             runs[waiters].append(result)
     rate = {w: statistics.median(r["tasks_per_s"] for r in rs) for w, rs in runs.items()}
+    cpu = {w: statistics.median(r["process_cpu_ms_per_task"] for r in rs) for w, rs in runs.items()}
     print(
         json.dumps(
             {
@@ -208,6 +213,7 @@ async def main() -> None:
                 "settings": vars(args) | {"dsn": "(given)"},
                 "tasks_per_s": {str(w): v for w, v in rate.items()},
                 "ratio_with_waiters": round(rate[args.waiters] / rate[0], 3),
+                "process_cpu_ms_per_task": {str(w): v for w, v in cpu.items()},
                 "runs": {str(w): rs for w, rs in runs.items()},
             },
             indent=1,
