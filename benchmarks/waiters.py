@@ -77,9 +77,11 @@ class CountingStore(PostgresStore):
         self.calls["get"] += 1
         return await super().get(task_id)
 
-    async def get_many(self, task_ids: Collection[int]) -> dict[int, TaskInfo]:
-        self.calls["get_many"] += 1
-        return await super().get_many(task_ids)  # main has no get_many: never called there
+    async def get_many(
+        self, task_ids: Collection[int], *, ended_only: bool = False
+    ) -> dict[int, TaskInfo]:
+        self.calls["get_many"] += 1  # main has no get_many: never called there
+        return await super().get_many(task_ids, ended_only=ended_only)
 
     async def statuses(self, task_ids: Collection[int]) -> dict[int, Status]:
         self.calls["statuses"] += 1

@@ -6,12 +6,11 @@ that waits for a batch: none of them runs tasks, so none needs a `TaskPool`. A
 methods for embedded use by delegating to a client of its own.
 
 Waiting and following never hammer the store: all of a client's waiters share one
-read of their tasks' statuses (`taskpool._waiters`), made after a change
-notification (a pool in the same process, or PostgreSQL's LISTEN/NOTIFY) and
-otherwise on a polling backoff that starts at `min_poll_interval_s` and doubles up
-to `poll_interval_s`; at most once per `min_poll_interval_s` however many
-notifications arrive and however many callers wait. The tasks found ended are
-fetched in one more query, and only their callers are woken.
+read of their tasks (`taskpool._waiters`), made after a change notification (a pool
+in the same process, or PostgreSQL's LISTEN/NOTIFY) and otherwise on a polling
+backoff that starts at `min_poll_interval_s` and doubles up to `poll_interval_s`; at
+most once per `min_poll_interval_s` however many notifications arrive and however
+many callers wait. It returns only the tasks that ended, and wakes only their callers.
 """
 
 from __future__ import annotations
@@ -277,8 +276,8 @@ class Client:
         """Wait until the task is terminal and return it (`TimeoutError` after
         `timeout_s`; the task is left alone; `TaskNotFound` if there is none).
 
-        Concurrent calls share one status read per change (see the class), which
-        also fetches the tasks it finds ended."""
+        Concurrent calls share one read per change (see the class), which returns the
+        tasks that ended to their callers."""
         with anyio.fail_after(timeout_s if timeout_s is not None else math.inf):
             watch = self._reads.register(task_id)
             try:

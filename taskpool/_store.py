@@ -226,10 +226,10 @@ class Store(abc.ABC):
         """One task, or `TaskNotFound`."""
 
     async def statuses(self, task_ids: Collection[int]) -> dict[int, Status]:
-        """The current status of each of these tasks; ids of no task are left out. What
-        a client's waiters share: one read for all of them after each change, instead
-        of one `get` per waiter. The shipped backends read them in one query; this
-        default asks `get` for each."""
+        """The current status of each of these tasks; ids of no task are left out. A
+        client's waiters check so, in one query for all, that the tasks they start to
+        wait for exist. The shipped backends read them in one query; this default asks
+        `get` for each."""
         found: dict[int, Status] = {}
         for task_id in task_ids:
             try:
@@ -238,16 +238,21 @@ class Store(abc.ABC):
                 continue
         return found
 
-    async def get_many(self, task_ids: Collection[int]) -> dict[int, TaskInfo]:
-        """These tasks by id, ids of no task left out: what the waiters' shared read
-        fetches for the tasks `statuses` said ended, in one query on the shipped
-        backends (this default asks `get` for each)."""
+    async def get_many(
+        self, task_ids: Collection[int], *, ended_only: bool = False
+    ) -> dict[int, TaskInfo]:
+        """These tasks by id, ids of no task left out; with `ended_only`, only those
+        that have ended (a terminal status). The waiters' shared read: the ended tasks
+        among all those waited for, in one query on the shipped backends, that returns
+        no row for a task still waiting or running. This default asks `get` for each."""
         found: dict[int, TaskInfo] = {}
         for task_id in task_ids:
             try:
-                found[task_id] = await self.get(task_id)
+                info = await self.get(task_id)
             except TaskNotFound:
                 continue
+            if info.is_terminal or not ended_only:
+                found[task_id] = info
         return found
 
     @abc.abstractmethod

@@ -3,11 +3,14 @@
 A client may have a thousand `wait()` calls in flight. If each re-read its own task on
 every change notification, one change would cost the store a thousand reads. Instead
 every waiting caller (`Client.wait`, and `Client.follow` for its status check)
-registers its task id here, and one read of all their statuses (`Store.statuses`)
-follows each change, at most once per `first_s` however many changes are notified,
-and otherwise on a polling backoff (`first_s` doubling up to `max_s`, started again
-when a caller registers). The tasks it finds ended are fetched in one more query
-(`Store.get_many`), and only their callers are woken, with their task in hand.
+registers its task id here, and one read for all of them follows each change, at
+most once per `first_s` however many changes are notified, and otherwise on a
+polling backoff (`first_s` doubling up to `max_s`, started again when a caller
+registers). The read is one query that returns the ended tasks among all those
+watched (`Store.get_many(..., ended_only=True)`: no row for the many still waiting or
+running), plus, when callers have just registered, one that checks their tasks
+exist (`Store.statuses`). Only the callers whose task ended (or does not exist) are
+woken, an ended one with its task in hand.
 
 The read is made by one of the parked callers at a time, the *reader*: whoever parks
 while nobody reads takes the turn and keeps it for as long as it stays parked; when it
@@ -84,6 +87,7 @@ class StatusReads:
         self._delays = delays()
         self._on_pause = on_pause  # called before a parked caller sleeps
         self._watches: dict[int, list[Watch]] = {}  # by task id
+        self._unconfirmed: set[int] = set()  # watched ids no read has found to exist yet
         self._followers: dict[Watch, None] = {}
         self._parked: dict[Watch, None] = {}  # in parking order
         self._reader: Watch | None = None
@@ -95,6 +99,8 @@ class StatusReads:
     def register(self, task_id: int, *, follows: bool = False) -> Watch:
         """Watch `task_id` until `unregister`; the next read (soon) includes it."""
         watch = Watch(task_id, follows=follows)
+        if task_id not in self._watches:
+            self._unconfirmed.add(task_id)
         self._watches.setdefault(task_id, []).append(watch)
         if follows:
             self._followers[watch] = None
@@ -109,6 +115,7 @@ class StatusReads:
             same.remove(watch)
         if not same:
             self._watches.pop(watch.task_id, None)
+            self._unconfirmed.discard(watch.task_id)
 
     def changed(self) -> None:
         """A task's status may have changed: read again (at most once per `first_s`)."""
@@ -170,40 +177,33 @@ class StatusReads:
                 return
 
     async def _read(self) -> None:
-        """One read of every watched task's status; settles the watches it decides."""
+        """One read for every watched task; settles the watches it decides."""
         task_ids = list(self._watches)
+        unconfirmed = [t for t in task_ids if t in self._unconfirmed]
         self._changed = False
         self._last_read = anyio.current_time()
         self._next_poll = self._last_read + next(self._delays)
         try:
-            found = await self._store.statuses(task_ids)
-            ended = await self._store.get_many([t for t, s in found.items() if s.is_terminal])
+            found = await self._store.statuses(unconfirmed) if unconfirmed else {}
+            ended = await self._store.get_many(task_ids, ended_only=True)
         except StoreError:
             # Every caller reads for itself instead: an outage reaches each as its own
             # read's error, as it would without sharing.
-            self._settle(task_ids, lambda _: (Settled.READ_FAILED, None))
+            self._settle({t: (Settled.READ_FAILED, None) for t in task_ids})
             return
         except BaseException:
             self._changed = True  # not read (cancelled): the next reader reads at once
             raise
+        self._unconfirmed.difference_update(found)
+        verdicts: dict[int, tuple[Settled, TaskInfo | None]] = {
+            t: (Settled.MISSING, None) for t in unconfirmed if t not in found
+        }
+        verdicts.update((t, (Settled.ENDED, info)) for t, info in ended.items())
+        self._settle(verdicts)
 
-        def verdict(task_id: int) -> tuple[Settled, TaskInfo | None] | None:
-            if task_id in ended:
-                return Settled.ENDED, ended[task_id]
-            return (Settled.MISSING, None) if task_id not in found else None
-
-        self._settle(task_ids, verdict)
-
-    def _settle(
-        self,
-        task_ids: list[int],
-        verdict: Callable[[int], tuple[Settled, TaskInfo | None] | None],
-    ) -> None:
-        for task_id in task_ids:
-            settled = verdict(task_id)
-            if settled is None:
-                continue
+    def _settle(self, verdicts: dict[int, tuple[Settled, TaskInfo | None]]) -> None:
+        for task_id, (settled, info) in verdicts.items():
             for watch in self._watches.get(task_id, []):
                 if watch.settled is None:
-                    watch.settled, watch.info = settled
+                    watch.settled, watch.info = settled, info
                     watch.nudge()

@@ -518,10 +518,15 @@ class PostgresStore(Store):
 
         return await self._tx(op)
 
-    async def get_many(self, task_ids: Collection[int]) -> dict[int, TaskInfo]:
+    async def get_many(
+        self, task_ids: Collection[int], *, ended_only: bool = False
+    ) -> dict[int, TaskInfo]:
         async def op(conn: asyncpg.Connection) -> dict[int, TaskInfo]:
             rows = await conn.fetch(
-                "SELECT * FROM taskpool_tasks WHERE id = ANY($1::bigint[])", list(set(task_ids))
+                "SELECT * FROM taskpool_tasks WHERE id = ANY($1::bigint[])"
+                " AND (NOT $2 OR status NOT IN ('waiting', 'running'))",
+                list(set(task_ids)),
+                ended_only,
             )
             return {info.id: info for info in map(ops.info, rows)}
 

@@ -367,12 +367,16 @@ class SQLiteStore(Store):
 
         return await self._read(op)
 
-    async def get_many(self, task_ids: Collection[int]) -> dict[int, TaskInfo]:
+    async def get_many(
+        self, task_ids: Collection[int], *, ended_only: bool = False
+    ) -> dict[int, TaskInfo]:
         wanted = json.dumps(sorted(set(task_ids)))
 
         def op(conn: sqlite3.Connection) -> dict[int, TaskInfo]:
             rows = conn.execute(
-                "SELECT * FROM tasks WHERE id IN (SELECT value FROM json_each(?))", (wanted,)
+                "SELECT * FROM tasks WHERE id IN (SELECT value FROM json_each(?))"
+                " AND (NOT ? OR status NOT IN ('waiting', 'running'))",
+                (wanted, ended_only),
             ).fetchall()
             return {info.id: info for info in map(ops.info, rows)}
 

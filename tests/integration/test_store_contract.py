@@ -270,6 +270,8 @@ async def test_statuses_and_get_many_read_many_tasks_at_once_leaving_out_unknown
         assert found == {t: (await two.get(t)).status for t in (done, running, waiting)}
         fetched = await two.get_many([done, 9999, running, done])
         assert fetched == {done: await two.get(done), running: await two.get(running)}
+        every = [done, running, waiting, 9999]
+        assert await two.get_many(every, ended_only=True) == {done: await two.get(done)}
         assert await two.get_many([]) == {}
 
 

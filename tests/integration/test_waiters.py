@@ -33,18 +33,25 @@ EXITED_0 = Outcome(OutcomeKind.EXITED, "exited with code 0", 0)
 
 
 class CountingStore(MemoryStore):
-    """Counts `get`, `get_many` and `statuses` calls; `statuses` fails while `failing`."""
+    """Records its reads; the shared ones fail while `failing` is set."""
 
     def __init__(self) -> None:
         super().__init__()
         self.gets: list[int] = []
-        self.status_reads: list[list[int]] = []
-        self.fetches: list[list[int]] = []
+        self.status_reads: list[list[int]] = []  # the ids each `statuses` call asked for
+        self.reads: list[list[int]] = []  # the ids each `get_many` call asked for
+        self.fetches: list[list[int]] = []  # and the ids it found
         self.failing = False
 
-    async def get_many(self, task_ids: Collection[int]) -> dict[int, TaskInfo]:
-        self.fetches.append(sorted(task_ids))
-        return await super().get_many(task_ids)
+    async def get_many(
+        self, task_ids: Collection[int], *, ended_only: bool = False
+    ) -> dict[int, TaskInfo]:
+        self.reads.append(sorted(task_ids))
+        if self.failing:
+            raise StoreUnavailable("the shared read fails (test)")
+        found = await super().get_many(task_ids, ended_only=ended_only)
+        self.fetches.append(sorted(found))
+        return found
 
     async def get(self, task_id: int) -> TaskInfo:
         self.gets.append(task_id)
@@ -83,8 +90,9 @@ async def _until(predicate: Callable[[], bool]) -> None:
 
 
 async def test_a_change_costs_one_read_for_all_waiters_and_wakes_only_those_ended() -> None:
-    """100 waiters, tasks ended 20 at a time: each change is one `statuses` read of
-    every watched id and one fetch of the ended tasks, and only their waiters wake."""
+    """100 waiters, tasks ended 20 at a time: each change is one read for every watched
+    id, which returns only the ended tasks, and only their waiters wake. Whether a task
+    exists is checked once, when its waiter registers."""
     store = CountingStore()
     async with store:
         client = Client(store, min_poll_interval_s=0.001)
@@ -98,18 +106,19 @@ async def test_a_change_costs_one_read_for_all_waiters_and_wakes_only_those_ende
         async with anyio.create_task_group() as tg:
             for task_id in ids:
                 tg.start_soon(wait, task_id)
-            await _until(lambda: ids in store.status_reads)  # all registered, all read
+            await _until(lambda: ids in store.reads)  # all registered, all read
+            assert sorted(itertools.chain(*store.status_reads)) == ids  # each checked once
             for start in range(0, len(ids), 20):
                 batch = ids[start : start + 20]
-                reads_before, gets_before = len(store.status_reads), len(store.gets)
+                reads_before, gets_before = len(store.reads), len(store.gets)
                 for task_id in batch:
                     await store.finish(task_id, fences[task_id], EXITED_0)
                 client.notify_changed()
                 wanted = start + 20
                 await _until(lambda: len(returned) == wanted)  # noqa: B023 (awaited here)
                 assert sorted(returned) == ids[: start + 20]
-                assert len(store.status_reads) == reads_before + 1
-                assert store.fetches[-1] == batch  # the ended tasks, in one query
+                assert len(store.reads) == reads_before + 1
+                assert store.fetches[-1] == batch  # only the ended tasks are returned
                 assert store.gets[gets_before:] == []  # no waiter reads alone
         assert set(returned.values()) == {Status.SUCCEEDED}
         assert client._reads.reading_for == 0
@@ -133,7 +142,7 @@ async def test_a_cancelled_waiter_disturbs_no_other_and_leaves_no_reader_behind(
         async with anyio.create_task_group() as tg:
             for task_id in ids:
                 tg.start_soon(wait, task_id)
-            await _until(lambda: ids in store.status_reads)
+            await _until(lambda: ids in store.reads)
             reader = client._reads._reader
             assert reader is not None
             cancelled = [reader.task_id, next(t for t in ids if t != reader.task_id)]
@@ -146,10 +155,10 @@ async def test_a_cancelled_waiter_disturbs_no_other_and_leaves_no_reader_behind(
         assert returned == {t: Status.SUCCEEDED for t in ids if t not in cancelled}
         assert client._reads.reading_for == 0
         assert client._reads._reader is None
-        reads = len(store.status_reads)
+        reads = len(store.reads)
         client.notify_changed()  # nobody waits: nothing is read
         await anyio.sleep(0.01)
-        assert len(store.status_reads) == reads
+        assert len(store.reads) == reads
 
 
 async def test_a_waiters_timeout_leaves_the_task_and_the_other_waiters_alone() -> None:
@@ -215,7 +224,7 @@ async def test_a_failed_shared_read_reaches_each_waiter_as_its_own_read() -> Non
         async with anyio.create_task_group() as tg:
             for task_id in ids:
                 tg.start_soon(wait, task_id)
-            await _until(lambda: ids in store.status_reads)
+            await _until(lambda: ids in store.reads)
             store.failing = True
             client.notify_changed()
             await _until(lambda: sorted(store.gets) == ids)  # each read its own task
@@ -234,7 +243,7 @@ async def test_a_failed_shared_read_reaches_each_waiter_as_its_own_read() -> Non
         async with anyio.create_task_group() as tg:
 
             async def break_the_store() -> None:
-                await _until(lambda: [task] in store.status_reads)
+                await _until(lambda: [task] in store.reads)
                 store.failing = True
                 await store.close()  # the waiter's own read fails too: it raises
                 client.notify_changed()
@@ -265,7 +274,7 @@ async def test_followers_and_waiters_share_the_read_and_see_all_output() -> None
 
             tg.start_soon(follow)
             tg.start_soon(wait)
-            await _until(lambda: client._reads.reading_for == 1 and [task] in store.status_reads)
+            await _until(lambda: client._reads.reading_for == 1 and [task] in store.reads)
             await store.append_output(task, fences[task], ["one\n"])
             client.notify_output()
             await _until(lambda: seen == ["one\n"])
