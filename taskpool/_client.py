@@ -5,11 +5,12 @@ that waits for a batch: none of them runs tasks, so none needs a `TaskPool`. A
 `Client` talks to the same store the workers share. `TaskPool` offers the same
 methods for embedded use by delegating to a client of its own.
 
-Waiting and following never hammer the store: a waiter re-reads after a change
-notification (a pool in the same process, or PostgreSQL's LISTEN/NOTIFY) and
-otherwise polls with a backoff that starts at `min_poll_interval_s` and doubles
-up to `poll_interval_s`; and it re-reads at most once per `min_poll_interval_s`
-however many notifications arrive.
+Waiting and following never hammer the store: all of a client's waiters share one
+read of their tasks (`taskpool._waiters`), made after a change notification (a pool
+in the same process, or PostgreSQL's LISTEN/NOTIFY) and otherwise on a polling
+backoff that starts at `min_poll_interval_s` and doubles up to `poll_interval_s`; at
+most once per `min_poll_interval_s` however many notifications arrive and however
+many callers wait. It returns only the tasks that ended, and wakes only their callers.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from anyio.abc import TaskGroup
 
 from ._errors import InvalidTask
 from ._models import CancelMode, NodeInfo, Status, TaskEvent, TaskInfo, TaskSpec
-from ._store import Store
+from ._store import Store, Wake
+from ._waiters import StatusReads, Watch
 from .stores import CLIENT_CONNECTIONS, open_store
 
 
@@ -76,8 +78,10 @@ class Client:
     `follow` on PostgreSQL are woken by the database's notifications (one LISTEN
     connection, opened when somebody first has to wait, held until the client
     closes); otherwise they poll with backoff
-    (`min_poll_interval_s` doubling to `poll_interval_s`). With `watch=False` the
-    client never LISTENs (`TaskPool`'s own client: the pool has its watcher).
+    (`min_poll_interval_s` doubling to `poll_interval_s`). Either way all the
+    client's concurrent `wait` and `follow` calls share one status read per change
+    (or poll), not one each. With `watch=False` the client never LISTENs
+    (`TaskPool`'s own client: the pool has its watcher and calls `notify_changed`).
     """
 
     def __init__(
@@ -101,10 +105,14 @@ class Client:
         self.poll_interval_s = poll_interval_s
         self.min_poll_interval_s = min(min_poll_interval_s, poll_interval_s)
         self._watch = watch
-        # Set (and replaced) on every change somebody tells us of: `_changed` when a
-        # task's status may have changed, `_activity` on that or on new output.
-        self._changed = anyio.Event()
-        self._activity = anyio.Event()
+        # The statuses every waiting caller shares; `poll_delays` is looked up when a
+        # backoff starts (tests replace it).
+        self._reads = StatusReads(
+            self.store,
+            first_s=self.min_poll_interval_s,
+            delays=lambda: poll_delays(self.min_poll_interval_s, self.poll_interval_s),
+            on_pause=self._watch_for_changes,
+        )
         self._tg: TaskGroup | None = None
         self._watching = False  # the LISTEN watcher runs in `_tg`
 
@@ -149,16 +157,19 @@ class Client:
 
     # -- change notifications ------------------------------------------------
     def notify_changed(self) -> None:
-        """Tell waiters that a task's status may have changed: they re-read now (at
-        most once per `min_poll_interval_s`). `TaskPool` calls it for its own tasks."""
-        self._changed.set()
-        self._changed = anyio.Event()
+        """Tell waiters that a task's status may have changed: their shared read is
+        made again now (at most once per `min_poll_interval_s`). `TaskPool` calls it
+        for its own tasks and for the store's notifications."""
+        self._reads.changed()
         self.notify_output()
 
     def notify_output(self) -> None:
         """Tell followers that a task may have new output."""
-        self._activity.set()
-        self._activity = anyio.Event()
+        self._reads.output_arrived()
+
+    def _store_woke(self, wake: Wake) -> None:
+        del wake  # either kind may mean a task ended ('work' may come with an end)
+        self.notify_changed()
 
     def _watch_for_changes(self) -> None:
         """Before a caller's first pause: one LISTEN on stores that push (PostgreSQL),
@@ -167,17 +178,20 @@ class Client:
         waiter leaving: a connection cancelled half-way through its handshake leaks."""
         if self._watch and self._tg is not None and not self._watching:
             self._watching = True
-            self._tg.start_soon(self.store.watch_for_work, self.notify_changed)
+            self._tg.start_soon(self.store.watch_for_work, self._store_woke)
 
-    async def _pause(self, event: anyio.Event, delay_s: float, last_read: float) -> None:
-        """Until `event` or `delay_s`, but never sooner than `min_poll_interval_s` after
-        the last read: a storm of notifications costs one read per interval."""
-        self._watch_for_changes()
-        with anyio.move_on_after(delay_s):
-            await event.wait()
-        rest = last_read + self.min_poll_interval_s - anyio.current_time()
-        if rest > 0:
-            await anyio.sleep(rest)
+    async def _ended(self, watch: Watch) -> TaskInfo | None:
+        """Once the shared read has settled `watch`: the ended task it fetched or, when
+        it found no such task or failed, the task as this caller reads it alone (so
+        `TaskNotFound`, or the store's error, is raised to this caller only); None, and
+        watched again, if it has not ended after all."""
+        if watch.info is not None:
+            return watch.info
+        info = await self.store.get(watch.task_id)
+        if info.is_terminal:
+            return info
+        watch.settled = None  # the shared read failed but the task runs on
+        return None
 
     # -- submitting ----------------------------------------------------------
     async def submit(self, argv: Sequence[str], **options: Any) -> int:
@@ -261,16 +275,20 @@ class Client:
 
     async def wait(self, task_id: int, *, timeout_s: float | None = None) -> TaskInfo:
         """Wait until the task is terminal and return it (`TimeoutError` after
-        `timeout_s`; the task is left alone)."""
+        `timeout_s`; the task is left alone; `TaskNotFound` if there is none).
+
+        Concurrent calls share one read per change (see the class), which returns the
+        tasks that ended to their callers."""
         with anyio.fail_after(timeout_s if timeout_s is not None else math.inf):
-            delays = poll_delays(self.min_poll_interval_s, self.poll_interval_s)
-            while True:
-                changed = self._changed
-                read_at = anyio.current_time()
-                info = await self.store.get(task_id)
-                if info.is_terminal:
-                    return info
-                await self._pause(changed, next(delays), read_at)
+            watch = self._reads.register(task_id)
+            try:
+                while True:
+                    await self._reads.park(watch)
+                    info = await self._ended(watch)
+                    if info is not None:
+                        return info
+            finally:
+                self._reads.unregister(watch)
 
     async def output(self, task_id: int) -> str:
         """Everything the task has printed so far, across attempts."""
@@ -284,19 +302,32 @@ class Client:
     async def _chunks(self, task_id: int, *, follow: bool) -> AsyncIterator[str]:
         cursor = (0, 0)
         delays = poll_delays(self.min_poll_interval_s, self.poll_interval_s)
-        while True:
-            activity = self._activity
-            read_at = anyio.current_time()
-            # Read the status before the output: output written before the end is
-            # then always read before we stop.
-            done = follow and (await self.store.get(task_id)).is_terminal
-            chunks = await self.store.read_output(task_id, after=cursor)
-            for chunk in chunks:
-                yield chunk.text
-            if chunks:
-                cursor = (chunks[-1].fence, chunks[-1].seq)
-                delays = poll_delays(self.min_poll_interval_s, self.poll_interval_s)
-                continue
-            if not follow or done:
-                return
-            await self._pause(activity, next(delays), read_at)
+        # A follower's status check is the shared read's (as a waiter's).
+        watch = self._reads.register(task_id, follows=True) if follow else None
+        done = False
+        try:
+            while True:
+                read_at = anyio.current_time()
+                # Know the end before reading the output: output written before the
+                # end is then always read before we stop.
+                if watch is not None and watch.settled is not None and not done:
+                    done = await self._ended(watch) is not None
+                chunks = await self.store.read_output(task_id, after=cursor)
+                for chunk in chunks:
+                    yield chunk.text
+                if chunks:
+                    cursor = (chunks[-1].fence, chunks[-1].seq)
+                    delays = poll_delays(self.min_poll_interval_s, self.poll_interval_s)
+                    continue
+                if watch is None or done:
+                    return
+                # Until the task ends, output may have come, or the follower's own poll.
+                await self._reads.park(watch, budget_s=next(delays))
+                # Never sooner than `min_poll_interval_s` after the last output read: a
+                # storm of notifications costs one read per interval.
+                rest = read_at + self.min_poll_interval_s - anyio.current_time()
+                if rest > 0 and watch.settled is None:
+                    await anyio.sleep(rest)
+        finally:
+            if watch is not None:
+                self._reads.unregister(watch)

@@ -67,7 +67,7 @@ from ._recovery import (
 )
 from ._retention import DEFAULT_INTERVAL_S, DEFAULT_RETENTION, Retention, keep_pruning
 from ._runner import RunnerControl, StopKind
-from ._store import Store
+from ._store import Store, Wake
 from ._store_calls import StoreCalls
 from ._telemetry import Metrics, Telemetry
 from .stores import node_connections, open_store
@@ -531,9 +531,12 @@ class TaskPool(PoolClientAPI):
         self._start(claims, asked_at)
         return True
 
-    def _work_arrived(self) -> None:
-        self._wake.set()
-        self._task_changed()  # a waiter may be waiting on another node's work too
+    def _work_arrived(self, wake: Wake) -> None:
+        # Only work wakes the claim loop, and it claims only with a free slot: an 'end'
+        # was claimed for by the node that ended its task, in the same transaction.
+        if wake is Wake.WORK:
+            self._wake.set()
+        self._task_changed()  # a waiter may be waiting on another node's task too
 
     def _task_changed(self) -> None:
         self._client.notify_changed()

@@ -18,12 +18,14 @@ or `StoreError` at this boundary.
 from __future__ import annotations
 
 import abc
+import enum
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Self
 
 import anyio
 
+from ._errors import TaskNotFound
 from ._models import (
     CancelMode,
     Claim,
@@ -55,6 +57,24 @@ class Orphan:
     node_id: str
     pid: int | None
     pid_started_at: float | None
+
+
+class Wake(enum.StrEnum):
+    """What a store's change notification says happened (`Store.watch_for_work`)."""
+
+    #: Work may have become claimable (a submit, a re-queue, a rescue, or a claim that
+    #: filled its node and may have left claimable work to the others); a task may have
+    #: ended too. Nodes with a free slot claim; waiters re-read.
+    WORK = "work"
+    #: Tasks ended and whoever could claim what their end freed did (a node claims in
+    #: the transaction that ends its own task). Only waiters re-read; nodes sleep on.
+    END = "end"
+
+    @classmethod
+    def of(cls, payload: str) -> Wake:
+        """The kind a notification's payload names; anything else (a node or schema of
+        another version) is taken as `WORK`, the kind that wakes everybody."""
+        return cls.END if payload == cls.END.value else cls.WORK
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,12 +205,16 @@ class Store(abc.ABC):
     async def settle_orphan(self, task_id: int, fence: int, reason: str) -> TaskInfo:
         """Re-queue or mark lost an orphaned attempt, without waiting for its lease to expire."""
 
-    async def watch_for_work(self, on_work: Callable[[], None]) -> None:
-        """Call `on_work` whenever another node or process may have made work claimable
-        (a submit, a retry coming due, a rescue). Runs until cancelled and rides out
-        outages by itself: the pool's polling is the fallback. Stores without push
-        notifications keep this default, which never calls."""
-        del on_work
+    async def watch_for_work(self, on_wake: Callable[[Wake], None]) -> None:
+        """Call `on_wake` with what happened whenever another node or process may have
+        made work claimable (`Wake.WORK`: a submit, a re-queue, a rescue, a claim that
+        filled its node) or ended tasks (`Wake.END`). Once per transaction at most:
+        a transaction that does both says `WORK`. Calls `on_wake(Wake.WORK)` too on every
+        (re)connection: something may have happened while nobody listened. Runs until
+        cancelled and rides out outages by itself: the pool's and the waiters' polling
+        is the fallback. Stores without push notifications keep this default, which
+        never calls."""
+        del on_wake
         await anyio.sleep_forever()
 
     # -- operator actions --------------------------------------------------
@@ -218,6 +242,36 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def get(self, task_id: int) -> TaskInfo:
         """One task, or `TaskNotFound`."""
+
+    async def statuses(self, task_ids: Collection[int]) -> dict[int, Status]:
+        """The current status of each of these tasks; ids of no task are left out. A
+        client's waiters check so, in one query for all, that the tasks they start to
+        wait for exist. The shipped backends read them in one query; this default asks
+        `get` for each."""
+        found: dict[int, Status] = {}
+        for task_id in task_ids:
+            try:
+                found[task_id] = (await self.get(task_id)).status
+            except TaskNotFound:
+                continue
+        return found
+
+    async def get_many(
+        self, task_ids: Collection[int], *, ended_only: bool = False
+    ) -> dict[int, TaskInfo]:
+        """These tasks by id, ids of no task left out; with `ended_only`, only those
+        that have ended (a terminal status). The waiters' shared read: the ended tasks
+        among all those waited for, in one query on the shipped backends, that returns
+        no row for a task still waiting or running. This default asks `get` for each."""
+        found: dict[int, TaskInfo] = {}
+        for task_id in task_ids:
+            try:
+                info = await self.get(task_id)
+            except TaskNotFound:
+                continue
+            if info.is_terminal or not ended_only:
+                found[task_id] = info
+        return found
 
     @abc.abstractmethod
     async def list_tasks(

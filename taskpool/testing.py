@@ -362,6 +362,22 @@ class MemoryStore(Store):
     async def get(self, task_id: int) -> TaskInfo:
         return self._task(task_id).info
 
+    async def statuses(self, task_ids: Collection[int]) -> dict[int, Status]:
+        self._check()
+        found = {i: self._tasks.get(i) for i in task_ids}
+        return {i: t.info.status for i, t in found.items() if t is not None}
+
+    async def get_many(
+        self, task_ids: Collection[int], *, ended_only: bool = False
+    ) -> dict[int, TaskInfo]:
+        self._check()
+        found = {i: self._tasks.get(i) for i in task_ids}
+        return {
+            i: t.info
+            for i, t in found.items()
+            if t is not None and (t.info.is_terminal or not ended_only)
+        }
+
     async def list_tasks(
         self,
         *,

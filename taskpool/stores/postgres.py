@@ -27,7 +27,7 @@ from .._errors import StoreError, StoreUnavailable
 from .._models import Claim, Limits, NodeInfo, Outcome, Status, TaskEvent, TaskInfo, TaskSpec
 from .._redact import dsn_secrets, redact
 from .._retention import PruneReport, Retention
-from .._store import Orphan, OutputChunk, Renewal, Store
+from .._store import Orphan, OutputChunk, Renewal, Store, Wake
 from . import _postgres_ops as ops
 from . import _prune
 from ._common import (
@@ -46,8 +46,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 log = logging.getLogger("taskpool")
 
-#: The channel the schema's trigger NOTIFYs, at commit, on every status change but a
-#: claim (submits, ends, retries, rescues).
+#: The channel the schema's triggers NOTIFY, at commit, once per transaction that made
+#: work claimable ('work') or only ended tasks ('end'); see migration 0007 and `Wake`.
 WORK_CHANNEL = "taskpool_work"
 
 #: How long a claim that lost a race waits before each new try (then it returns what
@@ -289,7 +289,11 @@ class PostgresStore(Store):
 
     async def finish(self, task_id: int, fence: int, outcome: Outcome) -> TaskInfo:
         async def op(conn: asyncpg.Connection) -> TaskInfo:
-            return ops.info(await ops.finish(conn, task_id, fence, outcome))
+            ended = await ops.finish(conn, task_id, fence, outcome)
+            # Nobody claims in this transaction what the end freed: wake the nodes
+            # (`finish_and_claim` does not: it claims that itself; migration 0007).
+            await conn.execute("SELECT taskpool_wake_work()")
+            return ops.info(ended)
 
         return await self._tx(op)
 
@@ -339,9 +343,10 @@ class PostgresStore(Store):
     async def settle_orphan(self, task_id: int, fence: int, reason: str) -> TaskInfo:
         return await self._tx(lambda conn: ops.settle_orphan(conn, task_id, fence, reason))
 
-    async def watch_for_work(self, on_work: Callable[[], None]) -> None:
-        """LISTEN on `taskpool_work` (NOTIFYed by submits, retries and rescues) on a
-        connection of its own, reconnecting with backoff when it drops."""
+    async def watch_for_work(self, on_wake: Callable[[Wake], None]) -> None:
+        """LISTEN on `taskpool_work` on a connection of its own, reconnecting with
+        backoff when it drops. The schema's triggers NOTIFY it once per transaction at
+        most, the payload saying what happened (`Wake`, migration 0007)."""
         import asyncpg
 
         delay = 0.1
@@ -364,8 +369,10 @@ class PostgresStore(Store):
             lost = anyio.Event()
             try:
                 conn.add_termination_listener(lambda _, lost=lost: lost.set())
-                await conn.add_listener(WORK_CHANNEL, lambda *_: on_work())
-                on_work()  # work may have come while nobody listened
+                await conn.add_listener(
+                    WORK_CHANNEL, lambda _c, _pid, _ch, payload: on_wake(Wake.of(payload))
+                )
+                on_wake(Wake.WORK)  # work may have come while nobody listened
                 while not conn.is_closed():  # checked too, should the listener not fire
                     with anyio.move_on_after(1.0):
                         await lost.wait()
@@ -384,6 +391,30 @@ class PostgresStore(Store):
     async def get(self, task_id: int) -> TaskInfo:
         async def op(conn: asyncpg.Connection) -> TaskInfo:
             return ops.info(await ops.task_row(conn, task_id))
+
+        return await self._tx(op)
+
+    async def statuses(self, task_ids: Collection[int]) -> dict[int, Status]:
+        async def op(conn: asyncpg.Connection) -> dict[int, Status]:
+            rows = await conn.fetch(
+                "SELECT id, status FROM taskpool_tasks WHERE id = ANY($1::bigint[])",
+                list(set(task_ids)),
+            )
+            return {r[0]: Status(r[1]) for r in rows}
+
+        return await self._tx(op)
+
+    async def get_many(
+        self, task_ids: Collection[int], *, ended_only: bool = False
+    ) -> dict[int, TaskInfo]:
+        async def op(conn: asyncpg.Connection) -> dict[int, TaskInfo]:
+            rows = await conn.fetch(
+                "SELECT * FROM taskpool_tasks WHERE id = ANY($1::bigint[])"
+                " AND (NOT $2 OR status NOT IN ('waiting', 'running'))",
+                list(set(task_ids)),
+                ended_only,
+            )
+            return {info.id: info for info in map(ops.info, rows)}
 
         return await self._tx(op)
 

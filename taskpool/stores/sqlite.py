@@ -361,6 +361,33 @@ class SQLiteStore(Store):
     async def get(self, task_id: int) -> TaskInfo:
         return await self._read(lambda conn: ops.info(ops.task_row(conn, task_id)))
 
+    async def statuses(self, task_ids: Collection[int]) -> dict[int, Status]:
+        wanted = json.dumps(sorted(set(task_ids)))
+
+        def op(conn: sqlite3.Connection) -> dict[int, Status]:
+            rows = conn.execute(
+                "SELECT id, status FROM tasks WHERE id IN (SELECT value FROM json_each(?))",
+                (wanted,),
+            ).fetchall()
+            return {r[0]: Status(r[1]) for r in rows}
+
+        return await self._read(op)
+
+    async def get_many(
+        self, task_ids: Collection[int], *, ended_only: bool = False
+    ) -> dict[int, TaskInfo]:
+        wanted = json.dumps(sorted(set(task_ids)))
+
+        def op(conn: sqlite3.Connection) -> dict[int, TaskInfo]:
+            rows = conn.execute(
+                "SELECT * FROM tasks WHERE id IN (SELECT value FROM json_each(?))"
+                " AND (NOT ? OR status NOT IN ('waiting', 'running'))",
+                (wanted, ended_only),
+            ).fetchall()
+            return {info.id: info for info in map(ops.info, rows)}
+
+        return await self._read(op)
+
     async def list_tasks(
         self,
         *,

@@ -251,6 +251,32 @@ async def test_unknown_task(opener: Opener) -> None:
             await store.request_cancel(99)
 
 
+async def test_statuses_and_get_many_read_many_tasks_at_once_leaving_out_unknown_ids(
+    opener: Opener,
+) -> None:
+    """`statuses` and `get_many` answer for every id they know, as `get` would, from
+    another handle, and leave out ids of no task (the waiters' shared read relies on
+    both)."""
+    async with handles(opener, 2) as (one, two):
+        assert await two.statuses([]) == {}
+        done, running, waiting = [await one.submit(TaskSpec.build(["true"])) for _ in range(3)]
+        claims = await one.claim("node-0", Limits(2), 60.0)
+        assert [c.task.id for c in claims] == [done, running]
+        await one.finish(done, claims[0].fence, EXITED_0)
+        found = await two.statuses([done, running, waiting, 9999, done])
+        assert found == {
+            done: Status.SUCCEEDED,
+            running: Status.RUNNING,
+            waiting: Status.WAITING,
+        }
+        assert found == {t: (await two.get(t)).status for t in (done, running, waiting)}
+        fetched = await two.get_many([done, 9999, running, done])
+        assert fetched == {done: await two.get(done), running: await two.get(running)}
+        every = [done, running, waiting, 9999]
+        assert await two.get_many(every, ended_only=True) == {done: await two.get(done)}
+        assert await two.get_many([]) == {}
+
+
 async def test_output_reads_in_order_across_attempts(opener: Opener) -> None:
     """Output chunks come back in (attempt, sequence) order, resumable from a cursor."""
     async with handles(opener, 1) as (store,):
