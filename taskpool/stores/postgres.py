@@ -288,11 +288,18 @@ class PostgresStore(Store):
         await self._tx(lambda conn: ops.append_output(conn, task_id, fence, texts))
 
     async def finish(self, task_id: int, fence: int, outcome: Outcome) -> TaskInfo:
+        return await self._finish(task_id, fence, outcome, wake_nodes=True)
+
+    async def _finish(
+        self, task_id: int, fence: int, outcome: Outcome, *, wake_nodes: bool
+    ) -> TaskInfo:
         async def op(conn: asyncpg.Connection) -> TaskInfo:
             ended = await ops.finish(conn, task_id, fence, outcome)
-            # Nobody claims in this transaction what the end freed: wake the nodes
-            # (`finish_and_claim` does not: it claims that itself; migration 0007).
-            await conn.execute("SELECT taskpool_wake_work()")
+            if wake_nodes:
+                # Nobody claims what the end freed: wake the nodes (`finish_and_claim`
+                # does not: its own claim follows; migration 0007). Else the commit
+                # says 'end', for waiters only.
+                await conn.execute("SELECT taskpool_wake_work()")
             return ops.info(ended)
 
         return await self._tx(op)
@@ -310,8 +317,10 @@ class PostgresStore(Store):
         """`finish`, committed, then `claim`: a claim holds its locks for its own statement
         only, never across the round trips of a finish. The outcome is written whatever
         becomes of the claim: a claim that fails for an outage claims nothing here (the
-        node's claim loop is woken by the end this commit announces)."""
-        await self.finish(task_id, fence, outcome)
+        node's claim loop finds it at its next poll). The finish wakes no node: this
+        node claims what it freed at once, and its claim says 'work' if it leaves work
+        for others (it filled the node)."""
+        await self._finish(task_id, fence, outcome, wake_nodes=False)
         try:
             return await self.claim(node_id, limits, lease_ttl_s)
         except StoreUnavailable as exc:
