@@ -27,10 +27,11 @@ from typing import NoReturn
 
 import anyio
 
+from ._attempt_process import AttemptWatcher
 from ._containment import Box, CgroupBox, Containment
 from ._guard import Guard, GuardError
 from ._models import CancelMode
-from ._runner import AttemptWatcher, RunnerControl, StopKind
+from ._runner import RunnerControl, StopKind
 from ._store import Renewal
 from ._telemetry import Telemetry
 
