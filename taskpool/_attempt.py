@@ -2,8 +2,8 @@
 or a process group) with the spec's limits, the run request, its output appended to
 the store in batches, its spawn recorded and its leader handed to the node's guard.
 
-What the pool does around it (recording the outcome, claiming for the freed slot,
-its bookkeeping of running attempts) stays in _pool.py."""
+What is done around it (reporting the outcome, claiming for the freed slot, the
+bookkeeping of a node's running attempts) is _runners.py's."""
 
 from __future__ import annotations
 

@@ -4,15 +4,14 @@ Shape of a running pool (every task below lives in one task group, so nothing
 outlives `async with TaskPool(...)`):
 
 - the claim loop asks the store for attempts the blocking rules allow and starts
-  one runner task per attempt (each runs an `_attempt.Attempt`);
+  one runner per attempt (_runners.py), which spawns its process group, streams
+  its output to the store and writes its terminal status, on every path;
 - the heartbeat renews every lease of this node in one write and stops runners
   whose lease was lost or whose task an operator cancelled from elsewhere; the
   lease guard stops those it could not renew before their lease runs out (both
   decided in _leases.py, which also keeps the node's guard process);
 - the reaper settles what dead pools on this host left and re-queues (or marks
-  lost) attempts of nodes that stopped heartbeating (_recovery.py);
-- each runner spawns a process group, streams its output to the store and
-  writes its terminal status, on every path.
+  lost) attempts of nodes that stopped heartbeating (_recovery.py).
 
 Every store call rides out outages up to a tolerance (_store_calls.py). An
 exception in any task cancels the group: runners kill their process groups
@@ -35,10 +34,11 @@ import anyio
 from anyio.abc import TaskGroup
 
 from . import _containment, _procs
-from ._attempt import Attempt, AttemptSetup
+from ._attempt import AttemptSetup
 from ._client import Client
 from ._containment import Containment
-from ._errors import LeaseLost, PoolClosed, PoolCrashed, StoreUnavailable
+from ._crash import crash_cause
+from ._errors import PoolClosed, PoolCrashed, StoreUnavailable
 from ._leases import (
     LeaseBook,
     NodeGuard,
@@ -47,16 +47,7 @@ from ._leases import (
     judge_renewal,
     self_fence_reason,
 )
-from ._models import (
-    CancelMode,
-    Claim,
-    Limits,
-    NodeInfo,
-    Outcome,
-    OutcomeKind,
-    ResourceLimits,
-    TaskInfo,
-)
+from ._models import CancelMode, Claim, Limits, NodeInfo, ResourceLimits, TaskInfo
 from ._pool_client import PoolClientAPI
 from ._recovery import (
     Strays,
@@ -66,7 +57,7 @@ from ._recovery import (
     rescue_expired,
 )
 from ._retention import DEFAULT_INTERVAL_S, DEFAULT_RETENTION, Retention, keep_pruning
-from ._runner import RunnerControl, StopKind
+from ._runners import Runners, RunnerSetup
 from ._store import Store, Wake
 from ._store_calls import StoreCalls
 from ._telemetry import Metrics, Telemetry
@@ -179,23 +170,18 @@ class TaskPool(PoolClientAPI):
             telemetry=self._telemetry,
             closing=lambda: self._closing,
         )
-        self._attempt_setup: AttemptSetup | None = None  # set at start
         self.node: NodeInfo | None = None
         self._tg: TaskGroup | None = None
         # Created here, not in the services task: shutdown may cancel it before that task runs.
         self._services = anyio.CancelScope()
-        # Keyed by (task id, fence): a task whose lease this node lost and then claimed
-        # again has two runners for a moment, the old one still killing its process.
-        self._runners: dict[tuple[int, int], RunnerControl] = {}
-        self._interrupted: dict[int, int] = {}  # runners cancelled by a crash: task id -> fence
-        self._idle = anyio.Event()
         self._wake = anyio.Event()
         self._closing = False
         self._claim_loop_ended = anyio.Event()
         # Leases held but run by no runner: a claim whose result never reached the pool.
         self._strays = Strays()
-        # When each running attempt's lease surely runs out (kept with `_runners`).
+        # When each running attempt's lease surely runs out, kept by the runners.
         self._leases = LeaseBook(lease_ttl_s)
+        self._runners = Runners(self._leases)  # the attempts this node runs
         self._hurried = False  # hurry_shutdown was called: no drain, no grace
 
     def __repr__(self) -> str:
@@ -242,7 +228,7 @@ class TaskPool(PoolClientAPI):
                 telemetry=self._telemetry,
             )
             await self._guard.start(enabled=self.use_guard)
-            self._attempt_setup = AttemptSetup(
+            attempt_setup = AttemptSetup(
                 store=self.store,
                 calls=self._with_store,
                 containment=self.containment,
@@ -265,6 +251,18 @@ class TaskPool(PoolClientAPI):
                 if self._owns_store:
                     await self.store.close()
             raise
+        self._runners.open(
+            RunnerSetup(
+                attempt=attempt_setup,
+                task_group=self._tg,
+                telemetry=self._telemetry,
+                node_id=self.node.id,
+                limits=self.limits,
+                closing=lambda: self._closing,
+                slot_freed=lambda: self._wake.set(),  # the claim loop renews `_wake`
+                task_changed=self._task_changed,
+            )
+        )
         self._tg.start_soon(self._run_services, name="taskpool services")
         self._telemetry.node_started(self._containment_text(), self.containment.mode)
         return self
@@ -295,14 +293,12 @@ class TaskPool(PoolClientAPI):
             if await self._tg.__aexit__(exc_type, exc, tb):
                 exc = None
         except BaseException as raised:
-            errors = [e for e in _leaves(raised) if e is not exc and not _is_cancel(e)]
-            if errors:
-                failure = errors[0]
-            elif exc is None:
-                raise
+            failure = crash_cause(raised, exc, anyio.get_cancelled_exc_class())
+            if failure is None and exc is None:
+                raise  # only cancellations, from an outer scope: not a crash, passed on
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):
             await release_and_stop(
-                self.store, self.node.id, self._interrupted, failure, self._telemetry
+                self.store, self.node.id, self._runners.interrupted, failure, self._telemetry
             )
         if self._owns_store:
             with anyio.CancelScope(shield=True):
@@ -326,9 +322,7 @@ class TaskPool(PoolClientAPI):
         self._hurried = True
         if not self._closing:
             return  # still running: the flag alone makes leaving the context hurry
-        for control in list(self._runners.values()):
-            # Escalates a graceful stop in progress (its reason kept), or stops at once.
-            control.stop(StopKind.SHUTDOWN, f"{self._shutdown_reason()} (hurried)", force=True)
+        self._runners.stop_for_shutdown(force=True, hurried=True)
 
     async def _shutdown(self, *, drain: bool) -> None:
         # The claim loop ends by itself: a claim in flight runs to its end and what it
@@ -338,16 +332,9 @@ class TaskPool(PoolClientAPI):
         await self._claim_loop_ended.wait()
         if drain and not self._hurried and self._runners:
             with anyio.move_on_after(self.shutdown_drain_s):
-                await self._wait_idle()
-        assert self.node is not None
-        for control in list(self._runners.values()):
-            control.stop(StopKind.SHUTDOWN, self._shutdown_reason(), force=self._hurried)
-        await self._wait_idle()
-
-    async def _wait_idle(self) -> None:
-        while self._runners:
-            self._idle = anyio.Event()
-            await self._idle.wait()
+                await self._runners.wait_all_ended()
+        self._runners.stop_for_shutdown(force=self._hurried)
+        await self._runners.wait_all_ended()
 
     async def _run_services(self) -> None:
         with self._services:
@@ -397,22 +384,7 @@ class TaskPool(PoolClientAPI):
             self._claim_loop_ended.set()
 
     def _start(self, claims: Sequence[Claim], asked_at: float) -> None:
-        """Start a runner for each claim. Called at once when a claim returns, with no
-        checkpoint between: whatever the store committed is either run or handed back."""
-        assert self._tg is not None
-        stopping = self._closing or self._tg.cancel_scope.cancel_called
-        for claim in claims:
-            control = RunnerControl()
-            if stopping:  # claimed while shutdown began: hand it straight back
-                control.stop(StopKind.SHUTDOWN, self._shutdown_reason())
-            self._runners[claim.task.id, claim.fence] = control
-            self._leases.grant((claim.task.id, claim.fence), asked_at)
-            self._tg.start_soon(self._run, claim, name=f"taskpool task {claim.task.id}")
-        if claims and self._guard is not None:
-            self._guard.arm_node()
-
-    def _shutdown_reason(self) -> str:
-        return f"interrupted: node {self.node_id} shut down"
+        self._runners.start(claims, asked_at)  # at once: see `Runners.start`
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -466,71 +438,6 @@ class TaskPool(PoolClientAPI):
                 self._task_changed()
             await anyio.sleep(self.reaper_interval_s)
 
-    async def _run(self, claim: Claim) -> None:
-        task, fence = claim.task, claim.fence
-        assert self._attempt_setup is not None
-        attempt = Attempt(self._attempt_setup, claim, self._runners[task.id, fence])
-        finished = claimed = False
-        started = anyio.current_time()
-        self._telemetry.attempt_started(task)
-        outcome = Outcome(OutcomeKind.SHUTDOWN, "interrupted: the pool stopped its task group")
-        try:
-            outcome = await attempt.run()
-            if outcome.kind is not OutcomeKind.LEASE_LOST:
-                try:
-                    claimed = await self._finish(task.id, fence, outcome)
-                except LeaseLost as exc:
-                    # Reported as what it is, not as the exit the runner saw.
-                    outcome = Outcome(
-                        OutcomeKind.LEASE_LOST,
-                        f"result refused ({exc}); the attempt had {outcome.reason}",
-                        outcome.exit_code,
-                    )
-                    self._telemetry.note(
-                        logging.WARNING,
-                        "result_refused",
-                        "task %s: result not recorded: %s",
-                        task.id,
-                        exc,
-                        task_id=task.id,
-                        fence=fence,
-                    )
-            finished = True
-        finally:
-            attempt.close()
-            self._telemetry.attempt_ended(task, outcome, anyio.current_time() - started)
-            if not finished:
-                self._interrupted[task.id] = fence
-            del self._runners[task.id, fence]
-            self._leases.drop((task.id, fence))
-            if self._guard is not None:
-                self._guard.arm_node()
-            self._idle.set()
-            if not claimed:  # the slot is free and nobody looked for work for it yet
-                self._wake.set()
-            self._task_changed()
-
-    async def _finish(self, task_id: int, fence: int, outcome: Outcome) -> bool:
-        """Write the outcome; unless shutting down, claim for the freed slot in the same
-        transaction (no round trip through the claim loop on the hot path). True if it
-        claimed."""
-        if self._closing or outcome.kind is OutcomeKind.SELF_FENCED:
-            # A self-fenced node is in trouble with its store: no new work until it renews.
-            await self._with_store(lambda: self.store.finish(task_id, fence, outcome))
-            return False
-        claims, asked_at = await self._with_store.sent_at(
-            lambda: self.store.finish_and_claim(
-                task_id,
-                fence,
-                outcome,
-                node_id=self.node_id,
-                limits=self.limits,
-                lease_ttl_s=self.lease_ttl_s,
-            )
-        )
-        self._start(claims, asked_at)
-        return True
-
     def _work_arrived(self, wake: Wake) -> None:
         # Only work wakes the claim loop, and it claims only with a free slot: an 'end'
         # was claimed for by the node that ended its task, in the same transaction.
@@ -558,17 +465,5 @@ class TaskPool(PoolClientAPI):
         self._wake.set()
 
     def _cancel_requested(self, info: TaskInfo) -> None:
-        control = self._runners.get((info.id, info.fence))
-        if control is not None:
-            forced = info.cancel_requested is CancelMode.FORCE
-            control.stop(StopKind.CANCELLED, "cancelled by request", force=forced)
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]
-
-
-def _is_cancel(exc: BaseException) -> bool:
-    return isinstance(exc, anyio.get_cancelled_exc_class())
+        forced = info.cancel_requested is CancelMode.FORCE
+        self._runners.cancel((info.id, info.fence), force=forced)
