@@ -39,6 +39,7 @@ from . import _containment, _procs
 from ._client import Client, StaleReport
 from ._containment import Box, CgroupBox, Containment
 from ._errors import LeaseLost, PoolClosed, PoolCrashed, StoreUnavailable
+from ._explain import WaitReason
 from ._guard import Guard, GuardError
 from ._models import (
     CancelMode,
@@ -279,6 +280,7 @@ class TaskPool:
                 heartbeat_at=now,
                 stopped_at=None,
                 max_parallel=self.limits.max_parallel,
+                project_limits=dict(self.limits.project_limits),
             )
             self.containment = _containment.choose(
                 self.store.store_id,
@@ -925,6 +927,14 @@ class TaskPool:
     async def stale(self, *, older_than_s: float = 60.0) -> StaleReport:
         """`Client.stale`: expired leases and silent nodes."""
         return await self._client.stale(older_than_s=older_than_s)
+
+    async def why(self, task_id: int) -> list[WaitReason]:
+        """`Client.why`: what holds a waiting task (empty: nothing, or not waiting)."""
+        return await self._client.why(task_id)
+
+    async def why_many(self, tasks: Iterable[TaskInfo]) -> dict[int, list[WaitReason]]:
+        """`Client.why_many`: `why` for several tasks from one read."""
+        return await self._client.why_many(tasks)
 
     async def wait(self, task_id: int, *, timeout_s: float | None = None) -> TaskInfo:
         """`Client.wait`: until the task is terminal (`TimeoutError` after `timeout_s`)."""
