@@ -133,9 +133,15 @@ class _Fleet:
     @classmethod
     def of(cls, running: Iterable[TaskInfo], nodes: Iterable[NodeInfo], now: float) -> _Fleet:
         live = sorted((n for n in nodes if n.stopped_at is None), key=lambda n: n.started_at)
-        leased = [
-            t for t in running if t.status is Status.RUNNING and lease_live(t.lease_expires_at, now)
-        ]
+        # In id order: reasons name their holders oldest first.
+        leased = sorted(
+            (
+                t
+                for t in running
+                if t.status is Status.RUNNING and lease_live(t.lease_expires_at, now)
+            ),
+            key=lambda t: t.id,
+        )
         return cls(live, leased, Counter(t.owner_node for t in leased if t.owner_node), now)
 
     def claims(self, queue: Sequence[TaskInfo]) -> list[Slot]:
@@ -198,6 +204,7 @@ def explain_waiting(
     queue order: all of them, or a first part of them that `fills_every_node`.
     `running` is the running tasks, `nodes` the live nodes."""
     fleet = _Fleet.of(running, nodes, now)
+    tasks = list(tasks)
     wanted = [t for t in tasks if t.status is Status.WAITING]
     queue = [t for t in queue if t.status is Status.WAITING]
     due = {t.id: t for t in [*queue, *wanted] if not _starts_later(t, now)}
@@ -205,7 +212,7 @@ def explain_waiting(
     position = {t.id: i for i, t in enumerate(ordered)}
     chosen = fleet.claims(ordered) if fleet.nodes else []
     claimed = {s.task_id for s in chosen}
-    result: dict[int, list[WaitReason]] = {}
+    result: dict[int, list[WaitReason]] = {t.id: [] for t in tasks}
     for task in wanted:
         if _starts_later(task, now):
             result[task.id] = [_start_time(task, now)]

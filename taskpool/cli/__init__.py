@@ -25,7 +25,7 @@ import anyio
 
 from .._errors import TaskpoolError
 from .._redact import redact
-from . import _admin, _tasks, _worker
+from . import _admin, _tasks, _why, _worker
 from ._options import option
 
 #: Exit codes: 1 for an error (a crashed worker included), 2 for bad usage.
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     # In this order in `--help`: the worker, the commands on tasks, the store-wide ones.
-    for group in (_worker, _tasks, _admin):
+    for group in (_worker, _tasks, _why, _admin):
         group.add_commands(commands)
     return parser
 

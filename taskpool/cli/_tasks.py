@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from .._models import CancelMode, Status, TaskSpec
 from ._format import emit, env_line, limits_text, task_line, when
 from ._options import limit_options, open_client
+from ._why import why_line
 
 if TYPE_CHECKING:
     from ._options import Commands
@@ -120,8 +121,10 @@ async def cmd_show(args: argparse.Namespace) -> None:
     async with open_client(args) as client:
         task = await client.get(args.id)
         events = await client.events(args.id)
+        why = await why_line(client, task)
     lines = [
         task_line(task),
+        *why,
         f"  command: {list(task.spec.argv)}  cwd: {task.spec.cwd or '-'}",
         env_line(task.spec, show=args.show_env),
         f"  attempts: {task.attempts_used}/{task.spec.max_attempts}  owner: "

@@ -357,7 +357,7 @@ def test_no_reason_means_claimable_and_every_reason_is_a_real_block(
                 assert all(busy[n.id] >= n.max_parallel for n in nodes)
             elif r.kind is WaitKind.PROJECT_LIMIT:
                 room = [n for n in nodes if busy[n.id] < n.max_parallel]
-                in_project = [x.id for x in live if x.spec.project == t.spec.project]
+                in_project = sorted(x.id for x in live if x.spec.project == t.spec.project)
                 assert r.limit == max(n.project_limits[t.spec.project] for n in room)
                 assert list(r.holder_ids) == in_project
                 assert len(in_project) >= r.limit
