@@ -2,17 +2,19 @@
 
 The client's `why`, the CLI's `why` and `show`, and the dashboard all explain from
 here. The answer is worked out with the blocking policy of `taskpool._rules`
-(`blocked_by`, `Occupancy`, `plan_claims`), never restated: a task is claimable
-when the live nodes, each claiming in turn (oldest first) with its own
-`max_parallel` and project limits as it registered them, would choose it from the
-queue as it stands; otherwise every reason given is a real block:
+(`blocked_by`, `Occupancy`), never restated: a task is claimable when the live
+nodes would start it from the queue as it stands, the queue taken in order (as
+`plan_claims` takes it), each task by the oldest live node whose own `max_parallel`
+and project limits (as it registered them) allow it; otherwise every reason given
+is a real block:
 
 - its start time (`not_before`, or a retry's backoff) is not reached;
 - no live node;
 - on every live node something that runs holds it: the node is full, its project
   is at that node's limit, its template or one of its locks is held;
-- or nothing that runs holds it, but tasks ahead of it in the queue take the free
-  slots (or its template, a lock, its project's last place) first.
+- or nothing that runs holds it, but tasks ahead of it in the queue would be
+  started first and take the free slots (or its template, a lock, its project's
+  last place).
 
 Running tasks count only while their lease is live, as in the claim.
 """
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 
 from ._decisions import lease_live
 from ._models import NodeInfo, Status, TaskInfo
-from ._rules import Occupancy, Slot, blocked_by, plan_claims
+from ._rules import Occupancy, Slot, blocked_by
 
 #: A limit no count reaches: lets `blocked_by` judge one rule at a time.
 _NO_LIMIT = 1 << 62
@@ -145,19 +147,25 @@ class _Fleet:
         return cls(live, leased, Counter(t.owner_node for t in leased if t.owner_node), now)
 
     def claims(self, queue: Sequence[TaskInfo]) -> list[Slot]:
-        """What the live nodes would start from `queue` (in queue order), each node
-        claiming in turn with its own limits after the ones before it."""
+        """What the live nodes would start from `queue`, taken in queue order: each
+        task by the oldest node whose own limits allow it, after the tasks before it.
+        For one node this is `plan_claims`'s choice (tests/unit/test_explain.py)."""
+        occ = self.occupancy(None)
+        busy = Counter(self.busy)
         chosen: list[Slot] = []
-        running = [slot(t) for t in self.running]
-        for node in self.nodes:
-            taken = {s.task_id for s in chosen}
-            chosen += plan_claims(
-                [slot(t) for t in queue if t.id not in taken],
-                [*running, *chosen],
-                node_running=self.busy[node.id],
-                max_parallel=node.max_parallel,
-                project_limits=node.project_limits,
-            )
+        for candidate in map(slot, queue):
+            for node in self.nodes:
+                occ.node_running = busy[node.id]
+                if not blocked_by(
+                    candidate,
+                    occ,
+                    max_parallel=node.max_parallel,
+                    project_limits=node.project_limits,
+                ):
+                    occ.take(candidate, on_this_node=False)
+                    busy[node.id] += 1
+                    chosen.append(candidate)
+                    break
         return chosen
 
     def occupancy(self, node: NodeInfo | None) -> Occupancy:

@@ -293,20 +293,36 @@ def fleets(draw: st.DrawFn) -> tuple[list[NodeInfo], list[TaskInfo], list[TaskIn
 def fleet_claims(
     nodes: Sequence[NodeInfo], running: Sequence[TaskInfo], waiting: Sequence[TaskInfo]
 ) -> list[int]:
-    """The oracle: each live node claims in turn, oldest first, with `plan_claims`."""
+    """The oracle, by `plan_claims` one task at a time: in queue order, each due task
+    goes to the oldest node that would start it given what runs and what went before."""
     live = [slot(t) for t in running if leased(t)]
     busy = Counter(t.owner_node for t in running if leased(t))
     queue = sorted((t for t in waiting if (t.spec.not_before or 0) <= NOW), key=queue_order)
     chosen: list[int] = []
-    for n in sorted(nodes, key=lambda n: n.started_at):
-        picked = plan_claims(
-            [slot(t) for t in queue if t.id not in chosen],
-            [*live, *(slot(t) for t in queue if t.id in chosen)],
-            node_running=busy[n.id],
-            max_parallel=n.max_parallel,
-            project_limits=n.project_limits,
-        )
-        chosen += [s.task_id for s in picked]
+    for t in queue:
+        for n in sorted(nodes, key=lambda n: n.started_at):
+            if plan_claims(
+                [slot(t)],
+                [*live, *(slot(w) for w in queue if w.id in chosen)],
+                node_running=busy[n.id],
+                max_parallel=n.max_parallel,
+                project_limits=n.project_limits,
+            ):
+                chosen.append(t.id)
+                busy[n.id] += 1
+                break
+    if len(nodes) == 1:  # for one node, exactly what its claim chooses
+        [n] = nodes
+        assert chosen == [
+            s.task_id
+            for s in plan_claims(
+                [slot(t) for t in queue],
+                live,
+                node_running=busy[n.id] - len(chosen),
+                max_parallel=n.max_parallel,
+                project_limits=n.project_limits,
+            )
+        ]
     return chosen
 
 
