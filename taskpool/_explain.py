@@ -21,6 +21,7 @@ Running tasks count only while their lease is live, as in the claim.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import time
 from collections import Counter
@@ -131,6 +132,7 @@ class _Fleet:
     running: list[TaskInfo]
     busy: Counter[str]  # node id -> its running attempts
     now: float
+    shared: Occupancy  # what the running tasks hold on every node; never changed
 
     @classmethod
     def of(cls, running: Iterable[TaskInfo], nodes: Iterable[NodeInfo], now: float) -> _Fleet:
@@ -144,13 +146,14 @@ class _Fleet:
             ),
             key=lambda t: t.id,
         )
-        return cls(live, leased, Counter(t.owner_node for t in leased if t.owner_node), now)
+        busy = Counter(t.owner_node for t in leased if t.owner_node)
+        return cls(live, leased, busy, now, Occupancy.of(map(slot, leased), node_running=0))
 
     def claims(self, queue: Sequence[TaskInfo]) -> list[Slot]:
         """What the live nodes would start from `queue`, taken in queue order: each
         task by the oldest node whose own limits allow it, after the tasks before it.
         For one node this is `plan_claims`'s choice (tests/unit/test_explain.py)."""
-        occ = self.occupancy(None)
+        occ = Occupancy.of(map(slot, self.running), node_running=0)  # taken into below
         busy = Counter(self.busy)
         chosen: list[Slot] = []
         for candidate in map(slot, queue):
@@ -169,9 +172,8 @@ class _Fleet:
         return chosen
 
     def occupancy(self, node: NodeInfo | None) -> Occupancy:
-        return Occupancy.of(
-            [slot(t) for t in self.running], node_running=self.busy[node.id] if node else 0
-        )
+        """What the running tasks occupy as `node` sees it (to read, not to take into)."""
+        return dataclasses.replace(self.shared, node_running=self.busy[node.id] if node else 0)
 
     def blocks_everywhere(self, task: TaskInfo) -> bool:
         """Whether what runs blocks the task on every live node, queue aside."""
