@@ -20,6 +20,7 @@ from ._errors import (
     TaskNotFound,
     TaskpoolError,
 )
+from ._explain import WaitKind, WaitReason
 from ._models import (
     CancelMode,
     Limits,
@@ -62,4 +63,6 @@ __all__ = [
     "TaskPool",
     "TaskSpec",
     "TaskpoolError",
+    "WaitKind",
+    "WaitReason",
 ]

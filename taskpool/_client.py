@@ -27,10 +27,17 @@ import anyio
 from anyio.abc import TaskGroup
 
 from ._errors import InvalidTask
+from ._explain import WaitReason, explain_waiting, fills_every_node, queue_order
 from ._models import CancelMode, NodeInfo, Status, TaskEvent, TaskInfo, TaskSpec
 from ._store import Store, Wake
 from ._waiters import StatusReads, Watch
 from .stores import CLIENT_CONNECTIONS, open_store
+
+#: At most how many running tasks `stale` and `why` read.
+RUNNING_READ = 10_000
+#: How many queued tasks `why` reads first; it reads four times more each time that
+#: is not enough to tell (many tasks ahead, blocked, while nodes have room).
+QUEUE_READ = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,9 +276,36 @@ class Client:
 
     async def stale(self, *, older_than_s: float = 60.0) -> StaleReport:
         """Expired leases nobody rescued yet, and live nodes silent for `older_than_s`."""
-        running = await self.store.list_tasks(statuses=[Status.RUNNING], limit=10_000)
+        running = await self.store.list_tasks(statuses=[Status.RUNNING], limit=RUNNING_READ)
         nodes = await self.store.list_nodes(alive=True)
         return judge_stale(running, nodes, now=time.time(), older_than_s=older_than_s)
+
+    async def why(self, task_id: int) -> list[WaitReason]:
+        """What holds a waiting task, by the rules the claim applies: each reason with
+        its kind, the tasks and nodes it names and its `text` (`taskpool._explain`).
+        Empty when the task is not waiting, or when nothing holds it (a node will
+        claim it at its next claim). `TaskNotFound` if there is no such task."""
+        task = await self.store.get(task_id)
+        return (await self.why_many([task]))[task.id]
+
+    async def why_many(self, tasks: Iterable[TaskInfo]) -> dict[int, list[WaitReason]]:
+        """`why` for several tasks as read already (a list of waiting ones), from one
+        read of what runs, the live nodes and the queue ahead of the deepest of them."""
+        tasks = list(tasks)
+        now = time.time()
+        running = await self.store.list_tasks(statuses=[Status.RUNNING], limit=RUNNING_READ)
+        nodes = await self.store.list_nodes(alive=True)
+        waiting = [t for t in tasks if t.status is Status.WAITING]
+        queue: list[TaskInfo] = []
+        if waiting and nodes:
+            deepest = max(waiting, key=queue_order)
+            limit = QUEUE_READ
+            while True:
+                queue = await self.store.waiting_ahead(deepest.id, limit=limit)
+                if len(queue) < limit or fills_every_node(queue, running, nodes, now=now):
+                    break
+                limit *= 4
+        return explain_waiting(tasks, queue=queue, running=running, nodes=nodes, now=now)
 
     async def wait(self, task_id: int, *, timeout_s: float | None = None) -> TaskInfo:
         """Wait until the task is terminal and return it (`TimeoutError` after

@@ -290,6 +290,9 @@ class NodeInfo:
     stopped_at: float | None
     max_parallel: int
     containment: str | None = None  # how it contains its attempts, as it said at start
+    # Its running tasks per project at most, as configured when it started (the
+    # explanation of a waiting task reads it: the claim takes the node's own).
+    project_limits: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -212,6 +212,7 @@ class TaskPool(PoolClientAPI):
                 heartbeat_at=now,
                 stopped_at=None,
                 max_parallel=self.limits.max_parallel,
+                project_limits=dict(self.limits.project_limits),
             )
             self.containment = _containment.choose(
                 self.store.store_id,

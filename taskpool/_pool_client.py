@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 from ._client import Client, StaleReport
+from ._explain import WaitReason
 from ._models import CancelMode, NodeInfo, Status, TaskEvent, TaskInfo, TaskSpec
 
 
@@ -91,6 +92,14 @@ class PoolClientAPI:
     async def stale(self, *, older_than_s: float = 60.0) -> StaleReport:
         """`Client.stale`: expired leases and silent nodes."""
         return await self._client.stale(older_than_s=older_than_s)
+
+    async def why(self, task_id: int) -> list[WaitReason]:
+        """`Client.why`: what holds a waiting task (empty: nothing, or not waiting)."""
+        return await self._client.why(task_id)
+
+    async def why_many(self, tasks: Iterable[TaskInfo]) -> dict[int, list[WaitReason]]:
+        """`Client.why_many`: `why` for several tasks from one read."""
+        return await self._client.why_many(tasks)
 
     async def wait(self, task_id: int, *, timeout_s: float | None = None) -> TaskInfo:
         """`Client.wait`: until the task is terminal (`TimeoutError` after `timeout_s`)."""

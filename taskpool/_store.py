@@ -284,6 +284,13 @@ class Store(abc.ABC):
         """Tasks, newest first."""
 
     @abc.abstractmethod
+    async def waiting_ahead(self, task_id: int, *, limit: int) -> list[TaskInfo]:
+        """The waiting tasks due now (`not_before` reached) that a claim considers
+        before task `task_id`: higher priority, or equal priority and submitted
+        earlier; the first `limit` of them in that queue order. `TaskNotFound` if
+        there is no task `task_id`. What explains a waiting task's place in the queue."""
+
+    @abc.abstractmethod
     async def events(self, task_id: int) -> list[TaskEvent]:
         """The task's transitions in order."""
 

@@ -122,6 +122,8 @@ class MemoryStore(Store):
         }
         if e.requeued:
             changes.update(owner_node=None, pid=None)
+            # As the SQL stores read it back: the spec shows when it may run again.
+            changes["spec"] = dataclasses.replace(task.info.spec, not_before=e.not_before or None)
             task.not_before, task.pid_started_at = e.not_before, None
         else:
             changes["finished_at"] = e.at
@@ -393,6 +395,21 @@ class MemoryStore(Store):
             and (project is None or t.info.spec.project == project)
         ]
         return found[:limit]
+
+    async def waiting_ahead(self, task_id: int, *, limit: int) -> list[TaskInfo]:
+        me = self._task(task_id).info
+        now = self.clock()
+        ahead = sorted(
+            (
+                t.info
+                for t in self._tasks.values()
+                if t.info.status is Status.WAITING
+                and t.not_before <= now
+                and (-t.info.spec.priority, t.info.id) < (-me.spec.priority, me.id)
+            ),
+            key=lambda i: (-i.spec.priority, i.id),
+        )
+        return ahead[:limit]
 
     async def events(self, task_id: int) -> list[TaskEvent]:
         self._check()

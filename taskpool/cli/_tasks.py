@@ -20,6 +20,7 @@ from ._options import (
     option,
     positive,
 )
+from ._why import why_line
 
 if TYPE_CHECKING:
     from ._options import Commands
@@ -249,9 +250,11 @@ async def cmd_show(args: argparse.Namespace) -> None:
     async with open_client(args) as client:
         task = await client.get(args.id)
         events = await client.events(args.id)
+        why = await why_line(client, task)
     spec = task.spec
     lines = [
         task_line(task),
+        *why,
         f"  command: {field(spec.argv)}  cwd: {field(spec.cwd or '-')}",
         env_line(spec, show=args.show_env),
         f"  attempts: {task.attempts_used}/{spec.max_attempts}  owner: "

@@ -7,6 +7,7 @@ how a row becomes the plain data they take, and how their results become columns
 
 from __future__ import annotations
 
+import json
 from typing import Any, Protocol
 
 from .._decisions import Ending, Start, TaskState
@@ -92,7 +93,10 @@ def event_values(e: TaskEvent) -> tuple[Any, ...]:
 
 
 #: The columns of a node row, in the order `node_values` gives them.
-NODE_COLUMNS = "id, host, pid, pid_started_at, started_at, heartbeat_at, max_parallel, containment"
+NODE_COLUMNS = (
+    "id, host, pid, pid_started_at, started_at, heartbeat_at, max_parallel, containment,"
+    " project_limits"
+)
 
 
 def node_values(n: NodeInfo) -> tuple[Any, ...]:
@@ -105,6 +109,7 @@ def node_values(n: NodeInfo) -> tuple[Any, ...]:
         n.heartbeat_at,
         n.max_parallel,
         n.containment,
+        json.dumps(dict(sorted(n.project_limits.items()))),  # JSON text on both backends
     )
 
 
@@ -206,4 +211,5 @@ def node_from_row(r: Row) -> NodeInfo:
         stopped_at=r["stopped_at"],
         max_parallel=r["max_parallel"],
         containment=r["containment"],
+        project_limits=json.loads(r["project_limits"]),
     )

@@ -233,7 +233,7 @@ class PostgresStore(Store):
         async def op(conn: asyncpg.Connection) -> None:
             await conn.execute(
                 f"INSERT INTO taskpool_nodes ({NODE_COLUMNS})"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)",
                 *node_values(node),
             )
 
@@ -440,6 +440,23 @@ class PostgresStore(Store):
                 " AND ($2::text IS NULL OR project = $2) ORDER BY id DESC LIMIT $3",
                 [str(s) for s in statuses] if statuses is not None else None,
                 project,
+                limit,
+            )
+            return [ops.info(r) for r in rows]
+
+        return await self._tx(op)
+
+    async def waiting_ahead(self, task_id: int, *, limit: int) -> list[TaskInfo]:
+        async def op(conn: asyncpg.Connection) -> list[TaskInfo]:
+            me = await ops.task_row(conn, task_id)
+            # Due by the database's clock, as the claim (taskpool_claim) judges it.
+            rows = await conn.fetch(
+                "SELECT * FROM taskpool_tasks WHERE status = 'waiting'"
+                " AND not_before <= extract(epoch FROM clock_timestamp())"
+                " AND (priority > $1 OR (priority = $1 AND id < $2))"
+                " ORDER BY priority DESC, id LIMIT $3",
+                me["priority"],
+                me["id"],
                 limit,
             )
             return [ops.info(r) for r in rows]

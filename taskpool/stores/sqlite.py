@@ -253,7 +253,7 @@ class SQLiteStore(Store):
     async def register_node(self, node: NodeInfo) -> None:
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
-                f"INSERT INTO nodes ({NODE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO nodes ({NODE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 node_values(node),
             )
 
@@ -402,6 +402,19 @@ class SQLiteStore(Store):
                 " WHERE (? IS NULL OR status IN (SELECT value FROM json_each(?)))"
                 " AND (? IS NULL OR project = ?) ORDER BY id DESC LIMIT ?",
                 (wanted, wanted, project, project, limit),
+            ).fetchall()
+            return [ops.info(r) for r in rows]
+
+        return await self._read(op)
+
+    async def waiting_ahead(self, task_id: int, *, limit: int) -> list[TaskInfo]:
+        def op(conn: sqlite3.Connection) -> list[TaskInfo]:
+            me = ops.task_row(conn, task_id)
+            rows = conn.execute(
+                "SELECT * FROM tasks WHERE status = 'waiting' AND not_before <= ?"
+                " AND (priority > ? OR (priority = ? AND id < ?))"
+                " ORDER BY priority DESC, id LIMIT ?",
+                (self._clock(), me["priority"], me["priority"], me["id"], limit),
             ).fetchall()
             return [ops.info(r) for r in rows]
 

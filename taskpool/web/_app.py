@@ -13,7 +13,7 @@ import inspect
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,6 +33,7 @@ from starlette.staticfiles import StaticFiles
 
 from .._client import StaleReport
 from .._errors import InvalidTask, StoreError, TaskNotFound
+from .._explain import WaitReason, describe
 from .._models import CancelMode, NodeInfo, Status, TaskEvent, TaskInfo
 from . import _pages as pages
 from ._ansi import AnsiRenderer
@@ -55,7 +56,6 @@ from ._stream import EventStream, sse
 from ._views import (
     SCAN_LIMIT,
     TaskFilter,
-    explain_waiting,
     fetch_limit,
     page_of,
     queue_depths,
@@ -83,6 +83,7 @@ class TaskSource(Protocol):
     async def events(self, task_id: int) -> list[TaskEvent]: ...
     async def nodes(self, *, alive: bool | None = None) -> list[NodeInfo]: ...
     async def stale(self, *, older_than_s: float = 60.0) -> StaleReport: ...
+    async def why_many(self, tasks: Iterable[TaskInfo]) -> dict[int, list[WaitReason]]: ...
     async def cancel(
         self, task_id: int, mode: CancelMode | str = CancelMode.GRACEFUL, *, force: bool = False
     ) -> TaskInfo: ...
@@ -187,9 +188,7 @@ class Dashboard:
         return task, events, await self._why(task) if task.status is Status.WAITING else None
 
     async def _why(self, task: TaskInfo) -> str:
-        running = await self.tasks.list_tasks(statuses=[Status.RUNNING], limit=SCAN_LIMIT)
-        nodes = await self.tasks.nodes(alive=True)
-        return explain_waiting(task, running, nodes, now=time.time())
+        return describe((await self.tasks.why_many([task]))[task.id])
 
     async def nodes_page(self, request: Request) -> Response:
         _, frame = await self.viewer(request)
@@ -201,10 +200,8 @@ class Dashboard:
         _, frame = await self.viewer(request)
         stale = await self.tasks.stale(older_than_s=self.stale_after_s)
         waiting = await self.tasks.list_tasks(statuses=[Status.WAITING], limit=500)
-        running = await self.tasks.list_tasks(statuses=[Status.RUNNING], limit=SCAN_LIMIT)
-        nodes = await self.tasks.nodes(alive=True)
-        now = time.time()
-        reasons = {t.id: explain_waiting(t, running, nodes, now=now) for t in waiting}
+        why = await self.tasks.why_many(waiting)
+        reasons = {t.id: describe(why.get(t.id, [])) for t in waiting}
         return HTMLResponse(pages.waiting_page(frame, stale, waiting, reasons))
 
     async def queues_page(self, request: Request) -> Response:

@@ -717,3 +717,33 @@ async def test_concurrent_prunes_share_the_work_safely(
         assert sum(r.output_chunks for r in reports) == 40
         assert [await _gone(two, t) for t in doomed] == [True] * 20
         assert (await two.get(waiting)).status is Status.WAITING
+
+
+async def test_waiting_ahead_follows_the_claims_queue_order(opener: Opener) -> None:
+    """The waiting tasks due now that a claim considers before a task: higher priority
+    first, then submit order; not the running, nor those whose start time is ahead."""
+    async with handles(opener, 1) as (store,):
+        a, b, c = [await store.submit(TaskSpec.build(["true"], priority=p)) for p in (0, 0, 5)]
+        later = await store.submit(TaskSpec.build(["true"], not_before=time.time() + 3600))
+        e, f = [await store.submit(TaskSpec.build(["true"], priority=p)) for p in (0, 5)]
+        (claimed,) = await store.claim("node-0", Limits(max_parallel=1), lease_ttl_s=60)
+        assert claimed.task.id == c
+        assert [t.id for t in await store.waiting_ahead(e, limit=10)] == [f, a, b]
+        assert [t.id for t in await store.waiting_ahead(e, limit=2)] == [f, a]
+        assert await store.waiting_ahead(f, limit=10) == []
+        assert [t.id for t in await store.waiting_ahead(later, limit=10)] == [f, a, b]
+        assert await store.waiting_ahead(e, limit=10) == [await store.get(t) for t in (f, a, b)]
+        with pytest.raises(TaskNotFound):
+            await store.waiting_ahead(99, limit=10)
+
+
+async def test_a_node_keeps_the_project_limits_it_registered_with(opener: Opener) -> None:
+    async with handles(opener, 1) as (store,):
+        now = time.time()
+        limited = NodeInfo(
+            "limited", "host", os.getpid(), now, now, now, None, 2, project_limits={"infra": 1}
+        )
+        await store.register_node(limited)
+        nodes = {n.id: n for n in await store.list_nodes()}
+        assert nodes["limited"] == limited
+        assert nodes["node-0"].project_limits == {}

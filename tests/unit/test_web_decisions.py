@@ -1,5 +1,5 @@
-"""The dashboard's pure decisions: which request may act, what a waiting task waits
-for, queue depths, filters and paging."""
+"""The dashboard's pure decisions: which request may act, queue depths, filters and
+paging (what a waiting task waits for is tests/unit/test_explain.py's)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from taskpool import NodeInfo, Status, TaskInfo, TaskSpec
+from taskpool import Status, TaskInfo, TaskSpec
 from taskpool.web._security import (
     ActionFacts,
     Refusal,
@@ -17,7 +17,7 @@ from taskpool.web._security import (
     safe_next,
     same_origin,
 )
-from taskpool.web._views import PAGE_SIZE, TaskFilter, explain_waiting, page_of, queue_depths
+from taskpool.web._views import PAGE_SIZE, TaskFilter, page_of, queue_depths
 
 NOW = 1_800_000_000.0
 OK = ActionFacts(
@@ -107,47 +107,6 @@ def task(task_id: int, status: Status = Status.WAITING, **spec: object) -> TaskI
         reason="submitted",
         cancel_requested=None,
     )
-
-
-NODE = NodeInfo(
-    id="node-a-0000",
-    host="web-1",
-    pid=10,
-    pid_started_at=NOW - 1000,
-    started_at=NOW - 1000,
-    heartbeat_at=NOW - 1,
-    stopped_at=None,
-    max_parallel=4,
-)
-
-
-def test_why_waiting_names_the_holder_of_a_template_or_lock() -> None:
-    holder = task(41, Status.RUNNING, template="apply-prod", locks=["prod-state"])
-    by_template = task(42, template="apply-prod")
-    assert explain_waiting(by_template, [holder], [NODE], now=NOW) == (
-        "template 'apply-prod' is held by task 41 "
-        "(running on node node-a-0 on host web-1 for 3 min 12 s)"
-    )
-    by_lock = task(43, locks=["prod-state"])
-    assert explain_waiting(by_lock, [holder], [NODE], now=NOW).startswith(
-        "lock 'prod-state' is held by task 41 (running"
-    )
-    both_parallel = task(44, template="x", template_parallel=True)
-    other = task(45, Status.RUNNING, template="x", template_parallel=True)
-    assert "held" not in explain_waiting(both_parallel, [other], [NODE], now=NOW)
-
-
-def test_why_waiting_start_time_backoff_no_node_and_full_nodes() -> None:
-    later = task(1, not_before=NOW + 3600)
-    assert explain_waiting(later, [], [NODE], now=NOW) == (
-        "not before 2027-01-15 09:00:00Z (in 1 h 0 min)"
-    )
-    backoff = replace(later, attempts_used=1, reason="exited with code 1; retrying in 3600 s")
-    assert explain_waiting(backoff, [], [NODE], now=NOW).startswith("retry backoff until")
-    assert explain_waiting(task(2), [], [], now=NOW).startswith("no live node")
-    busy = [task(n, Status.RUNNING) for n in range(10, 14)]
-    assert explain_waiting(task(3), busy, [NODE], now=NOW) == "every node is full (4/4 on web-1)"
-    assert explain_waiting(task(3), busy[:3], [NODE], now=NOW).startswith("ready")
 
 
 def test_queue_depth_per_project_deepest_first() -> None:
