@@ -36,6 +36,7 @@ from anyio.abc import TaskGroup
 
 from . import _containment, _procs
 from ._attempt import Attempt, AttemptSetup
+from ._cancels import CancelWatcher
 from ._client import Client
 from ._containment import Containment
 from ._errors import LeaseLost, PoolClosed, PoolCrashed, StoreUnavailable
@@ -350,6 +351,11 @@ class TaskPool(PoolClientAPI):
                 tg.start_soon(
                     self.store.watch_for_work, self._work_arrived, name="taskpool work watcher"
                 )
+                timeout_s = self.store_call_timeout_s
+                cancels = CancelWatcher(
+                    self.store, self.node_id, self._runners, read_timeout_s=timeout_s
+                )
+                tg.start_soon(cancels.run, name="taskpool cancel watcher")
 
     # -- recovery ----------------------------------------------------------
     async def _reconcile_predecessors(self) -> None:
