@@ -22,8 +22,13 @@ from taskpool.stores import open_store
 from tests.helpers import SAFETY_TIMEOUT_S, eventually, no_attempt_processes, running
 from tests.postgres import fresh_postgres_database
 
+
 #: Heartbeats that never come within a test: only the cancel watcher can deliver.
-NO_HEARTBEAT = {"lease_ttl_s": 600.0, "heartbeat_interval_s": 300.0}
+def no_heartbeat_pool(database: str, *, max_parallel: int = 4) -> TaskPool:
+    return TaskPool(
+        database, max_parallel=max_parallel, lease_ttl_s=600.0, heartbeat_interval_s=300.0
+    )
+
 
 SIGNAL_SENT = {False: "SIGTERM", True: "SIGKILL"}
 
@@ -47,7 +52,7 @@ async def test_a_cancel_from_the_cli_stops_a_running_task_without_a_heartbeat(
     """`taskpool cancel [--force]` from another process stops the task on a pool whose
     heartbeat never comes during the test: the pool ends it cancelled, with the signal
     the mode asks for, and leaves no process."""
-    async with TaskPool(database, **NO_HEARTBEAT) as pool:
+    async with no_heartbeat_pool(database) as pool:
         task = await pool.submit(["sleep", "600"])
         await running(pool, task)
         await anyio.to_thread.run_sync(lambda: cli_cancel(database, task, force=force))
@@ -91,7 +96,7 @@ async def test_a_cancel_after_the_listen_connection_dropped_still_lands() -> Non
     before any heartbeat."""
     async with (
         fresh_postgres_database() as postgres_dsn,
-        TaskPool(postgres_dsn, **NO_HEARTBEAT) as pool,
+        no_heartbeat_pool(postgres_dsn) as pool,
     ):
         task = await pool.submit(["sleep", "600"])
         await running(pool, task)
@@ -127,8 +132,8 @@ async def test_a_cancel_of_another_nodes_task_leaves_this_node_alone(database: s
     """Two pools on one store each run a task; a cancel of one's task stops it there,
     and the other node's task runs on, untouched (same attempt, no stop asked)."""
     async with (
-        TaskPool(database, max_parallel=1, **NO_HEARTBEAT) as first,
-        TaskPool(database, max_parallel=1, **NO_HEARTBEAT) as second,
+        no_heartbeat_pool(database, max_parallel=1) as first,
+        no_heartbeat_pool(database, max_parallel=1) as second,
     ):
         tasks = [await first.submit(["sleep", "600"]) for _ in range(2)]
         infos = [await running(first, task) for task in tasks]
