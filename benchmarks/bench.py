@@ -22,6 +22,10 @@ Sections (`--only` takes one of these names):
   `PostgresStore.submit` (sequential and concurrent); `true` tasks through
   `TaskPool(PostgresStore(dsn), max_parallel=4)` vs the bare asyncio loop; and the
   same tasks through two pools (nodes) sharing one database.
+- `cancel` (cancel_latency.py): cancel written by another store handle -> SIGTERM
+  received by the task, p50/p99 on SQLite and PostgreSQL, with the pool's cancel
+  watcher and heartbeat-only (the watcher disabled) in the same run; the watcher's
+  CPU cost on an idle pool.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+import cancel_latency  # beside this file
 import pg_compare  # beside this file
 import psutil
 import scale  # beside this file
@@ -82,6 +87,7 @@ SECTIONS = (
     "submit_many",
     "nodes",
     "pgqueuer",
+    "cancel",
 )
 #: Store durability settings compared: the default (submits fsynced at once, the pool's
 #: own writes within 0.1 s) and an fsync on every commit. A submit is fsynced in both,
@@ -846,6 +852,7 @@ BENCHES: dict[str, Callable[[Config, Path], Awaitable[Json]]] = {
     "submit_many": scale.bench_submit_many,
     "nodes": pg_compare.bench_nodes,
     "pgqueuer": pg_compare.bench_pgqueuer,
+    "cancel": cancel_latency.bench_cancel,
 }
 
 

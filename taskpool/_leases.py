@@ -135,7 +135,14 @@ def act_on_renewal(
         runners[key].stop(StopKind.SELF_FENCED, fence_reason, force=True)
     for key in verdict.lost:
         runners[key].stop(StopKind.LEASE_LOST, "lease lost: another node owns the task", force=True)
-    for key, force in verdict.cancels.items():
+    stop_cancelled(verdict.cancels, runners)
+
+
+def stop_cancelled(cancels: Mapping[Key, bool], runners: Mapping[Key, RunnerControl]) -> None:
+    """Stop the attempts an operator asked to cancel (key -> forced?), however the
+    request reached the pool: a renewal's answer or the cancel watcher (_cancels.py).
+    Asking twice is harmless: a forced request escalates a graceful one in progress."""
+    for key, force in cancels.items():
         runners[key].stop(StopKind.CANCELLED, "cancelled by request", force=force)
 
 

@@ -35,6 +35,7 @@ from anyio.abc import TaskGroup
 
 from . import _containment, _procs
 from ._attempt import AttemptSetup
+from ._cancels import CancelWatcher
 from ._client import Client
 from ._containment import Containment
 from ._crash import crash_cause
@@ -352,6 +353,11 @@ class TaskPool(PoolClientAPI):
                     tg.start_soon(
                         keep_pruning, self.store, policy, every, name="taskpool retention"
                     )
+                timeout_s = self.store_call_timeout_s
+                cancels = CancelWatcher(
+                    self.store, self.node_id, self._runners, read_timeout_s=timeout_s
+                )
+                tg.start_soon(cancels.run, name="taskpool cancel watcher")
 
     # -- recovery ----------------------------------------------------------
     async def _reconcile_predecessors(self) -> None:

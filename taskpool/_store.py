@@ -238,6 +238,20 @@ class Store(abc.ABC):
         file shrank by, None where not known. Stores with nothing to do keep this."""
         return None
 
+    @abc.abstractmethod
+    async def cancel_requests(self, node_id: str) -> dict[int, tuple[int, CancelMode]]:
+        """The cancels asked for the running attempts `node_id` owns: task id -> (fence,
+        mode). A read, cheap enough to run on every `watch_for_cancels` wake-up."""
+
+    async def watch_for_cancels(self, node_id: str, on_cancel: Callable[[], None]) -> None:
+        """Call `on_cancel` soon after a cancel may have been asked, from any process,
+        for a task `node_id` runs (and once whenever watching starts anew: one may have
+        come while nobody watched). Runs until cancelled and rides out outages by
+        itself: the heartbeat's renewal is the fallback. Stores without a way to watch
+        keep this default, which never calls."""
+        del node_id, on_cancel
+        await anyio.sleep_forever()
+
     # -- reads -------------------------------------------------------------
     @abc.abstractmethod
     async def get(self, task_id: int) -> TaskInfo:

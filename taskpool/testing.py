@@ -71,6 +71,8 @@ class MemoryStore(Store):
         #: move time in a test instead of sleeping.
         self.clock: Callable[[], float] = time.time
         self.store_id = uuid.uuid4().hex
+        # `watch_for_cancels` callers: node id -> the calls to make on a cancel request.
+        self._cancel_watchers: dict[str, list[Callable[[], None]]] = {}
 
     def __repr__(self) -> str:
         return f"<MemoryStore tasks={len(self._tasks)} nodes={len(self._nodes)}>"
@@ -328,6 +330,8 @@ class MemoryStore(Store):
         if isinstance(plan, CancelRequest):
             task.info = dataclasses.replace(task.info, cancel_requested=plan.mode)
             self._log(plan.event)
+            for on_cancel in list(self._cancel_watchers.get(task.info.owner_node or "", ())):
+                on_cancel()
         return task.info
 
     async def prune(
@@ -359,6 +363,26 @@ class MemoryStore(Store):
                 self._tasks[task_id].output.clear()
             self._events = [e for e in self._events if e.task_id not in gone]
         return report
+
+    async def cancel_requests(self, node_id: str) -> dict[int, tuple[int, CancelMode]]:
+        self._check()
+        return {
+            t.info.id: (t.info.fence, t.info.cancel_requested)
+            for t in self._tasks.values()
+            if t.info.status is Status.RUNNING
+            and t.info.owner_node == node_id
+            and t.info.cancel_requested is not None
+        }
+
+    async def watch_for_cancels(self, node_id: str, on_cancel: Callable[[], None]) -> None:
+        """An in-process call: `request_cancel` calls `on_cancel` for the owner's node."""
+        watchers = self._cancel_watchers.setdefault(node_id, [])
+        watchers.append(on_cancel)
+        try:
+            on_cancel()  # one may have come before this watch began
+            await anyio.sleep_forever()
+        finally:
+            watchers.remove(on_cancel)
 
     # -- reads -------------------------------------------------------------
     async def get(self, task_id: int) -> TaskInfo:

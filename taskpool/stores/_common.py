@@ -128,6 +128,11 @@ def renewal(rows: list[Row]) -> Renewal:
     )
 
 
+def cancel_requests(rows: list[Row]) -> dict[int, tuple[int, CancelMode]]:
+    """A node's cancel requests from its running tasks' rows (id, fence, cancel_requested)."""
+    return {r["id"]: (r["fence"], CancelMode(r["cancel_requested"])) for r in rows}
+
+
 def check_schema_version(applied: set[int], known: list[int]) -> None:
     """Refuse a database migrated by a newer taskpool: its columns and meanings are
     ones this code does not know, so it fails now rather than at a later query."""

@@ -24,7 +24,7 @@ from .._decisions import (
     plan_orphan_settlement,
     plan_rescue,
 )
-from .._models import Claim, Limits, Outcome, TaskEvent, TaskInfo, TaskSpec
+from .._models import CancelMode, Claim, Limits, Outcome, TaskEvent, TaskInfo, TaskSpec
 from .._store import Renewal
 from ._common import (
     EVENT_COLUMNS,
@@ -34,6 +34,9 @@ from ._common import (
     renewal,
     task_info,
     task_state,
+)
+from ._common import (
+    cancel_requests as common_cancel_requests,
 )
 
 if TYPE_CHECKING:
@@ -225,6 +228,17 @@ async def renew_leases(conn: asyncpg.Connection, node_id: str, lease_ttl_s: floa
     )
     await conn.execute("UPDATE taskpool_nodes SET heartbeat_at = $2 WHERE id = $1", node_id, now)
     return renewal(rows)
+
+
+async def cancel_requests(
+    conn: asyncpg.Connection, node_id: str
+) -> dict[int, tuple[int, CancelMode]]:
+    rows = await conn.fetch(
+        "SELECT id, fence, cancel_requested FROM taskpool_tasks WHERE owner_node = $1"
+        " AND status = 'running' AND cancel_requested IS NOT NULL",
+        node_id,
+    )
+    return common_cancel_requests(rows)
 
 
 async def rescue_expired(

@@ -24,7 +24,7 @@ from .._decisions import (
     plan_rescue,
     plan_start,
 )
-from .._models import Claim, Limits, Outcome, TaskEvent, TaskInfo, TaskSpec
+from .._models import CancelMode, Claim, Limits, Outcome, TaskEvent, TaskInfo, TaskSpec
 from .._rules import Prefilter, Slot, claim_in_windows
 from .._store import Renewal
 from ._common import (
@@ -36,6 +36,9 @@ from ._common import (
     start_columns,
     task_info,
     task_state,
+)
+from ._common import (
+    cancel_requests as common_cancel_requests,
 )
 from ._sqlite_claim import candidates
 
@@ -86,6 +89,15 @@ def renew_leases(conn: sqlite3.Connection, node_id: str, lease_ttl_s: float, now
     ).fetchall()
     conn.execute("UPDATE nodes SET heartbeat_at = ? WHERE id = ?", (now, node_id))
     return renewal(rows)
+
+
+def cancel_requests(conn: sqlite3.Connection, node_id: str) -> dict[int, tuple[int, CancelMode]]:
+    rows = conn.execute(
+        "SELECT id, fence, cancel_requested FROM tasks WHERE owner_node = ?"
+        " AND status = 'running' AND cancel_requested IS NOT NULL",
+        (node_id,),
+    ).fetchall()
+    return common_cancel_requests(rows)
 
 
 def rescue_expired(

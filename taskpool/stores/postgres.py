@@ -24,7 +24,17 @@ from typing import TYPE_CHECKING, TypeVar
 import anyio
 
 from .._errors import StoreError, StoreUnavailable
-from .._models import Claim, Limits, NodeInfo, Outcome, Status, TaskEvent, TaskInfo, TaskSpec
+from .._models import (
+    CancelMode,
+    Claim,
+    Limits,
+    NodeInfo,
+    Outcome,
+    Status,
+    TaskEvent,
+    TaskInfo,
+    TaskSpec,
+)
 from .._redact import dsn_secrets, redact
 from .._retention import PruneReport, Retention
 from .._store import Orphan, OutputChunk, Renewal, Store, Wake
@@ -39,6 +49,7 @@ from ._common import (
     node_values,
 )
 from ._postgres_driver import map_error, quiet_connection_class, scrub
+from ._postgres_listen import CANCEL_CHANNEL, listen_forever
 
 if TYPE_CHECKING:
     import asyncpg
@@ -395,6 +406,21 @@ class PostgresStore(Store):
     # -- operator actions --------------------------------------------------
     async def request_cancel(self, task_id: int, *, force: bool = False) -> TaskInfo:
         return await self._tx(lambda conn: ops.request_cancel(conn, task_id, force))
+
+    async def cancel_requests(self, node_id: str) -> dict[int, tuple[int, CancelMode]]:
+        return await self._tx(lambda conn: ops.cancel_requests(conn, node_id))
+
+    async def watch_for_cancels(self, node_id: str, on_cancel: Callable[[], None]) -> None:
+        """LISTEN on `taskpool_cancel` (NOTIFYed with the owner's node id when a cancel is
+        asked of a running task, migration 0009) on a connection of its own."""
+        await listen_forever(
+            self.dsn,
+            CANCEL_CHANNEL,
+            on_cancel,
+            payload=node_id,
+            connect_timeout_s=self.connect_timeout_s,
+            application_name=f"taskpool cancels {node_id}",
+        )
 
     # -- reads -------------------------------------------------------------
     async def get(self, task_id: int) -> TaskInfo:

@@ -26,7 +26,17 @@ import anyio
 import anyio.to_thread
 
 from .._errors import StoreError, StoreUnavailable
-from .._models import Claim, Limits, NodeInfo, Outcome, Status, TaskEvent, TaskInfo, TaskSpec
+from .._models import (
+    CancelMode,
+    Claim,
+    Limits,
+    NodeInfo,
+    Outcome,
+    Status,
+    TaskEvent,
+    TaskInfo,
+    TaskSpec,
+)
 from .._retention import PruneReport, Retention
 from .._store import Orphan, OutputChunk, Renewal, Store
 from . import _prune
@@ -39,6 +49,7 @@ from ._common import (
     node_from_row,
     node_values,
 )
+from ._sqlite_changes import watch_changes
 from ._sqlite_files import (
     FileIdentity,
     create_private,
@@ -356,6 +367,16 @@ class SQLiteStore(Store):
         return await self._write(
             lambda conn: ops.request_cancel(conn, task_id, force, self._clock()), durable=True
         )
+
+    async def cancel_requests(self, node_id: str) -> dict[int, tuple[int, CancelMode]]:
+        return await self._read(lambda conn: ops.cancel_requests(conn, node_id))
+
+    async def watch_for_cancels(self, node_id: str, on_cancel: Callable[[], None]) -> None:
+        """Poll the file for commits of other connections (`_sqlite_changes`): a change
+        may be a cancel, which `cancel_requests` then reads. Every node shares the file,
+        so `node_id` filters nothing here."""
+        del node_id
+        await watch_changes(Path(self._opened_path or self.path), on_cancel)
 
     # -- reads -------------------------------------------------------------
     async def get(self, task_id: int) -> TaskInfo:

@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from taskpool import (
+    CancelMode,
     LeaseLost,
     Limits,
     NodeInfo,
@@ -44,6 +45,7 @@ from taskpool._rules import Occupancy, Slot, blocked_by
 from taskpool.stores.postgres import PostgresStore
 from taskpool.stores.postgres import migrations as postgres_migrations
 from taskpool.testing import MemoryStore
+from tests.helpers import SAFETY_TIMEOUT_S
 from tests.postgres import fresh_postgres_database
 
 Opener = Callable[[], Store]
@@ -747,3 +749,52 @@ async def test_a_node_keeps_the_project_limits_it_registered_with(opener: Opener
         nodes = {n.id: n for n in await store.list_nodes()}
         assert nodes["limited"] == limited
         assert nodes["node-0"].project_limits == {}
+
+
+async def test_cancel_requests_name_the_nodes_running_attempts(opener: Opener) -> None:
+    """`cancel_requests` lists, with their fence and mode, the cancels asked of the
+    running attempts the node owns, through any handle; no other node's, nothing ended."""
+    async with handles(opener, 3) as (owner, other, operator):
+        mine = [await owner.submit(TaskSpec.build(["true"])) for _ in range(2)]
+        claims = await owner.claim("node-0", Limits(max_parallel=2), lease_ttl_s=30)
+        fences = {c.task.id: c.fence for c in claims}
+        theirs = await other.submit(TaskSpec.build(["true"]))
+        await other.claim("node-1", Limits(), lease_ttl_s=30)
+        assert await owner.cancel_requests("node-0") == {}
+        await operator.request_cancel(mine[0])
+        await operator.request_cancel(theirs, force=True)
+        assert await owner.cancel_requests("node-0") == {
+            mine[0]: (fences[mine[0]], CancelMode.GRACEFUL)
+        }
+        assert await owner.cancel_requests("node-1") == {theirs: (1, CancelMode.FORCE)}
+        await operator.request_cancel(mine[0], force=True)
+        await operator.request_cancel(mine[1], force=True)
+        assert await owner.cancel_requests("node-0") == {
+            task: (fences[task], CancelMode.FORCE) for task in mine
+        }
+        await owner.finish(mine[0], fences[mine[0]], EXITED_0)
+        assert await owner.cancel_requests("node-0") == {
+            mine[1]: (fences[mine[1]], CancelMode.FORCE)
+        }
+
+
+async def test_a_cancel_through_another_handle_wakes_the_owners_watch(opener: Opener) -> None:
+    """`watch_for_cancels` calls back once when it starts, then after a cancel asked
+    through another handle of a task the node runs."""
+    async with handles(opener, 2) as (owner, operator):
+        task = await owner.submit(TaskSpec.build(["true"]))
+        await owner.claim("node-0", Limits(), lease_ttl_s=30)
+        calls: list[anyio.Event] = [anyio.Event()]
+
+        def on_cancel() -> None:
+            calls[-1].set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(owner.watch_for_cancels, "node-0", on_cancel)
+            with anyio.fail_after(SAFETY_TIMEOUT_S):
+                await calls[-1].wait()  # watching began
+                calls.append(anyio.Event())
+                await operator.request_cancel(task)
+                await calls[-1].wait()
+            tg.cancel_scope.cancel()
+        assert await owner.cancel_requests("node-0") == {task: (1, CancelMode.GRACEFUL)}
