@@ -19,7 +19,7 @@ from anyio.abc import TaskGroup
 
 from ._attempt import Attempt, AttemptSetup
 from ._errors import LeaseLost
-from ._leases import Key, LeaseBook
+from ._leases import Key, LeaseBook, stop_cancelled
 from ._models import Claim, Limits, Outcome, OutcomeKind
 from ._runner import RunnerControl, StopKind
 from ._telemetry import Telemetry
@@ -140,9 +140,8 @@ class Runners(Mapping[Key, RunnerControl]):
 
     def cancel(self, key: Key, *, force: bool) -> None:
         """Stop the attempt, if it runs here, for a cancel request."""
-        control = self._controls.get(key)
-        if control is not None:
-            control.stop(StopKind.CANCELLED, "cancelled by request", force=force)
+        if key in self._controls:
+            stop_cancelled({key: force}, self._controls)
 
     async def wait_all_ended(self) -> None:
         while self._controls:
