@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -99,7 +101,7 @@ def test_plan_finish_draws_the_jitter_from_the_task_and_attempt() -> None:
     assert ending.not_before == NOW + 100.0 * (1 - jitter_unit(41, 1))
     # Another task failing at the same moment comes back at another time.
     other = plan_finish(
-        TaskState(**{**{f: getattr(state, f) for f in state.__slots__}, "id": 42}),  # type: ignore[arg-type]
+        dataclasses.replace(state, id=42),
         1,
         EXIT_1,
         NOW,
