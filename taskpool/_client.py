@@ -28,7 +28,14 @@ from anyio.abc import TaskGroup
 
 from ._errors import InvalidTask
 from ._explain import WaitReason, explain_waiting, fills_every_node, queue_order
-from ._models import CancelMode, NodeInfo, Status, TaskEvent, TaskInfo, TaskSpec
+from ._models import (
+    CancelMode,
+    NodeInfo,
+    Status,
+    TaskEvent,
+    TaskInfo,
+    TaskSpec,
+)
 from ._store import Store, Wake
 from ._waiters import StatusReads, Watch
 from .stores import CLIENT_CONNECTIONS, open_store
@@ -206,19 +213,27 @@ class Client:
 
         Options are those of `TaskSpec.build`: cwd, env, pass_env, inherit_env,
         project, template, template_parallel, locks, priority, not_before,
-        timeout_s, stall_timeout_s, max_attempts, retry_backoff_s, memory_max,
-        pids_max, cpu_max. Bad input raises `InvalidTask` and stores nothing.
+        timeout_s, stall_timeout_s, max_attempts, retry_backoff_s, retry_jitter,
+        retry_max_delay_s, retry_on, memory_max, pids_max, cpu_max, unique_key,
+        on_conflict. Bad input raises `InvalidTask` and stores nothing.
+
+        The id is a `SubmitResult` (an int): with a `unique_key` that a waiting or
+        running task holds, it is that task's id and `created` is False
+        (`on_conflict="reject"`, the default, or a running holder); with
+        `on_conflict="replace_waiting"` a waiting holder is cancelled (its id in
+        `replaced`) and the new task stored.
         """
         return await self.submit_spec(TaskSpec.build(argv, **options))
 
     async def submit_spec(self, spec: TaskSpec) -> int:
-        """Store a prepared `TaskSpec` and return its id."""
+        """Store a prepared `TaskSpec` and return its id (see `submit`)."""
         return await self.store.submit(spec)
 
     async def submit_many(self, specs: Iterable[TaskSpec]) -> list[int]:
         """Store several prepared specs in one transaction and return their ids, in
         order (queued in that order among equal priorities). All or nothing: one
-        invalid spec raises `InvalidTask` and none is stored."""
+        invalid spec raises `InvalidTask` and none is stored; so does one
+        `unique_key` twice in the batch. Each key is handled as in `submit`."""
         return await self.store.submit_many(list(specs))
 
     async def retry(self, task_id: int) -> int:

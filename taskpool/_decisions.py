@@ -14,11 +14,21 @@ of a dead predecessor, or handed back by a node that stopped.
 from __future__ import annotations
 
 import enum
+import hashlib
 import time
+from collections.abc import Set
 from dataclasses import dataclass
 
 from ._errors import LeaseLost
-from ._models import CancelMode, Outcome, OutcomeKind, Status, TaskEvent, TaskInfo
+from ._models import (
+    DEFAULT_RETRY_MAX_DELAY_S,
+    CancelMode,
+    Outcome,
+    OutcomeKind,
+    Status,
+    TaskEvent,
+    TaskInfo,
+)
 
 
 class Settlement(enum.StrEnum):
@@ -42,6 +52,9 @@ class TaskState:
     owner_node: str | None
     lease_expires_at: float | None
     cancel_requested: str | None
+    retry_jitter: float = 0.0
+    retry_max_delay_s: float = DEFAULT_RETRY_MAX_DELAY_S
+    retry_on: frozenset[str] | None = None  # None: every failure that retries by default
 
     @classmethod
     def of(cls, info: TaskInfo) -> TaskState:
@@ -55,6 +68,9 @@ class TaskState:
             owner_node=info.owner_node,
             lease_expires_at=info.lease_expires_at,
             cancel_requested=info.cancel_requested,
+            retry_jitter=info.spec.retry_jitter,
+            retry_max_delay_s=info.spec.retry_max_delay_s,
+            retry_on=info.spec.retry_on,
         )
 
 
@@ -156,10 +172,52 @@ _STATUS_OF_ENDING = {
 }
 
 
-def retry_delay_s(backoff_s: float, attempts_used: int) -> float:
-    """Exponential backoff: base, 2x base, 4x base ... capped at one hour."""
+def retry_delay_s(
+    backoff_s: float,
+    attempts_used: int,
+    *,
+    max_delay_s: float = DEFAULT_RETRY_MAX_DELAY_S,
+    jitter: float = 0.0,
+    unit: float = 0.0,
+) -> float:
+    """Exponential backoff: base, 2x base, 4x base ... capped at `max_delay_s`, less
+    `jitter * unit` of it: `unit` is the random draw in [0, 1) (`jitter_unit`), so
+    with `jitter` 1 the delay is anywhere from 0 to the capped one ("full jitter")
+    and the cap is never exceeded."""
     doublings = min(max(attempts_used - 1, 0), 32)  # 2**32 s is past any cap: no overflow
-    return float(min(backoff_s * 2**doublings, 3600.0))
+    capped = min(backoff_s * 2**doublings, max_delay_s)
+    return float(capped * (1.0 - jitter * unit))
+
+
+def jitter_unit(task_id: int, attempts_used: int) -> float:
+    """The random draw of a retry's jitter, in [0, 1): a hash of the task and the
+    attempt that failed. Pure, so every backend computes the same delay (the contract
+    suite compares them) and tests are exact; different across tasks, so a batch
+    that failed together does not come back together."""
+    digest = hashlib.blake2b(f"{task_id}:{attempts_used}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+#: What `retry_on` calls each failure that retries by default (an exit is also named
+#: by its code, `exit:N`); a lost attempt (`decide_orphan`) is `lost`.
+_RETRY_ON_NAME = {
+    OutcomeKind.EXITED: "exited",
+    OutcomeKind.TIMED_OUT: "timed_out",
+    OutcomeKind.STALLED: "stalled",
+}
+
+
+def retried_on(retry_on: Set[str] | None, outcome: str, exit_code: int | None = None) -> bool:
+    """Whether a failure named `outcome` (`exited`, `timed_out`, `stalled`, `lost`)
+    is one `retry_on` retries: None retries every one; an exit also matches its
+    `exit:N`."""
+    if retry_on is None or outcome in retry_on:
+        return True
+    return outcome == "exited" and exit_code is not None and f"exit:{exit_code}" in retry_on
+
+
+def not_retried_reason(reason: str, retry_on: Set[str]) -> str:
+    return f"{reason}; not retried: retry_on is {', '.join(sorted(retry_on))}"
 
 
 def decide_finish(
@@ -170,23 +228,40 @@ def decide_finish(
     backoff_s: float,
     now: float,
     cancel_requested: bool = False,
+    max_delay_s: float = DEFAULT_RETRY_MAX_DELAY_S,
+    jitter: float = 0.0,
+    unit: float = 0.0,
+    retry_on: Set[str] | None = None,
 ) -> Transition:
     """Decide the next status of a task whose attempt ended with `outcome`.
 
     `attempts_used` counts the attempt that just ended. Shutdown and self-fencing
     (stopped before a lease that could not be renewed ran out) never use up an
     attempt; cancellation and spawn failures are never retried (retrying a missing
-    program only wastes time); other failures are retried while attempts remain.
-    A task someone asked to cancel is never re-queued.
+    program only wastes time); other failures are retried while attempts remain and
+    `retry_on` names them (None: all), after `retry_delay_s` (`max_delay_s`,
+    `jitter`, and its random draw `unit` go there). A task someone asked to cancel
+    is never re-queued.
     """
-    transition = _decide_finish(outcome, attempts_used, max_attempts, backoff_s, now)
+    policy = _RetryPolicy(max_attempts, backoff_s, max_delay_s, jitter, unit, retry_on)
+    transition = _decide_finish(outcome, attempts_used, policy, now)
     if cancel_requested and transition.status is Status.WAITING:
         return Transition(Status.CANCELLED, True, reason=f"cancelled; {outcome.reason}")
     return transition
 
 
+@dataclass(frozen=True, slots=True)
+class _RetryPolicy:
+    max_attempts: int
+    backoff_s: float
+    max_delay_s: float
+    jitter: float
+    unit: float
+    retry_on: Set[str] | None
+
+
 def _decide_finish(
-    outcome: Outcome, attempts_used: int, max_attempts: int, backoff_s: float, now: float
+    outcome: Outcome, attempts_used: int, policy: _RetryPolicy, now: float
 ) -> Transition:
     assert outcome.kind is not OutcomeKind.LEASE_LOST, "a lost lease is never written"
     if outcome.kind in (OutcomeKind.SHUTDOWN, OutcomeKind.SELF_FENCED):
@@ -196,34 +271,54 @@ def _decide_finish(
     if outcome.kind is OutcomeKind.CANCELLED:
         return Transition(Status.CANCELLED, consumes_attempt=True, reason=outcome.reason)
     final = _STATUS_OF_ENDING.get(outcome.kind, Status.FAILED)
-    if outcome.kind is not OutcomeKind.SPAWN_FAILED and attempts_used < max_attempts:
-        delay = retry_delay_s(backoff_s, attempts_used)
-        return Transition(
-            Status.WAITING,
-            consumes_attempt=True,
-            not_before=now + delay,
-            reason=f"{outcome.reason}; retrying in {delay:g} s "
-            f"(attempt {attempts_used + 1} of {max_attempts})",
-        )
-    return Transition(final, consumes_attempt=True, reason=outcome.reason)
+    name = _RETRY_ON_NAME.get(outcome.kind)
+    if name is None or attempts_used >= policy.max_attempts:  # spawn failures, or none left
+        return Transition(final, consumes_attempt=True, reason=outcome.reason)
+    if not retried_on(policy.retry_on, name, outcome.exit_code):
+        assert policy.retry_on is not None
+        reason = not_retried_reason(outcome.reason, policy.retry_on)
+        return Transition(final, consumes_attempt=True, reason=reason)
+    delay = retry_delay_s(
+        policy.backoff_s,
+        attempts_used,
+        max_delay_s=policy.max_delay_s,
+        jitter=policy.jitter,
+        unit=policy.unit,
+    )
+    return Transition(
+        Status.WAITING,
+        consumes_attempt=True,
+        not_before=now + delay,
+        reason=f"{outcome.reason}; retrying in {delay:g} s "
+        f"(attempt {attempts_used + 1} of {policy.max_attempts})",
+    )
 
 
 def decide_orphan(
-    *, attempts_used: int, max_attempts: int, reason: str, cancel_requested: bool = False
+    *,
+    attempts_used: int,
+    max_attempts: int,
+    reason: str,
+    cancel_requested: bool = False,
+    retry_on: Set[str] | None = None,
 ) -> Transition:
     """Decide what happens to an attempt whose owner vanished (crash, kill, host loss).
 
-    The attempt counts as used: the task itself may be what took its owner down.
+    The attempt counts as used: the task itself may be what took its owner down. It
+    is re-queued at once while attempts remain, unless `retry_on` leaves out `lost`.
     """
     if cancel_requested:
         return Transition(Status.CANCELLED, True, reason=f"{reason}; cancel was requested")
-    if attempts_used < max_attempts:
-        return Transition(
-            Status.WAITING,
-            consumes_attempt=True,
-            reason=f"{reason}; re-queued (attempt {attempts_used + 1} of {max_attempts})",
-        )
-    return Transition(Status.LOST, consumes_attempt=True, reason=f"{reason}; no attempts left")
+    if attempts_used >= max_attempts:
+        return Transition(Status.LOST, True, reason=f"{reason}; no attempts left")
+    if not retried_on(retry_on, "lost"):
+        assert retry_on is not None
+        return Transition(Status.LOST, True, reason=not_retried_reason(reason, retry_on))
+    return Transition(
+        Status.WAITING,
+        consumes_attempt=True,
+        reason=f"{reason}; re-queued (attempt {attempts_used + 1} of {max_attempts})",
+    )
 
 
 def decide_handback(reason: str, *, cancel_requested: bool = False) -> Transition:
@@ -324,6 +419,10 @@ def plan_finish(state: TaskState, fence: int, outcome: Outcome, now: float) -> E
         backoff_s=state.retry_backoff_s,
         now=now,
         cancel_requested=state.cancel_requested is not None,
+        max_delay_s=state.retry_max_delay_s,
+        jitter=state.retry_jitter,
+        unit=jitter_unit(state.id, state.attempts_used),
+        retry_on=state.retry_on,
     )
     return _ending(state, transition, now, outcome.kind, outcome.exit_code)
 
@@ -334,6 +433,7 @@ def _orphan_ending(state: TaskState, reason: str, now: float, how: Settlement) -
         max_attempts=state.max_attempts,
         reason=reason,
         cancel_requested=state.cancel_requested is not None,
+        retry_on=state.retry_on,
     )
     return _ending(state, transition, now, how, None)
 
@@ -384,6 +484,34 @@ def plan_cancel(state: TaskState, *, force: bool, now: float) -> Ending | Cancel
         )
         return CancelRequest(mode, event)
     return None
+
+
+def replaced_reason(new_task_id: int, unique_key: str) -> str:
+    return (
+        f"replaced by task {new_task_id} (unique key {unique_key!r}, on_conflict replace_waiting)"
+    )
+
+
+def plan_replace(state: TaskState, new_task_id: int, unique_key: str, now: float) -> Ending:
+    """A waiting task with `unique_key` gives way to task `new_task_id`, submitted
+    with the same key and `on_conflict="replace_waiting"`: cancelled, naming it."""
+    assert state.status is Status.WAITING, "only a waiting task is replaced"
+    transition = Transition(
+        Status.CANCELLED, False, reason=replaced_reason(new_task_id, unique_key)
+    )
+    return _ending(state, transition, now, None, None)
+
+
+def keyed_conflict(live: TaskState | None, on_conflict: str) -> tuple[int | None, int | None]:
+    """What a submit with a unique key does, given the live task holding the key
+    (None: none): `(existing, replaced)`: the id to return instead of storing a
+    new task (the submit is rejected), or the id of the waiting task to cancel
+    before storing it. A running task is never replaced: the submit is rejected."""
+    if live is None:
+        return None, None
+    if on_conflict == "replace_waiting" and live.status is Status.WAITING:
+        return None, live.id
+    return live.id, None
 
 
 #: The id of an event a decision returns: the store numbers it as it appends it.

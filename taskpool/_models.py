@@ -6,8 +6,10 @@ import enum
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from typing import Self
 
 from ._redact import MASK
+from ._validation import DEFAULT_RETRY_MAX_DELAY_S as DEFAULT_RETRY_MAX_DELAY_S
 
 # The bounds and the reserved variables are defined in _validation with the checks
 # that enforce them; the `X as X` imports keep them importable from here as before.
@@ -31,14 +33,18 @@ from ._validation import (
     check_bool,
     check_cwd,
     check_env,
+    check_jitter,
     check_limits,
     check_locks,
     check_max_attempts,
+    check_max_delay,
     check_name,
     check_not_before,
     check_pass_env,
     check_priority,
+    check_retry_on,
     check_timeout,
+    check_unique_key,
 )
 from ._validation import is_taskpool_variable as is_taskpool_variable
 
@@ -102,6 +108,17 @@ class TaskSpec:
     `template` tasks are exclusive per template unless `template_parallel` is set;
     `locks` are named resources, each held by at most one running task.
     Times are in seconds; `None` disables a timeout.
+
+    A failed attempt is retried while attempts remain, after `retry_backoff_s`
+    doubling per attempt, capped at `retry_max_delay_s`, less a random part of up to
+    `retry_jitter` of it (0: none; 1: anywhere from 0 to the whole delay), and only
+    on the outcomes in `retry_on` (None: every failure that retries by default:
+    `exited` with a failure code or a signal, `timed_out`, `stalled`, `lost`;
+    `exit:N`: that exit code only).
+    While a task with a `unique_key` is waiting or running, a submit with the same
+    key stores nothing and returns that task's id (`on_conflict="reject"`), or, with
+    `on_conflict="replace_waiting"`, cancels a waiting one and is stored (a running
+    one still rejects).
     """
 
     argv: tuple[str, ...]
@@ -122,6 +139,11 @@ class TaskSpec:
     memory_max: int | None = None  # bytes; the attempt is OOM-killed past it
     pids_max: int | None = None  # processes at once (forks past it fail)
     cpu_max: float | None = None  # CPUs, e.g. 0.5
+    retry_jitter: float = 0.0
+    retry_max_delay_s: float = DEFAULT_RETRY_MAX_DELAY_S
+    retry_on: frozenset[str] | None = None
+    unique_key: str | None = None
+    on_conflict: str = "reject"
 
     @property
     def limits(self) -> ResourceLimits:
@@ -135,6 +157,17 @@ class TaskSpec:
             for f in fields(self)
         )
         return f"TaskSpec({shown})"
+
+    def retry_text(self) -> str:
+        """The retry policy in words, as `taskpool show` and the dashboard give it."""
+        if self.max_attempts == 1:
+            return "never (1 attempt)"
+        on = "any failure" if self.retry_on is None else ", ".join(sorted(self.retry_on))
+        jitter = f", less up to {self.retry_jitter:.0%} at random" if self.retry_jitter else ""
+        return (
+            f"up to {self.max_attempts} attempts, on {on}; after {self.retry_backoff_s:g} s"
+            f" doubling to at most {self.retry_max_delay_s:g} s{jitter}"
+        )
 
     def masked_env(self) -> dict[str, str] | None:
         """`env` with every value replaced by a mask: what may be shown to anyone."""
@@ -162,6 +195,11 @@ class TaskSpec:
             memory_max=self.memory_max,
             pids_max=self.pids_max,
             cpu_max=self.cpu_max,
+            retry_jitter=self.retry_jitter,
+            retry_max_delay_s=self.retry_max_delay_s,
+            retry_on=self.retry_on,
+            unique_key=self.unique_key,
+            on_conflict=self.on_conflict,
         )
 
     @classmethod
@@ -186,6 +224,11 @@ class TaskSpec:
         memory_max: int | None = None,
         pids_max: int | None = None,
         cpu_max: float | None = None,
+        retry_jitter: float = 0.0,
+        retry_max_delay_s: float = DEFAULT_RETRY_MAX_DELAY_S,
+        retry_on: Iterable[str] | None = None,
+        unique_key: str | None = None,
+        on_conflict: str = "reject",
     ) -> TaskSpec:
         """Validate caller input and build a spec, or raise `InvalidTask` saying what is
         wrong. Any value in any field gives one or the other, never another exception;
@@ -209,6 +252,10 @@ class TaskSpec:
         check_max_attempts(max_attempts)
         check_priority(priority)
         memory, pids, cpus = check_limits(memory_max, pids_max, cpu_max)
+        jitter = check_jitter(retry_jitter)
+        max_delay = check_max_delay(retry_max_delay_s)
+        retry_on_set = check_retry_on(retry_on)
+        check_unique_key(unique_key, on_conflict)
         return cls(
             argv=argv_t,
             cwd=cwd_s,
@@ -229,7 +276,44 @@ class TaskSpec:
             memory_max=memory,
             pids_max=pids,
             cpu_max=cpus,
+            retry_jitter=jitter,
+            retry_max_delay_s=max_delay,
+            retry_on=retry_on_set,
+            unique_key=unique_key,
+            on_conflict=on_conflict,
         )
+
+
+class SubmitResult(int):
+    """What `submit` returns: a task id (an `int`, as ever) that also says whether
+    the submit stored a new task. `created` is False when a task with the spec's
+    `unique_key` was waiting or running and the submit was rejected: the id is
+    that task's. `replaced` is the id of the waiting task a `replace_waiting`
+    submit cancelled, if any."""
+
+    created: bool
+    replaced: int | None
+
+    def __new__(cls, task_id: int, *, created: bool = True, replaced: int | None = None) -> Self:
+        result = super().__new__(cls, task_id)
+        result.created = created
+        result.replaced = replaced
+        return result
+
+    @classmethod
+    def of(cls, task_id: int) -> SubmitResult:
+        """What a submit returned, as a `SubmitResult` (a store that returns a plain
+        int stored a new task)."""
+        return task_id if isinstance(task_id, SubmitResult) else cls(task_id)
+
+    @property
+    def task_id(self) -> int:
+        return int(self)
+
+    def __repr__(self) -> str:
+        return f"SubmitResult({int(self)}, created={self.created}, replaced={self.replaced})"
+
+    __str__ = int.__repr__
 
 
 class CancelMode(enum.StrEnum):

@@ -38,6 +38,7 @@ from ._models import (
     TaskSpec,
 )
 from ._retention import PruneReport, Retention
+from ._validation import check_batch_keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,15 +143,22 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def submit(self, spec: TaskSpec, *, reason: str = "submitted") -> int:
         """Store a task as waiting; durable when this returns. `reason` is its first
-        event's (a retry says which task it retries)."""
+        event's (a retry says which task it retries). With a `unique_key` held by a
+        waiting or running task, decided atomically with the write: that task's id,
+        not `created` (`on_conflict="reject"`, or a running holder), or the waiting
+        holder cancelled (`replaced`) and the task stored (`"replace_waiting"`)."""
 
     async def submit_many(self, specs: Sequence[TaskSpec]) -> list[int]:
         """Store several tasks as waiting, in order, and return their ids in the same
-        order; all of them or, if any spec is invalid (`InvalidTask`), none. Backends
-        that can write them in one transaction must (the SQL stores do): this default
-        checks every spec first, then submits them one by one, which is all or nothing
-        for invalid input but not against a failure half-way."""
+        order; all of them or, if any spec is invalid (`InvalidTask`), none. Each
+        spec's unique key is handled as `submit` does, and each id is its
+        `SubmitResult` (typed `int` so that a `list[int]` still takes the list); one
+        key twice in the batch is `InvalidTask`. Backends that can write them in one
+        transaction must (the SQL stores do): this default checks every spec first,
+        then submits them one by one, which is all or nothing for invalid input but
+        not against a failure half-way."""
         checked = [spec.checked() for spec in specs]  # InvalidTask before anything is stored
+        check_batch_keys(spec.unique_key for spec in checked)
         return [await self.submit(spec) for spec in checked]
 
     @abc.abstractmethod

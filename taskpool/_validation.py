@@ -141,6 +141,76 @@ def check_backoff(retry_backoff_s: object) -> float:
     return backoff
 
 
+#: The longest a retry waits unless the task says otherwise (`retry_max_delay_s`).
+DEFAULT_RETRY_MAX_DELAY_S = 3600.0
+#: What `retry_on` may name: an outcome that retries today (`exited`: any failed exit,
+#: a signal included), or one exit code (`exit:N`; negative: killed by signal N).
+RETRY_ON_OUTCOMES = ("exited", "lost", "stalled", "timed_out")
+RETRY_ON_EXIT_PREFIX = "exit:"
+MAX_RETRY_ON = 64  # entries of one task's retry_on
+#: `on_conflict` policies of a task with a `unique_key`.
+ON_CONFLICT_POLICIES = ("reject", "replace_waiting")
+
+
+def check_max_delay(retry_max_delay_s: object) -> float:
+    delay = _finite_float(retry_max_delay_s)
+    if delay is None or delay < 0:
+        raise InvalidTask("retry_max_delay_s must be a non-negative number of seconds")
+    return delay
+
+
+def check_jitter(retry_jitter: object) -> float:
+    jitter = _finite_float(retry_jitter)
+    if jitter is None or not 0 <= jitter <= 1:
+        raise InvalidTask("retry_jitter must be a fraction from 0 to 1")
+    return jitter
+
+
+def check_retry_on(retry_on: object) -> frozenset[str] | None:
+    """None (retry every failure that retries by default), or a set of outcomes and
+    `exit:N` codes; `exit:N` is normalised (`exit:+03` is `exit:3`)."""
+    if retry_on is None:
+        return None
+    items = _names("retry_on", retry_on, MAX_RETRY_ON)
+    chosen: set[str] = set()
+    for item in items:
+        _check_text("retry_on item", item, "MAX_NAME_BYTES")
+        if item in RETRY_ON_OUTCOMES:
+            chosen.add(item)
+            continue
+        code = item[len(RETRY_ON_EXIT_PREFIX) :] if item.startswith(RETRY_ON_EXIT_PREFIX) else ""
+        try:
+            number = int(code)
+        except ValueError:
+            number = None
+        if number is None or not INT32_MIN <= number <= INT32_MAX or number == 0:
+            raise InvalidTask(
+                f"retry_on item {_short(item)} must be one of "
+                f"{', '.join(RETRY_ON_OUTCOMES)} or exit:N (N a non-zero exit code)"
+            )
+        chosen.add(f"{RETRY_ON_EXIT_PREFIX}{number}")
+    return frozenset(chosen)
+
+
+def check_unique_key(unique_key: object, on_conflict: object) -> None:
+    if unique_key is not None:
+        check_name("unique_key", unique_key, empty_hint=" (None for no key)")
+    if on_conflict not in ON_CONFLICT_POLICIES or not isinstance(on_conflict, str):
+        raise InvalidTask(f"on_conflict must be one of {', '.join(ON_CONFLICT_POLICIES)}")
+
+
+def check_batch_keys(keys: Iterable[str | None]) -> None:
+    """One batch may not carry a unique key twice: which of the two would win is
+    not the caller's to leave to the store."""
+    seen: set[str] = set()
+    for key in keys:
+        if key is None:
+            continue
+        if key in seen:
+            raise InvalidTask(f"unique_key {_short(key)} appears twice in one batch")
+        seen.add(key)
+
+
 def check_not_before(not_before: object) -> float | None:
     start = _finite_float(not_before)
     if not_before is not None and start is None:
@@ -215,7 +285,12 @@ def _names(what: str, values: object, limit: int) -> tuple[Any, ...]:
     return items
 
 
-_LIMIT_NAMES = {"argv": "MAX_ARGS", "locks": "MAX_LOCKS", "pass_env": "MAX_ENV_VARS"}
+_LIMIT_NAMES = {
+    "argv": "MAX_ARGS",
+    "locks": "MAX_LOCKS",
+    "pass_env": "MAX_ENV_VARS",
+    "retry_on": "MAX_RETRY_ON",
+}
 
 
 def _finite_float(value: object) -> float | None:

@@ -22,12 +22,14 @@ from ._decisions import (
     Start,
     TaskState,
     check_fence,
+    keyed_conflict,
     lease_live,
     logged_transition,
     plan_cancel,
     plan_finish,
     plan_handback,
     plan_orphan_settlement,
+    plan_replace,
     plan_rescue,
     plan_start,
 )
@@ -39,6 +41,7 @@ from ._models import (
     NodeInfo,
     Outcome,
     Status,
+    SubmitResult,
     TaskEvent,
     TaskInfo,
     TaskSpec,
@@ -185,8 +188,24 @@ class MemoryStore(Store):
         self._check()
         spec = spec.checked()  # as the SQL stores: InvalidTask, and nothing stored
         now = time.time()
+        holder = next(
+            (
+                t
+                for t in self._tasks.values()
+                if spec.unique_key is not None
+                and t.info.spec.unique_key == spec.unique_key
+                and not t.info.is_terminal
+            ),
+            None,
+        )
+        state = TaskState.of(holder.info) if holder is not None else None
+        existing, replaced = keyed_conflict(state, spec.on_conflict)
+        if existing is not None:
+            return SubmitResult(existing, created=False)
         self._last_task_id += 1  # never reused, even after a prune
         task_id = self._last_task_id
+        if holder is not None and state is not None and spec.unique_key is not None:
+            self._end(holder, plan_replace(state, task_id, spec.unique_key, now))
         info = TaskInfo(
             id=task_id,
             spec=spec,
@@ -205,7 +224,7 @@ class MemoryStore(Store):
         )
         self._tasks[task_id] = _Task(info, not_before=spec.not_before or 0.0)
         self._log(TaskEvent(0, task_id, now, None, None, None, Status.WAITING, reason))
-        return task_id
+        return SubmitResult(task_id, replaced=replaced)
 
     async def claim(self, node_id: str, limits: Limits, lease_ttl_s: float) -> list[Claim]:
         async with self._lock:

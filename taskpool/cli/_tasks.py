@@ -8,8 +8,9 @@ import sys
 from typing import TYPE_CHECKING
 
 from .._errors import InvalidTask
-from .._models import CancelMode, Status, TaskSpec
+from .._models import DEFAULT_RETRY_MAX_DELAY_S, CancelMode, Status, SubmitResult, TaskSpec
 from .._terminal import Neutraliser
+from .._validation import ON_CONFLICT_POLICIES
 from ._format import emit, env_line, field, limits_text, task_line, when
 from ._options import (
     choice,
@@ -130,6 +131,48 @@ def _add_submit(commands: Commands) -> None:
     )
     option(
         submit,
+        "--max-delay",
+        var("--retry-max-delay-s"),
+        "longest retry delay, s",
+        metavar="SECONDS",
+        type=non_negative(float),
+        default=DEFAULT_RETRY_MAX_DELAY_S,
+    )
+    option(
+        submit,
+        "--jitter",
+        var("--retry-jitter"),
+        "take up to this fraction (0 to 1) off each retry delay, at random",
+        metavar="FRACTION",
+        type=non_negative(float),
+        default=0.0,
+    )
+    option(
+        submit,
+        "--retry-on",
+        var("--retry-on"),
+        "retry only these failures: exited, timed_out, stalled, lost, exit:N"
+        " (repeatable; default: all of them)",
+        kind="append",
+        metavar="OUTCOME",
+    )
+    option(
+        submit,
+        "--unique-key",
+        var("--unique-key"),
+        "a deduplication key: one waiting or running task per key",
+        metavar="KEY",
+    )
+    option(
+        submit,
+        "--on-conflict",
+        var("--on-conflict"),
+        "with --unique-key taken: reject (print the holder's id) or replace_waiting",
+        choices=ON_CONFLICT_POLICIES,
+        default="reject",
+    )
+    option(
+        submit,
         "--cwd",
         var("--cwd"),
         "working directory; a relative one is resolved here, by the submitter",
@@ -190,6 +233,12 @@ _SUBMIT_FLAGS = {
     "stall_timeout_s": "--stall-timeout",
     "max_attempts": "--max-attempts",
     "retry_backoff_s": "--backoff",
+    "retry_max_delay_s": "--max-delay",
+    "retry_jitter": "--jitter",
+    "retry_on item": "--retry-on",
+    "retry_on": "--retry-on",
+    "unique_key": "--unique-key",
+    "on_conflict": "--on-conflict",
 }
 
 
@@ -231,12 +280,27 @@ async def cmd_submit(args: argparse.Namespace) -> None:
             memory_max=args.memory_max,
             pids_max=args.pids_max,
             cpu_max=args.cpu_max,
+            retry_max_delay_s=args.max_delay,
+            retry_jitter=args.jitter,
+            retry_on=args.retry_on or None,
+            unique_key=args.unique_key,
+            on_conflict=args.on_conflict,
         )
     except InvalidTask as exc:
         raise InvalidTask(in_cli_terms(str(exc))) from None
     async with open_client(args, create=True) as client:
-        task_id = await client.submit_spec(spec)
-    emit(args, {"id": task_id}, str(task_id))
+        result = SubmitResult.of(await client.submit_spec(spec))
+    # The id alone on stdout (what a script captures), whichever task it is; what
+    # the key did goes to stderr.
+    if not result.created:
+        print(f"not submitted: task {result} holds unique key {spec.unique_key!r}", file=sys.stderr)
+    elif result.replaced is not None:
+        print(f"replaced waiting task {result.replaced} (same unique key)", file=sys.stderr)
+    emit(
+        args,
+        {"id": result.task_id, "created": result.created, "replaced": result.replaced},
+        str(result.task_id),
+    )
 
 
 async def cmd_ls(args: argparse.Namespace) -> None:
@@ -261,6 +325,12 @@ async def cmd_show(args: argparse.Namespace) -> None:
         f"{field(task.owner_node or '-')}  pid: {task.pid or '-'}  exit code: "
         + ("-" if task.exit_code is None else str(task.exit_code)),
         f"  limits: {limits_text(spec.limits)}",
+        f"  retry: {spec.retry_text()}",
+        *(
+            [f"  unique key: {field(spec.unique_key)} (on conflict: {spec.on_conflict})"]
+            if spec.unique_key is not None
+            else []
+        ),
         "  events:",
         *(
             f"    {when(e.at)}  {e.from_status or '-'} -> {e.to_status}: {field(e.reason)}"

@@ -38,7 +38,18 @@ def task_state(r: Row) -> TaskState:
         owner_node=r["owner_node"],
         lease_expires_at=r["lease_expires_at"],
         cancel_requested=r["cancel_requested"],
+        retry_jitter=r["retry_jitter"],
+        retry_max_delay_s=r["retry_max_delay_s"],
+        retry_on=retry_on_column(r["retry_on"]),
     )
+
+
+def retry_on_column(value: str | list[str] | None) -> frozenset[str] | None:
+    """A task's `retry_on` as stored: a JSON list in SQLite, an array in PostgreSQL,
+    NULL for the default."""
+    if value is None:
+        return None
+    return frozenset(json.loads(value) if isinstance(value, str) else value)
 
 
 def ending_columns(e: Ending) -> dict[str, Any]:
@@ -173,6 +184,11 @@ def task_info(
         memory_max=r["memory_max"],
         pids_max=r["pids_max"],
         cpu_max=r["cpu_max"],
+        retry_jitter=r["retry_jitter"],
+        retry_max_delay_s=r["retry_max_delay_s"],
+        retry_on=retry_on_column(r["retry_on"]),
+        unique_key=r["unique_key"],
+        on_conflict=r["on_conflict"],
     )
     return TaskInfo(
         id=r["id"],

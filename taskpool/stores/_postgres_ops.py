@@ -65,7 +65,8 @@ WITH spec AS (
     INSERT INTO taskpool_tasks (id, status, argv, cwd, env, project, template,
         template_parallel, locks, priority, submitted_at, not_before, timeout_s,
         stall_timeout_s, max_attempts, retry_backoff_s, reason, changed_at, pass_env,
-        inherit_env, memory_max, pids_max, cpu_max)
+        inherit_env, memory_max, pids_max, cpu_max, retry_jitter, retry_max_delay_s,
+        retry_on, unique_key, on_conflict)
     SELECT ranked.id, 'waiting',
         ARRAY(SELECT a FROM jsonb_array_elements_text(s->'argv') WITH ORDINALITY AS v(a, i)
               ORDER BY i),
@@ -88,7 +89,13 @@ WITH spec AS (
         (s->>'inherit_env')::boolean,
         (s->>'memory_max')::bigint,
         (s->>'pids_max')::integer,
-        (s->>'cpu_max')::float8
+        (s->>'cpu_max')::float8,
+        (s->>'retry_jitter')::float8,
+        (s->>'retry_max_delay_s')::float8,
+        CASE WHEN jsonb_typeof(s->'retry_on') = 'array'
+            THEN ARRAY(SELECT jsonb_array_elements_text(s->'retry_on')) END,
+        s->>'unique_key',
+        s->>'on_conflict'
     FROM spec JOIN ranked USING (n), now
     ORDER BY ranked.id
     RETURNING id
@@ -118,19 +125,32 @@ def spec_json(spec: TaskSpec) -> dict[str, Any]:
         "memory_max": spec.memory_max,
         "pids_max": spec.pids_max,
         "cpu_max": spec.cpu_max,
+        "retry_jitter": spec.retry_jitter,
+        "retry_max_delay_s": spec.retry_max_delay_s,
+        "retry_on": sorted(spec.retry_on) if spec.retry_on is not None else None,
+        "unique_key": spec.unique_key,
+        "on_conflict": spec.on_conflict,
     }
 
 
-async def submit(conn: asyncpg.Connection, spec: TaskSpec, reason: str = "submitted") -> int:
-    """Insert one checked spec as a waiting task; the trigger logs `reason`."""
-    task_id: int = await conn.fetchval(
-        "INSERT INTO taskpool_tasks (status, argv, cwd, env, project, template,"
+async def submit(
+    conn: asyncpg.Connection, spec: TaskSpec, reason: str = "submitted", task_id: int | None = None
+) -> int | None:
+    """Insert one checked spec as a waiting task (as `task_id` if given, drawn from
+    the sequence); the trigger logs `reason`. None, and nothing stored, if a live
+    task holds the spec's `unique_key` (`_unique_keys` decides what then)."""
+    new_id: int | None = await conn.fetchval(
+        "INSERT INTO taskpool_tasks (id, status, argv, cwd, env, project, template,"
         " template_parallel, locks, priority, submitted_at, not_before, timeout_s,"
         " stall_timeout_s, max_attempts, retry_backoff_s, reason, changed_at,"
-        " pass_env, inherit_env, memory_max, pids_max, cpu_max)"
-        f" SELECT 'waiting', $1, $2, $3::jsonb, $4, $5, $6, $7, $8, now.t, $9, $10,"
-        f" $11, $12, $13, $19, now.t, $14, $15, $16, $17, $18"
+        " pass_env, inherit_env, memory_max, pids_max, cpu_max, retry_jitter,"
+        " retry_max_delay_s, retry_on, unique_key, on_conflict)"
+        " SELECT coalesce($20::bigint, nextval(pg_get_serial_sequence('taskpool_tasks', 'id'))),"
+        " 'waiting', $1, $2, $3::jsonb, $4, $5, $6, $7, $8, now.t, $9, $10,"
+        " $11, $12, $13, $19, now.t, $14, $15, $16, $17, $18, $21, $22, $23, $24, $25"
         f" FROM ({NOW}) AS now(t)"
+        " ON CONFLICT (unique_key)"
+        " WHERE unique_key IS NOT NULL AND status IN ('waiting', 'running') DO NOTHING"
         " RETURNING id",
         list(spec.argv),
         spec.cwd,
@@ -151,8 +171,14 @@ async def submit(conn: asyncpg.Connection, spec: TaskSpec, reason: str = "submit
         spec.pids_max,
         spec.cpu_max,
         reason,
+        task_id,
+        spec.retry_jitter,
+        spec.retry_max_delay_s,
+        sorted(spec.retry_on) if spec.retry_on is not None else None,
+        spec.unique_key,
+        spec.on_conflict,
     )
-    return task_id
+    return new_id
 
 
 async def submit_many(conn: asyncpg.Connection, specs: Sequence[TaskSpec]) -> list[int]:

@@ -43,7 +43,7 @@ _TASK_FILTERS = {
 CANDIDATE_COLUMNS = (
     "id, project, template, template_parallel, locks, priority, status, fence,"
     " attempts_used, max_attempts, retry_backoff_s, owner_node, lease_expires_at,"
-    " cancel_requested"
+    " cancel_requested, retry_jitter, retry_max_delay_s, retry_on"
 )
 
 #: How many waiting tasks, per candidate wanted, the plain window reads at most before

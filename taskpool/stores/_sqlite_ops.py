@@ -258,7 +258,7 @@ def info(r: sqlite3.Row) -> TaskInfo:
     )
 
 
-#: Tasks per INSERT statement in `insert_tasks`: at 20 parameters a row, well under
+#: Tasks per INSERT statement in `insert_tasks`: at 26 parameters a row, well under
 #: SQLite's default limit of 32,766 bound parameters per statement.
 _INSERT_ROWS = 500
 
@@ -272,10 +272,7 @@ def insert_tasks(
     ids: list[int] = []
     for start in range(0, len(specs), _INSERT_ROWS):
         chunk = specs[start : start + _INSERT_ROWS]
-        values = ", ".join(
-            ["('waiting', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"]
-            * len(chunk)
-        )
+        values = ", ".join(["('waiting'" + ", ?" * 26 + ")"] * len(chunk))
         params = [
             value
             for spec in chunk
@@ -301,13 +298,19 @@ def insert_tasks(
                 spec.memory_max,
                 spec.pids_max,
                 spec.cpu_max,
+                spec.retry_jitter,
+                spec.retry_max_delay_s,
+                json.dumps(sorted(spec.retry_on)) if spec.retry_on is not None else None,
+                spec.unique_key,
+                spec.on_conflict,
             )
         ]
         rows = conn.execute(
             "INSERT INTO tasks (status, argv, cwd, env, pass_env, inherit_env, project,"
             " template, template_parallel, locks, priority, submitted_at, not_before,"
             " timeout_s, stall_timeout_s, max_attempts, retry_backoff_s, reason, changed_at,"
-            f" memory_max, pids_max, cpu_max) VALUES {values} RETURNING id",
+            " memory_max, pids_max, cpu_max, retry_jitter, retry_max_delay_s, retry_on,"
+            f" unique_key, on_conflict) VALUES {values} RETURNING id",
             params,
         ).fetchall()
         # RETURNING's order is unspecified, but AUTOINCREMENT gives one statement's rows

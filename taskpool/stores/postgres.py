@@ -38,8 +38,10 @@ from .._models import (
 from .._redact import dsn_secrets, redact
 from .._retention import PruneReport, Retention
 from .._store import Orphan, OutputChunk, Renewal, Store, Wake
+from .._validation import check_batch_keys
 from . import _postgres_ops as ops
 from . import _prune
+from . import _unique_keys as unique_keys
 from ._common import (
     NODE_COLUMNS,
     alive_filter,
@@ -268,15 +270,17 @@ class PostgresStore(Store):
     async def submit(self, spec: TaskSpec, *, reason: str = "submitted") -> int:
         spec = spec.checked()  # InvalidTask here, before the database sees anything
 
-        return await self._tx(lambda conn: ops.submit(conn, spec, reason))
+        return await self._tx(lambda conn: unique_keys.postgres_submit(conn, spec, reason))
 
     async def submit_many(self, specs: Sequence[TaskSpec]) -> list[int]:
-        """All the tasks in one transaction and one statement: the specs travel as one
-        JSON array, ids are drawn from the table's sequence in the specs' order."""
+        """All the tasks in one transaction and, without unique keys, one statement: the
+        specs travel as one JSON array, ids are drawn from the table's sequence in the
+        specs' order."""
         checked = [spec.checked() for spec in specs]  # InvalidTask before the database
+        check_batch_keys(spec.unique_key for spec in checked)
         if not checked:
             return []
-        return await self._tx(lambda conn: ops.submit_many(conn, checked))
+        return await self._tx(lambda conn: unique_keys.postgres_submit_many(conn, checked))
 
     async def claim(self, node_id: str, limits: Limits, lease_ttl_s: float) -> list[Claim]:
         """One claim statement, again at once (a few times) while it lost a race to

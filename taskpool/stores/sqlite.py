@@ -39,8 +39,10 @@ from .._models import (
 )
 from .._retention import PruneReport, Retention
 from .._store import Orphan, OutputChunk, Renewal, Store
+from .._validation import check_batch_keys
 from . import _prune
 from . import _sqlite_ops as ops
+from . import _unique_keys as unique_keys
 from ._common import (
     NODE_COLUMNS,
     alive_filter,
@@ -286,19 +288,21 @@ class SQLiteStore(Store):
     # -- the queue ---------------------------------------------------------
     async def submit(self, spec: TaskSpec, *, reason: str = "submitted") -> int:
         spec = spec.checked()  # InvalidTask here, before the writer sees anything
-        ids = await self._write(
-            lambda conn: ops.insert_tasks(conn, [spec], self._clock(), reason=reason),
+        results = await self._write(
+            lambda conn: unique_keys.sqlite_submit(conn, [spec], self._clock(), reason),
             durable=True,
         )
-        return ids[0]
+        return results[0]
 
     async def submit_many(self, specs: Sequence[TaskSpec]) -> list[int]:
-        """All the tasks in one transaction (one fsync), by multi-row inserts."""
+        """All the tasks in one transaction (one fsync), by multi-row inserts (one by
+        one for specs with a unique key)."""
         checked = [spec.checked() for spec in specs]  # InvalidTask before anything is written
+        check_batch_keys(spec.unique_key for spec in checked)
         if not checked:
             return []
         return await self._write(
-            lambda conn: ops.insert_tasks(conn, checked, self._clock()), durable=True
+            lambda conn: unique_keys.sqlite_submit(conn, checked, self._clock()), durable=True
         )
 
     async def claim(self, node_id: str, limits: Limits, lease_ttl_s: float) -> list[Claim]:

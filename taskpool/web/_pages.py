@@ -177,6 +177,7 @@ def task_summary(frame: Frame, task: TaskInfo, why: str | None) -> str:
         ("Template", esc(spec.template or "–") + (" (parallel)" if spec.template_parallel else "")),
         ("Locks", esc(", ".join(sorted(spec.locks)) or "–")),
         ("Attempts", f"{task.attempts_used} of {spec.max_attempts}"),
+        ("Retry", esc(spec.retry_text())),
         ("Priority", esc(spec.priority)),
         ("Submitted", f"{utc(task.submitted_at)} ({when(task.submitted_at, frame.now)})"),
     ]
@@ -196,6 +197,10 @@ def task_summary(frame: Frame, task: TaskInfo, why: str | None) -> str:
     ]
     if any(limits):
         fields.append(("Limits", esc(", ".join(x for x in limits if x))))
+    if spec.unique_key is not None:
+        fields.append(
+            ("Unique key", f"<code>{esc(spec.unique_key)}</code> ({esc(spec.on_conflict)})")
+        )
     if task.cancel_requested is not None:
         fields.append(("Cancel", f"requested ({esc(task.cancel_requested.value)})"))
     rows = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in fields)
