@@ -14,8 +14,6 @@ of a dead predecessor, or handed back by a node that stopped.
 from __future__ import annotations
 
 import enum
-import hashlib
-import time
 from collections.abc import Set
 from dataclasses import dataclass
 
@@ -29,6 +27,10 @@ from ._models import (
     TaskEvent,
     TaskInfo,
 )
+from ._reasons import claim_reason as claim_reason
+from ._reasons import handback_reason, replaced_reason, rescue_reason
+from ._retry import _RETRY_ON_NAME, jitter_unit, not_retried_reason, retried_on
+from ._retry import retry_delay_s as retry_delay_s
 
 
 class Settlement(enum.StrEnum):
@@ -172,54 +174,6 @@ _STATUS_OF_ENDING = {
 }
 
 
-def retry_delay_s(
-    backoff_s: float,
-    attempts_used: int,
-    *,
-    max_delay_s: float = DEFAULT_RETRY_MAX_DELAY_S,
-    jitter: float = 0.0,
-    unit: float = 0.0,
-) -> float:
-    """Exponential backoff: base, 2x base, 4x base ... capped at `max_delay_s`, less
-    `jitter * unit` of it: `unit` is the random draw in [0, 1) (`jitter_unit`), so
-    with `jitter` 1 the delay is anywhere from 0 to the capped one ("full jitter")
-    and the cap is never exceeded."""
-    doublings = min(max(attempts_used - 1, 0), 32)  # 2**32 s is past any cap: no overflow
-    capped = min(backoff_s * 2**doublings, max_delay_s)
-    return float(capped * (1.0 - jitter * unit))
-
-
-def jitter_unit(task_id: int, attempts_used: int) -> float:
-    """The random draw of a retry's jitter, in [0, 1): a hash of the task and the
-    attempt that failed. Pure, so every backend computes the same delay (the contract
-    suite compares them) and tests are exact; different across tasks, so a batch
-    that failed together does not come back together."""
-    digest = hashlib.blake2b(f"{task_id}:{attempts_used}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
-
-
-#: What `retry_on` calls each failure that retries by default (an exit is also named
-#: by its code, `exit:N`); a lost attempt (`decide_orphan`) is `lost`.
-_RETRY_ON_NAME = {
-    OutcomeKind.EXITED: "exited",
-    OutcomeKind.TIMED_OUT: "timed_out",
-    OutcomeKind.STALLED: "stalled",
-}
-
-
-def retried_on(retry_on: Set[str] | None, outcome: str, exit_code: int | None = None) -> bool:
-    """Whether a failure named `outcome` (`exited`, `timed_out`, `stalled`, `lost`)
-    is one `retry_on` retries: None retries every one; an exit also matches its
-    `exit:N`."""
-    if retry_on is None or outcome in retry_on:
-        return True
-    return outcome == "exited" and exit_code is not None and f"exit:{exit_code}" in retry_on
-
-
-def not_retried_reason(reason: str, retry_on: Set[str]) -> str:
-    return f"{reason}; not retried: retry_on is {', '.join(sorted(retry_on))}"
-
-
 def decide_finish(
     outcome: Outcome,
     *,
@@ -334,34 +288,6 @@ def decide_handback(reason: str, *, cancel_requested: bool = False) -> Transitio
 
 
 # -- reasons -----------------------------------------------------------------
-
-
-def iso(ts: float | None) -> str:
-    if ts is None:
-        return "never"
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
-def claim_reason(node_id: str, attempt: int, max_attempts: int) -> str:
-    """Why a task runs: the node and the attempt number (PostgreSQL's claim function
-    formats the same text in SQL; the differential claim test compares them)."""
-    return f"claimed by node {node_id} (attempt {attempt} of {max_attempts})"
-
-
-def rescue_reason(owner: str | None, heartbeat_at: float | None, lease_expires_at: float) -> str:
-    said = (
-        f"owner node {owner} stopped heartbeating at {iso(heartbeat_at)}"
-        if heartbeat_at is not None
-        else f"owner node {owner} is unknown"
-    )
-    return f"{said} (lease expired at {iso(lease_expires_at)})"
-
-
-def handback_reason(node_id: str, stop_reason: str) -> str:
-    return (
-        f"handed back without using an attempt: node {node_id} stopped ({stop_reason})"
-        " while it held the task"
-    )
 
 
 # -- plans: what to write ------------------------------------------------------
@@ -484,12 +410,6 @@ def plan_cancel(state: TaskState, *, force: bool, now: float) -> Ending | Cancel
         )
         return CancelRequest(mode, event)
     return None
-
-
-def replaced_reason(new_task_id: int, unique_key: str) -> str:
-    return (
-        f"replaced by task {new_task_id} (unique key {unique_key!r}, on_conflict replace_waiting)"
-    )
 
 
 def plan_replace(state: TaskState, new_task_id: int, unique_key: str, now: float) -> Ending:

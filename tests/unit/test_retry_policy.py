@@ -9,15 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from taskpool import InvalidTask, Status
-from taskpool._decisions import (
-    TaskState,
-    decide_finish,
-    decide_orphan,
-    jitter_unit,
-    plan_finish,
-    retry_delay_s,
-)
+from taskpool._decisions import TaskState, decide_finish, decide_orphan, plan_finish
 from taskpool._models import Outcome, OutcomeKind, TaskSpec
+from taskpool._retry import jitter_unit, retry_delay_s
 
 NOW = 1_700_000_000.0
 EXIT_1 = Outcome(OutcomeKind.EXITED, "exited with code 1", exit_code=1)
