@@ -21,7 +21,7 @@ import abc
 import enum
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 import anyio
 
@@ -38,6 +38,9 @@ from ._models import (
     TaskSpec,
 )
 from ._retention import PruneReport, Retention
+
+if TYPE_CHECKING:
+    from ._scheduler import ScheduleStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +254,11 @@ class Store(abc.ABC):
         keep this default, which never calls."""
         del node_id, on_cancel
         await anyio.sleep_forever()
+
+    def schedules(self) -> ScheduleStore | None:
+        """The schedules this store keeps (`taskpool._scheduler`); None for a store that
+        keeps none (the pools' scheduler loop then does nothing)."""
+        return None
 
     # -- reads -------------------------------------------------------------
     @abc.abstractmethod
