@@ -36,6 +36,7 @@ from ._models import (
     TaskInfo,
     TaskSpec,
 )
+from ._schedule_client import ScheduleMethods
 from ._store import Store, Wake
 from ._waiters import StatusReads, Watch
 from .stores import CLIENT_CONNECTIONS, open_store
@@ -76,7 +77,7 @@ def poll_delays(first_s: float, max_s: float) -> Iterator[float]:
         delay = min(delay * 2, max_s)
 
 
-class Client:
+class Client(ScheduleMethods):
     """Submit, inspect, follow, cancel and retry tasks in a store; runs nothing itself.
 
     `store` is a `Store`, a `postgresql://` URL, or the path of an SQLite file.

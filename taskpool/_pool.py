@@ -59,6 +59,7 @@ from ._recovery import (
 )
 from ._retention import DEFAULT_INTERVAL_S, DEFAULT_RETENTION, Retention, keep_pruning
 from ._runners import Runners, RunnerSetup
+from ._scheduler import run_scheduler
 from ._store import Store, Wake
 from ._store_calls import StoreCalls
 from ._telemetry import Metrics, Telemetry
@@ -91,6 +92,8 @@ class TaskPool(PoolClientAPI):
     crashes the pool (its children are killed and `PoolCrashed` is raised).
     `retention` prunes finished tasks every `retention_interval_s` (default: kept 30
     days, checked hourly; None keeps everything): see `Retention`.
+    Every `schedule_interval_s` the pool fires the store's due schedules (None: never;
+    see `Client.add_schedule`).
     """
 
     def __init__(
@@ -115,6 +118,7 @@ class TaskPool(PoolClientAPI):
         metrics: Metrics | None = None,
         retention: Retention | None = DEFAULT_RETENTION,
         retention_interval_s: float = DEFAULT_INTERVAL_S,
+        schedule_interval_s: float | None = 1.0,
     ) -> None:
         if max_parallel < 1:
             raise ValueError("max_parallel must be >= 1")
@@ -153,6 +157,7 @@ class TaskPool(PoolClientAPI):
         self.metrics = metrics
         # Finished tasks pruned in the background (_retention.py); None keeps everything.
         self.retention, self.retention_interval_s = retention, retention_interval_s
+        self.schedule_interval_s = schedule_interval_s  # None: this node fires no schedules
         if not retention_interval_s > 0:
             raise ValueError("retention_interval_s must be > 0")
         self.containment_mode = containment
@@ -358,6 +363,11 @@ class TaskPool(PoolClientAPI):
                     self.store, self.node_id, self._runners, read_timeout_s=timeout_s
                 )
                 tg.start_soon(cancels.run, name="taskpool cancel watcher")
+                if self.schedule_interval_s is not None:
+                    every, woken = self.schedule_interval_s, lambda: self._work_arrived(Wake.WORK)
+                    tg.start_soon(
+                        run_scheduler, self.store, every, woken, name="taskpool scheduler"
+                    )
 
     # -- recovery ----------------------------------------------------------
     async def _reconcile_predecessors(self) -> None:

@@ -21,7 +21,7 @@ import abc
 import enum
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 import anyio
 
@@ -39,6 +39,9 @@ from ._models import (
 )
 from ._retention import PruneReport, Retention
 from ._validation import check_batch_keys
+
+if TYPE_CHECKING:
+    from ._scheduler import ScheduleStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +262,11 @@ class Store(abc.ABC):
         keep this default, which never calls."""
         del node_id, on_cancel
         await anyio.sleep_forever()
+
+    def schedules(self) -> ScheduleStore | None:
+        """The schedules this store keeps (`taskpool._scheduler`); None for a store that
+        keeps none (the pools' scheduler loop then does nothing)."""
+        return None
 
     # -- reads -------------------------------------------------------------
     @abc.abstractmethod

@@ -48,6 +48,7 @@ from ._models import (
 )
 from ._retention import FinishedTask, PruneReport, Retention, select_prunable
 from ._rules import Slot, plan_claims
+from ._scheduler import MemorySchedules
 from ._store import Orphan, OutputChunk, Renewal, Store
 from .stores._common import no_task
 
@@ -76,6 +77,7 @@ class MemoryStore(Store):
         self.store_id = uuid.uuid4().hex
         # `watch_for_cancels` callers: node id -> the calls to make on a cancel request.
         self._cancel_watchers: dict[str, list[Callable[[], None]]] = {}
+        self._schedules = MemorySchedules(self)
 
     def __repr__(self) -> str:
         return f"<MemoryStore tasks={len(self._tasks)} nodes={len(self._nodes)}>"
@@ -339,6 +341,9 @@ class MemoryStore(Store):
         task = self._task(task_id)
         ending = plan_orphan_settlement(TaskState.of(task.info), fence, reason, self.clock())
         return task.info if ending is None else self._end(task, ending)
+
+    def schedules(self) -> MemorySchedules:
+        return self._schedules
 
     # -- operator actions --------------------------------------------------
     async def request_cancel(self, task_id: int, *, force: bool = False) -> TaskInfo:

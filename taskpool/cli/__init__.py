@@ -35,7 +35,7 @@ import anyio
 
 from .._errors import TaskpoolError
 from .._redact import redact
-from . import _admin, _completion, _prune, _tasks, _web, _why, _worker
+from . import _admin, _completion, _prune, _schedule, _tasks, _web, _why, _worker
 from ._options import UsageError, add_global_options
 
 #: Exit codes: 1 for an error (a crashed worker included), 2 for bad usage.
@@ -44,7 +44,7 @@ EXIT_USAGE = 2
 
 #: In this order in `--help`: the worker, the commands on tasks, the store-wide ones,
 #: then the shell's.
-_COMMAND_MODULES = (_worker, _tasks, _why, _admin, _prune, _web, _completion)
+_COMMAND_MODULES = (_worker, _tasks, _why, _schedule, _admin, _prune, _web, _completion)
 
 #: Optional dependencies, by the module a missing one fails to import: the extra
 #: that installs it, and what needs it.

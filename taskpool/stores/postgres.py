@@ -52,6 +52,7 @@ from ._common import (
 )
 from ._postgres_driver import map_error, quiet_connection_class, scrub
 from ._postgres_listen import CANCEL_CHANNEL, listen_forever
+from ._schedules_sql import PostgresSchedules
 
 if TYPE_CHECKING:
     import asyncpg
@@ -265,6 +266,9 @@ class PostgresStore(Store):
             return [node_from_row(r) for r in rows]
 
         return await self._tx(op)
+
+    def schedules(self) -> PostgresSchedules:
+        return PostgresSchedules(self)
 
     # -- the queue ---------------------------------------------------------
     async def submit(self, spec: TaskSpec, *, reason: str = "submitted") -> int:

@@ -51,6 +51,7 @@ from ._common import (
     node_from_row,
     node_values,
 )
+from ._schedules_sql import SQLiteSchedules
 from ._sqlite_changes import watch_changes
 from ._sqlite_files import (
     FileIdentity,
@@ -284,6 +285,9 @@ class SQLiteStore(Store):
             return [node_from_row(r) for r in rows]
 
         return await self._read(op)
+
+    def schedules(self) -> SQLiteSchedules:
+        return SQLiteSchedules(self)
 
     # -- the queue ---------------------------------------------------------
     async def submit(self, spec: TaskSpec, *, reason: str = "submitted") -> int:

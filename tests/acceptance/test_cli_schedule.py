@@ -1,0 +1,72 @@
+"""`taskpool schedule add|ls|pause|resume|rm|next`, run as real processes against
+both backends."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(database: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "taskpool", "--db", database, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+async def test_schedule_commands_add_list_pause_resume_next_and_remove(database: str) -> None:
+    added = ok(
+        cli(database, "schedule", "add", "--name", "drift", "--cron", "0 3 * * *", "--tz",
+            "Europe/Berlin", "--overlap", "cancel_previous", "--", "terraform", "plan")
+    )  # fmt: skip
+    assert "drift" in added
+    assert "cron '0 3 * * *' (Europe/Berlin)" in added
+    ok(
+        cli(
+            database,
+            "schedule",
+            "add",
+            "--name",
+            "beat",
+            "--every",
+            "60",
+            "--misfire",
+            "skip",
+            "--",
+            "true",
+        )
+    )
+    listed = json.loads(ok(cli(database, "--json", "schedule", "ls")))
+    assert [s["name"] for s in listed] == ["beat", "drift"]
+    assert listed[1]["overlap"] == "cancel_previous"
+    assert listed[1]["spec"]["argv"] == ["terraform", "plan"]
+    assert listed[0]["misfire"] == "skip"
+    assert "paused" in ok(cli(database, "schedule", "pause", "beat"))
+    assert json.loads(ok(cli(database, "--json", "schedule", "ls")))[0]["paused"] is True
+    assert "active" in ok(cli(database, "schedule", "resume", "beat"))
+    fires = json.loads(ok(cli(database, "--json", "schedule", "next", "drift", "-n", "3")))
+    assert len(fires) == 3
+    # 03:00 Berlin on successive days: 24 hours apart, 23 or 25 across a DST change.
+    assert {fires[1] - fires[0], fires[2] - fires[1]} <= {82_800, 86_400, 90_000}
+    ok(cli(database, "schedule", "rm", "beat"))
+    assert [s["name"] for s in json.loads(ok(cli(database, "--json", "schedule", "ls")))] == [
+        "drift"
+    ]
+    taken = cli(database, "schedule", "add", "--name", "drift", "--every", "5", "--", "true")
+    assert taken.returncode == 1
+    assert "exists" in taken.stderr
+    missing = cli(database, "schedule", "rm", "nope")
+    assert missing.returncode == 1
+    assert "no schedule 'nope'" in missing.stderr
