@@ -82,13 +82,20 @@ def task_environment(
 
 
 def spawn(
-    argv: Sequence[str], cwd: str | None, env: dict[bytes, bytes], box: Box
+    argv: Sequence[str],
+    cwd: str | None,
+    env: dict[bytes, bytes],
+    box: Box,
+    *,
+    gate: int | None = None,
 ) -> subprocess.Popen[bytes]:
+    """Start the task in its box; a gated box's wrapper reads `gate` (its stdin) and
+    runs the task only once the runner opens it."""
     return subprocess.Popen(
         box.wrap(list(argv)),  # a cgroup box joins its cgroup first, then execs
         cwd=cwd,
         env=env,
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL if gate is None else gate,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # own session and process group: killpg reaches grandchildren

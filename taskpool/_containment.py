@@ -45,6 +45,12 @@ JOIN_SCRIPT = (
 )
 #: The exit code of a task whose child could not join its cgroup (it never ran).
 JOIN_FAILED_EXIT = 125
+#: Run by /bin/sh as `sh -c GATE_SCRIPT name argv...` with the gate pipe as its stdin:
+#: waits for the pool's word that the attempt is in its guard's hands, then becomes the
+#: task (stdin /dev/null). At EOF instead (the pool died first) it exits 125 and the
+#: task never runs: no process-group attempt can outlive a pool unwatched.
+GATE_SCRIPT = 'read -r go || exit 125; exec "$@" </dev/null'
+
 CPU_PERIOD_US = 100_000
 
 
@@ -64,6 +70,10 @@ class Box(abc.ABC):
     #: The task runs behind a wrapper (`wrap`), which reports a missing program only as
     #: an exit code: the runner checks the program first.
     wraps = False
+    #: The task waits, behind its wrapper, for the runner to open a gate (its stdin)
+    #: once the guard watches it (a box that is not watched from birth, as a cgroup
+    #: under the node's watched cgroup is).
+    gated = False
 
     @abc.abstractmethod
     def preexec(self) -> Callable[[], None] | None:
@@ -114,12 +124,18 @@ def _rlimit_preexec(rlimits: list[tuple[int, int]]) -> Callable[[], None] | None
 
 
 class ProcessGroupBox(Box):
+    wraps = True
+    gated = True
+
     def __init__(self, name: str, limits: ResourceLimits) -> None:
         self.name = name
         self._rlimits = _rlimits(limits, memory=True, pids=True)
 
     def preexec(self) -> Callable[[], None] | None:
         return _rlimit_preexec(self._rlimits)
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        return ["/bin/sh", "-c", GATE_SCRIPT, "taskpool-gate", *argv]
 
 
 class CgroupBox(Box):

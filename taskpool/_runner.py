@@ -327,6 +327,12 @@ _OUTCOME_OF_REQUEST = {
 }
 
 
+def _close_gate(gate: int | None) -> None:
+    if gate is not None:
+        with contextlib.suppress(OSError):
+            os.close(gate)
+
+
 def _with(outcome: Outcome, detail: str) -> Outcome:
     return Outcome(outcome.kind, f"{outcome.reason}; {detail}", outcome.exit_code)
 
@@ -355,20 +361,35 @@ async def run_attempt(
         problem = unstartable(req.argv, req.cwd, env)
         if problem is not None:
             return Outcome(OutcomeKind.SPAWN_FAILED, problem)
+    # A gated box's task waits for this pipe: opened once the guard watches it, or
+    # closed unopened if this process dies first (then the task never runs).
+    gate_read, gate = os.pipe() if req.box.gated else (None, None)
     try:
-        popen = spawn(req.argv, req.cwd, env, req.box)
+        popen = spawn(req.argv, req.cwd, env, req.box, gate=gate_read)
     except OSError as exc:
+        _close_gate(gate)
         return Outcome(OutcomeKind.SPAWN_FAILED, spawn_error(req.argv, req.cwd, exc))
     except subprocess.SubprocessError as exc:  # the child could not join its cgroup
+        _close_gate(gate)
         return Outcome(OutcomeKind.SPAWN_FAILED, f"could not start {req.argv[0]!r}: {exc}")
+    finally:
+        if gate_read is not None:
+            os.close(gate_read)
     proc = Process(popen, req.box, req.watcher)
     control.pid = proc.pid
     attempt = _Attempt(req, sink, control, proc, on_spawn)
     control._kill_now = attempt.kill_now
     survivors = 0
     try:
-        if req.watcher is not None:
-            req.watcher.started(proc.pid)
+        try:
+            if req.watcher is not None:
+                req.watcher.started(proc.pid)
+            if gate is not None:
+                # A pipe's first bytes never block; a task killed already cannot read.
+                with contextlib.suppress(OSError):
+                    os.write(gate, b"go\n")
+        finally:
+            _close_gate(gate)
         async with anyio.create_task_group() as tg:
             tg.start_soon(attempt.pump_output)
             tg.start_soon(attempt.watch)

@@ -244,3 +244,42 @@ async def test_a_cpu_limit_throttles_the_task(db: Path) -> None:
         await eventually(throttled)
         await pool.cancel(task, force=True)
         assert (await pool.wait(task)).status is Status.CANCELLED
+
+
+# -- the start gate of process-group boxes --------------------------------------------
+def _gated_spawn(marker: Path) -> tuple[subprocess.Popen[bytes], int]:
+    from taskpool._attempt_process import spawn
+    from taskpool._containment import ProcessGroupBox
+
+    read_end, gate = os.pipe()
+    try:
+        env = {b"PATH": os.environb.get(b"PATH", b"/usr/bin:/bin")}
+        proc = spawn(
+            ["touch", str(marker)], None, env, ProcessGroupBox("t", ResourceLimits()), gate=read_end
+        )
+    finally:
+        os.close(read_end)
+    return proc, gate
+
+
+def test_a_gated_task_never_runs_if_its_pool_dies_before_the_guard_watches_it(
+    tmp_path: Path,
+) -> None:
+    """Process-group mode: the task waits behind its gate until the runner has handed it
+    to the guard; a pool that dies in between closes the gate unopened (the kernel
+    closes its end), and the task exits 125 without ever running."""
+    from taskpool._containment import JOIN_FAILED_EXIT
+
+    marker = tmp_path / "ran"
+    proc, gate = _gated_spawn(marker)
+    os.close(gate)  # as the kernel does when the pool process dies
+    with proc:
+        assert proc.wait(timeout=60) == JOIN_FAILED_EXIT
+    assert not marker.exists()
+
+    proc, gate = _gated_spawn(marker)
+    os.write(gate, b"go\n")
+    os.close(gate)
+    with proc:
+        assert proc.wait(timeout=60) == 0
+    assert marker.exists()
