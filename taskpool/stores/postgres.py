@@ -292,11 +292,19 @@ class PostgresStore(Store):
             await anyio.sleep(delay)
         raise AssertionError("unreachable")
 
+    # record_spawn, append_output, finish: one statement each (no BEGIN/COMMIT round
+    # trips) that writes only while the fence owns the task; when it did not write,
+    # the locked transaction (`ops.fenced`) decides, and raises `LeaseLost`.
     async def record_spawn(self, task_id: int, fence: int, pid: int, pid_started_at: float) -> None:
-        await self._tx(lambda conn: ops.record_spawn(conn, task_id, fence, pid, pid_started_at))
+        args = (task_id, fence, pid, pid_started_at)
+        if not await self._statement(lambda conn: ops.record_spawn_at_once(conn, *args)):
+            await self._tx(lambda conn: ops.record_spawn(conn, *args))
 
     async def append_output(self, task_id: int, fence: int, texts: Sequence[str]) -> None:
-        await self._tx(lambda conn: ops.append_output(conn, task_id, fence, texts))
+        if not await self._statement(
+            lambda conn: ops.append_output_at_once(conn, task_id, fence, texts)
+        ):
+            await self._tx(lambda conn: ops.append_output(conn, task_id, fence, texts))
 
     async def finish(self, task_id: int, fence: int, outcome: Outcome) -> TaskInfo:
         return await self._finish(task_id, fence, outcome, wake_nodes=True)
@@ -304,16 +312,22 @@ class PostgresStore(Store):
     async def _finish(
         self, task_id: int, fence: int, outcome: Outcome, *, wake_nodes: bool
     ) -> TaskInfo:
-        async def op(conn: asyncpg.Connection) -> TaskInfo:
-            ended = await ops.finish(conn, task_id, fence, outcome)
-            if wake_nodes:
-                # Nobody claims what the end freed: wake the nodes (`finish_and_claim`
-                # does not: its own claim follows; migration 0007). Else the commit
-                # says 'end', for waiters only.
-                await conn.execute("SELECT taskpool_wake_work()")
-            return ops.info(ended)
+        """`wake_nodes`: say 'work' (nobody claims what the end freed); `finish_and_claim`
+        does not, its own claim follows, and the commit says 'end', for waiters only
+        (migration 0007)."""
+        ended = await self._statement(
+            lambda conn: ops.finish_at_once(conn, task_id, fence, outcome, wake=wake_nodes)
+        )
+        if ended is None:  # the row changed after the read (a cancel request, a rescue)
 
-        return await self._tx(op)
+            async def op(conn: asyncpg.Connection) -> object:
+                row = await ops.finish(conn, task_id, fence, outcome)
+                if wake_nodes:
+                    await conn.execute("SELECT taskpool_wake_work()")
+                return row
+
+            ended = await self._tx(op)
+        return ops.info(ended)
 
     async def finish_and_claim(
         self,
