@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, TypeVar
 
@@ -66,6 +67,16 @@ WORK_CHANNEL = "taskpool_work"
 _CLAIM_RACE_DELAYS_S = (0.001, 0.004, 0.016)
 
 
+@dataclass
+class _ClaimQueue:
+    """One node's claims through this store: one at a time; `begun` counts them, `last`
+    is what the latest asked with (limits, lease)."""
+
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+    begun: int = 0
+    last: tuple[Limits, float] | None = None
+
+
 def migrations() -> list[tuple[int, str]]:
     """The numbered migrations shipped with the package, in order."""
     folder = resources.files(__package__).joinpath("postgres_migrations")
@@ -109,6 +120,7 @@ class PostgresStore(Store):
         self.connect_timeout_s = connect_timeout_s
         self.command_timeout_s = command_timeout_s
         self._pool: asyncpg.Pool | None = None
+        self._claim_queues: dict[str, _ClaimQueue] = {}
 
     def __repr__(self) -> str:
         state = "open" if self._pool is not None else "closed"
@@ -150,6 +162,7 @@ class PostgresStore(Store):
             await pool.close()
             raise
         self._pool = pool
+        self._claim_queues = {}  # their locks belong to the event loop that opened
 
     @staticmethod
     async def _migrate(conn: asyncpg.Connection, *, create: bool = True) -> None:
@@ -280,16 +293,29 @@ class PostgresStore(Store):
 
     async def claim(self, node_id: str, limits: Limits, lease_ttl_s: float) -> list[Claim]:
         """One claim statement, again at once (a few times) while it lost a race to
-        another claim and left slots free: what that claim held is decided by now."""
-        claims: list[Claim] = []
-        for delay in (*_CLAIM_RACE_DELAYS_S, None):
-            got, contended = await self._statement(
-                lambda conn: ops.claim(conn, node_id, limits, lease_ttl_s)
-            )
-            claims.extend(got)
-            if not contended or delay is None:
-                return claims
-            await anyio.sleep(delay)
+        another claim and left slots free: what that claim held is decided by now.
+
+        A node's claims queue here, not in the database: `taskpool_claim` serializes
+        them anyway (the node's advisory lock), and one waiting there holds a pooled
+        connection the node's other writes need. A claim that waited while another of
+        the node's, begun after it was asked for, ran returns nothing: that one saw
+        every slot this one would have, and its caller starts what it took."""
+        queue = self._claim_queues.setdefault(node_id, _ClaimQueue())
+        asked = queue.begun
+        async with queue.lock:
+            if queue.begun > asked and queue.last == (limits, lease_ttl_s):
+                return []
+            queue.begun += 1
+            queue.last = (limits, lease_ttl_s)
+            claims: list[Claim] = []
+            for delay in (*_CLAIM_RACE_DELAYS_S, None):
+                got, contended = await self._statement(
+                    lambda conn: ops.claim(conn, node_id, limits, lease_ttl_s)
+                )
+                claims.extend(got)
+                if not contended or delay is None:
+                    return claims
+                await anyio.sleep(delay)
         raise AssertionError("unreachable")
 
     # record_spawn, append_output, finish: one statement each (no BEGIN/COMMIT round
