@@ -36,31 +36,26 @@ from .._models import (
     TaskInfo,
     TaskSpec,
 )
-from .._redact import dsn_secrets, redact
+from .._redact import redact
 from .._retention import PruneReport, Retention
 from .._store import Orphan, OutputChunk, Renewal, Store, Wake
 from . import _postgres_ops as ops
+from . import _postgres_reads as reads
 from . import _prune
 from ._common import (
     NODE_COLUMNS,
-    alive_filter,
     check_schema_version,
-    event_from_row,
-    node_from_row,
     node_values,
 )
 from ._postgres_driver import map_error, quiet_connection_class, scrub
 from ._postgres_listen import CANCEL_CHANNEL, listen_forever
+from ._postgres_listen import WORK_CHANNEL as WORK_CHANNEL  # tests LISTEN on it
 
 if TYPE_CHECKING:
     import asyncpg
 
 T = TypeVar("T")
 log = logging.getLogger("taskpool")
-
-#: The channel the schema's triggers NOTIFY, at commit, once per transaction that made
-#: work claimable ('work') or only ended tasks ('end'); see migration 0007 and `Wake`.
-WORK_CHANNEL = "taskpool_work"
 
 #: How long a claim that lost a race waits before each new try (then it returns what
 #: it has): the claim it lost to holds its locks for one statement, about a millisecond.
@@ -269,13 +264,7 @@ class PostgresStore(Store):
     async def list_nodes(
         self, *, host: str | None = None, alive: bool | None = None
     ) -> list[NodeInfo]:
-        async def op(conn: asyncpg.Connection) -> list[NodeInfo]:
-            sql = "SELECT * FROM taskpool_nodes WHERE ($1::text IS NULL OR host = $1)"
-            sql += alive_filter(alive)
-            rows = await conn.fetch(sql + " ORDER BY started_at", host)
-            return [node_from_row(r) for r in rows]
-
-        return await self._tx(op)
+        return await self._tx(lambda conn: reads.list_nodes(conn, host, alive))
 
     # -- the queue ---------------------------------------------------------
     async def submit(self, spec: TaskSpec, *, reason: str = "submitted") -> int:
@@ -284,8 +273,8 @@ class PostgresStore(Store):
         return await self._tx(lambda conn: ops.submit(conn, spec, reason))
 
     async def submit_many(self, specs: Sequence[TaskSpec]) -> list[int]:
-        """All the tasks in one transaction and one statement: the specs travel as one
-        JSON array, ids are drawn from the table's sequence in the specs' order."""
+        """All the tasks in one transaction: one binary COPY (`ops.submit_many`), ids
+        ascending in the specs' order."""
         checked = [spec.checked() for spec in specs]  # InvalidTask before the database
         if not checked:
             return []
@@ -390,58 +379,21 @@ class PostgresStore(Store):
         return await self._tx(lambda conn: ops.rescue_expired(conn, spared))
 
     async def orphans_of(self, node_id: str) -> list[Orphan]:
-        async def op(conn: asyncpg.Connection) -> list[Orphan]:
-            rows = await conn.fetch(
-                "SELECT id, fence, owner_node, pid, pid_started_at FROM taskpool_tasks"
-                " WHERE status = 'running' AND owner_node = $1 ORDER BY id",
-                node_id,
-            )
-            return [Orphan(*r) for r in rows]
-
-        return await self._tx(op)
+        return await self._tx(lambda conn: reads.orphans_of(conn, node_id))
 
     async def settle_orphan(self, task_id: int, fence: int, reason: str) -> TaskInfo:
         return await self._tx(lambda conn: ops.settle_orphan(conn, task_id, fence, reason))
 
     async def watch_for_work(self, on_wake: Callable[[Wake], None]) -> None:
-        """LISTEN on `taskpool_work` on a connection of its own, reconnecting with
-        backoff when it drops. The schema's triggers NOTIFY it once per transaction at
-        most, the payload saying what happened (`Wake`, migration 0007)."""
-        import asyncpg
-
-        delay = 0.1
-        while True:
-            try:
-                # Shielded (and bounded by its timeout): a connect cancelled half-way
-                # leaks its socket; finished, the connection is closed below instead.
-                with anyio.CancelScope(shield=True):
-                    conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout_s)
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning(
-                    "LISTEN connection failed, retrying in %.1f s: %s",
-                    delay,
-                    redact(repr(exc), secrets=dsn_secrets(self.dsn)),
-                )
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            delay = 0.1
-            lost = anyio.Event()
-            try:
-                conn.add_termination_listener(lambda _, lost=lost: lost.set())
-                await conn.add_listener(
-                    WORK_CHANNEL, lambda _c, _pid, _ch, payload: on_wake(Wake.of(payload))
-                )
-                on_wake(Wake.WORK)  # work may have come while nobody listened
-                while not conn.is_closed():  # checked too, should the listener not fire
-                    with anyio.move_on_after(1.0):
-                        await lost.wait()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning(
-                    "LISTEN connection lost: %s", redact(repr(exc), secrets=dsn_secrets(self.dsn))
-                )
-            finally:
-                conn.terminate()
+        """LISTEN on `taskpool_work`, whose triggers NOTIFY once per transaction at most,
+        the payload saying what happened (`Wake`, migration 0007)."""
+        await listen_forever(
+            self.dsn,
+            WORK_CHANNEL,
+            lambda payload: on_wake(Wake.WORK if payload is None else Wake.of(payload)),
+            connect_timeout_s=self.connect_timeout_s,
+            application_name="taskpool work",
+        )
 
     # -- operator actions --------------------------------------------------
     async def request_cancel(self, task_id: int, *, force: bool = False) -> TaskInfo:
@@ -452,46 +404,26 @@ class PostgresStore(Store):
 
     async def watch_for_cancels(self, node_id: str, on_cancel: Callable[[], None]) -> None:
         """LISTEN on `taskpool_cancel` (NOTIFYed with the owner's node id when a cancel is
-        asked of a running task, migration 0009) on a connection of its own."""
+        asked of a running task, migration 0009); another node's id is not ours."""
         await listen_forever(
             self.dsn,
             CANCEL_CHANNEL,
-            on_cancel,
-            payload=node_id,
+            lambda payload: on_cancel() if payload in (None, node_id) else None,
             connect_timeout_s=self.connect_timeout_s,
             application_name=f"taskpool cancels {node_id}",
         )
 
-    # -- reads -------------------------------------------------------------
+    # -- reads (`_postgres_reads`) ---------------------------------------
     async def get(self, task_id: int) -> TaskInfo:
-        async def op(conn: asyncpg.Connection) -> TaskInfo:
-            return ops.info(await ops.task_row(conn, task_id))
-
-        return await self._tx(op)
+        return await self._tx(lambda conn: reads.get(conn, task_id))
 
     async def statuses(self, task_ids: Collection[int]) -> dict[int, Status]:
-        async def op(conn: asyncpg.Connection) -> dict[int, Status]:
-            rows = await conn.fetch(
-                "SELECT id, status FROM taskpool_tasks WHERE id = ANY($1::bigint[])",
-                list(set(task_ids)),
-            )
-            return {r[0]: Status(r[1]) for r in rows}
-
-        return await self._tx(op)
+        return await self._tx(lambda conn: reads.statuses(conn, task_ids))
 
     async def get_many(
         self, task_ids: Collection[int], *, ended_only: bool = False
     ) -> dict[int, TaskInfo]:
-        async def op(conn: asyncpg.Connection) -> dict[int, TaskInfo]:
-            rows = await conn.fetch(
-                "SELECT * FROM taskpool_tasks WHERE id = ANY($1::bigint[])"
-                " AND (NOT $2 OR status NOT IN ('waiting', 'running'))",
-                list(set(task_ids)),
-                ended_only,
-            )
-            return {info.id: info for info in map(ops.info, rows)}
-
-        return await self._tx(op)
+        return await self._tx(lambda conn: reads.get_many(conn, task_ids, ended_only))
 
     async def list_tasks(
         self,
@@ -500,59 +432,18 @@ class PostgresStore(Store):
         project: str | None = None,
         limit: int = 100,
     ) -> list[TaskInfo]:
-        async def op(conn: asyncpg.Connection) -> list[TaskInfo]:
-            rows = await conn.fetch(
-                "SELECT * FROM taskpool_tasks WHERE ($1::text[] IS NULL OR status = ANY($1))"
-                " AND ($2::text IS NULL OR project = $2) ORDER BY id DESC LIMIT $3",
-                [str(s) for s in statuses] if statuses is not None else None,
-                project,
-                limit,
-            )
-            return [ops.info(r) for r in rows]
-
-        return await self._tx(op)
+        return await self._tx(lambda conn: reads.list_tasks(conn, statuses, project, limit))
 
     async def waiting_ahead(self, task_id: int, *, limit: int) -> list[TaskInfo]:
-        async def op(conn: asyncpg.Connection) -> list[TaskInfo]:
-            me = await ops.task_row(conn, task_id)
-            # Due by the database's clock, as the claim (taskpool_claim) judges it.
-            rows = await conn.fetch(
-                "SELECT * FROM taskpool_tasks WHERE status = 'waiting'"
-                " AND not_before <= extract(epoch FROM clock_timestamp())"
-                " AND (priority > $1 OR (priority = $1 AND id < $2))"
-                " ORDER BY priority DESC, id LIMIT $3",
-                me["priority"],
-                me["id"],
-                limit,
-            )
-            return [ops.info(r) for r in rows]
-
-        return await self._tx(op)
+        return await self._tx(lambda conn: reads.waiting_ahead(conn, task_id, limit))
 
     async def events(self, task_id: int) -> list[TaskEvent]:
-        async def op(conn: asyncpg.Connection) -> list[TaskEvent]:
-            rows = await conn.fetch(
-                "SELECT * FROM taskpool_events WHERE task_id = $1 ORDER BY id", task_id
-            )
-            return [event_from_row(r) for r in rows]
-
-        return await self._tx(op)
+        return await self._tx(lambda conn: reads.events(conn, task_id))
 
     async def read_output(
         self, task_id: int, *, after: tuple[int, int] = (0, 0), limit: int = 1000
     ) -> list[OutputChunk]:
-        async def op(conn: asyncpg.Connection) -> list[OutputChunk]:
-            rows = await conn.fetch(
-                "SELECT fence, seq, text FROM taskpool_output WHERE task_id = $1"
-                " AND (fence, seq) > ($2, $3) ORDER BY fence, seq LIMIT $4",
-                task_id,
-                after[0],
-                after[1],
-                limit,
-            )
-            return [OutputChunk(r[0], r[1], r[2]) for r in rows]
-
-        return await self._tx(op)
+        return await self._tx(lambda conn: reads.read_output(conn, task_id, after, limit))
 
     # -- retention ---------------------------------------------------------
     async def prune(
