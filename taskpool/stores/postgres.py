@@ -64,11 +64,13 @@ _CLAIM_RACE_DELAYS_S = (0.001, 0.004, 0.016)
 
 @dataclass
 class _ClaimQueue:
-    """One node's claims through this store: one at a time; `begun` counts them, `last`
-    is what the latest asked with (limits, lease)."""
+    """One node's claims through this store: one at a time; `begun` counts them,
+    `answered` is the number of the latest that succeeded, `last` what the latest
+    asked with (limits, lease)."""
 
     lock: anyio.Lock = field(default_factory=anyio.Lock)
     begun: int = 0
+    answered: int = 0
     last: tuple[Limits, float] | None = None
 
 
@@ -287,15 +289,15 @@ class PostgresStore(Store):
         A node's claims queue here, not in the database: `taskpool_claim` serializes
         them anyway (the node's advisory lock), and one waiting there holds a pooled
         connection the node's other writes need. A claim that waited while another of
-        the node's, begun after it was asked for, ran returns nothing: that one saw
+        the node's, begun after it was asked for, succeeded returns nothing: that one saw
         every slot this one would have, and its caller starts what it took."""
         queue = self._claim_queues.setdefault(node_id, _ClaimQueue())
         asked = queue.begun
         async with queue.lock:
-            if queue.begun > asked and queue.last == (limits, lease_ttl_s):
+            if queue.answered > asked and queue.last == (limits, lease_ttl_s):
                 return []
             queue.begun += 1
-            queue.last = (limits, lease_ttl_s)
+            number, queue.last = queue.begun, (limits, lease_ttl_s)
             claims: list[Claim] = []
             for delay in (*_CLAIM_RACE_DELAYS_S, None):
                 got, contended = await self._statement(
@@ -303,6 +305,7 @@ class PostgresStore(Store):
                 )
                 claims.extend(got)
                 if not contended or delay is None:
+                    queue.answered = number
                     return claims
                 await anyio.sleep(delay)
         raise AssertionError("unreachable")
