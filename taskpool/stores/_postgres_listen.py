@@ -1,12 +1,11 @@
 """LISTEN on a PostgreSQL channel, on a connection of its own, for as long as it takes.
 
 `listen_forever` connects (shielded, bounded by its timeout: a connect cancelled
-half-way leaks its socket), LISTENs, and calls `on_notify` for each notification
-carrying its payload (the node's own id) and on every (re)connection (one may have
-been sent while nobody listened); it reconnects with backoff when the connection
-drops, and terminates the connection on exit. The cancel watcher
-(`PostgresStore.watch_for_cancels`) runs on it; `watch_for_work` keeps its own loop
-of the same shape.
+half-way leaks its socket), LISTENs, and calls `on_payload` with each notification's
+payload, and with None on every (re)connection (anything may have been sent while
+nobody listened); it reconnects with backoff when the connection drops, and
+terminates the connection on exit. The work watcher (`PostgresStore.watch_for_work`)
+and the cancel watcher (`PostgresStore.watch_for_cancels`) run on it.
 """
 
 from __future__ import annotations
@@ -20,6 +19,10 @@ from .._redact import dsn_secrets, redact
 
 log = logging.getLogger("taskpool")
 
+#: The channel the schema's triggers NOTIFY, at commit, once per transaction that made
+#: work claimable ('work') or only ended tasks ('end'); see migration 0007 and `Wake`.
+WORK_CHANNEL = "taskpool_work"
+
 #: The channel migration 0009's trigger NOTIFYs, at commit, with the owning node's id
 #: as payload, when a cancel is asked of a running task.
 CANCEL_CHANNEL = "taskpool_cancel"
@@ -28,15 +31,14 @@ CANCEL_CHANNEL = "taskpool_cancel"
 async def listen_forever(
     dsn: str,
     channel: str,
-    on_notify: Callable[[], None],
+    on_payload: Callable[[str | None], None],
     *,
-    payload: str,
     connect_timeout_s: float,
     application_name: str,
 ) -> None:
-    """Call `on_notify` for every notification on `channel` that carries `payload`, and
-    on every (re)connection, until cancelled. `application_name` names the connection
-    in pg_stat_activity."""
+    """Call `on_payload` with the payload of every notification on `channel`, and with
+    None on every (re)connection, until cancelled. `application_name` names the
+    connection in pg_stat_activity."""
     import asyncpg
 
     secrets = dsn_secrets(dsn)
@@ -63,8 +65,8 @@ async def listen_forever(
         lost = anyio.Event()
         try:
             conn.add_termination_listener(lambda _, lost=lost: lost.set())
-            await conn.add_listener(channel, lambda *args: _heard(args[-1], payload, on_notify))
-            on_notify()
+            await conn.add_listener(channel, lambda *args: on_payload(args[-1]))
+            on_payload(None)
             while not conn.is_closed():  # checked too, should the listener not fire
                 with anyio.move_on_after(1.0):
                     await lost.wait()
@@ -74,8 +76,3 @@ async def listen_forever(
             )
         finally:
             conn.terminate()
-
-
-def _heard(got: object, wanted: str, on_notify: Callable[[], None]) -> None:
-    if got == wanted:  # another node's notification: not ours to act on
-        on_notify()

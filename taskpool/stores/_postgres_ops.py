@@ -49,63 +49,8 @@ MIGRATION_LOCK = 0x7A5C_9002
 NOW = "SELECT extract(epoch FROM clock_timestamp())::float8"
 
 
-#: `submit_many`'s one statement. `$1` is a JSON array of specs (`spec_json`). Ids are
-#: drawn first and paired with the specs by rank, so that a batch's ids ascend in the
-#: order given (the queue's order among equal priorities) whatever order the
-#: sequence is read in; the insert trigger logs each task's 'submitted' event.
-SUBMIT_MANY = f"""
-WITH spec AS (
-    SELECT s, n FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS t(s, n)
-), drawn AS (
-    SELECT nextval(pg_get_serial_sequence('taskpool_tasks', 'id')) AS id
-    FROM spec
-), ranked AS (
-    SELECT id, row_number() OVER (ORDER BY id) AS n FROM drawn
-), now AS ({NOW} AS t), inserted AS (
-    INSERT INTO taskpool_tasks (id, status, argv, cwd, env, project, template,
-        template_parallel, locks, priority, submitted_at, not_before, timeout_s,
-        stall_timeout_s, max_attempts, retry_backoff_s, reason, changed_at, pass_env,
-        inherit_env, memory_max, pids_max, cpu_max, retry_jitter, retry_max_delay_s,
-        retry_on, unique_key, on_conflict)
-    SELECT ranked.id, 'waiting',
-        ARRAY(SELECT a FROM jsonb_array_elements_text(s->'argv') WITH ORDINALITY AS v(a, i)
-              ORDER BY i),
-        s->>'cwd',
-        CASE WHEN jsonb_typeof(s->'env') = 'object' THEN s->'env' END,
-        s->>'project',
-        s->>'template',
-        (s->>'template_parallel')::boolean,
-        ARRAY(SELECT jsonb_array_elements_text(s->'locks')),
-        (s->>'priority')::integer,
-        now.t,
-        (s->>'not_before')::float8,
-        (s->>'timeout_s')::float8,
-        (s->>'stall_timeout_s')::float8,
-        (s->>'max_attempts')::integer,
-        (s->>'retry_backoff_s')::float8,
-        'submitted',
-        now.t,
-        ARRAY(SELECT jsonb_array_elements_text(s->'pass_env')),
-        (s->>'inherit_env')::boolean,
-        (s->>'memory_max')::bigint,
-        (s->>'pids_max')::integer,
-        (s->>'cpu_max')::float8,
-        (s->>'retry_jitter')::float8,
-        (s->>'retry_max_delay_s')::float8,
-        CASE WHEN jsonb_typeof(s->'retry_on') = 'array'
-            THEN ARRAY(SELECT jsonb_array_elements_text(s->'retry_on')) END,
-        s->>'unique_key',
-        s->>'on_conflict'
-    FROM spec JOIN ranked USING (n), now
-    ORDER BY ranked.id
-    RETURNING id
-)
-SELECT id FROM inserted ORDER BY id
-"""
-
-
-def spec_json(spec: TaskSpec) -> dict[str, Any]:
-    """A checked spec as one element of `SUBMIT_MANY`'s JSON array."""
+def spec_columns(spec: TaskSpec) -> dict[str, Any]:
+    """A checked spec's columns, named as in taskpool_tasks (`submit_many` COPYs them)."""
     return {
         "argv": list(spec.argv),
         "cwd": spec.cwd,
@@ -182,9 +127,32 @@ async def submit(
 
 
 async def submit_many(conn: asyncpg.Connection, specs: Sequence[TaskSpec]) -> list[int]:
-    """Insert checked specs in one statement (`SUBMIT_MANY`), ids in the order given."""
-    rows = await conn.fetch(SUBMIT_MANY, json.dumps([spec_json(spec) for spec in specs]))
-    return [r["id"] for r in rows]
+    """Insert checked specs with one binary COPY (in the caller's transaction), ids in
+    the order given: drawn from the table's sequence first and paired with the specs
+    in ascending order, whatever order the sequence hands them out in. The insert
+    trigger logs each task's 'submitted' event, as for `submit`."""
+    now, drawn = await conn.fetchrow(
+        f"SELECT ({NOW}), array(SELECT nextval(pg_get_serial_sequence('taskpool_tasks', 'id'))"
+        " FROM generate_series(1, $1))",
+        len(specs),
+    )
+    ids: list[int] = sorted(drawn)
+    fields = [spec_columns(spec) for spec in specs]
+    names = list(fields[0])
+    await conn.copy_records_to_table(
+        "taskpool_tasks",
+        columns=["id", "status", "submitted_at", "changed_at", "reason", *names],
+        records=[
+            (task_id, "waiting", now, now, "submitted", *map(_copy_value, f.values()))
+            for task_id, f in zip(ids, fields, strict=True)
+        ],
+    )
+    return ids
+
+
+def _copy_value(value: Any) -> Any:
+    """A `spec_columns` value as COPY's binary codecs take it (a JSONB column: as text)."""
+    return json.dumps(value) if isinstance(value, dict) else value
 
 
 async def stop_node(conn: asyncpg.Connection, node_id: str, reason: str) -> None:
@@ -207,6 +175,30 @@ async def stop_node(conn: asyncpg.Connection, node_id: str, reason: str) -> None
         await end(conn, plan_handback(task_state(r), node_id, reason, now))
 
 
+#: What `check_fence` (taskpool/_decisions.py) requires of the row, as the WHERE of the
+#: one-statement fast paths below: a fence, once stale, never owns its task again
+#: (fences only grow), so a fast path that matches nothing leaves the decision, and
+#: the error, to the locked path (`fenced`), which is the one that judges.
+_OWNED = "id = $1 AND fence = $2 AND status = 'running'"
+
+#: `record_spawn` in one statement (no BEGIN/COMMIT round trips): the task and its
+#: attempt record, only while the fence owns the task; returns a row if it did.
+RECORD_SPAWN = f"""
+WITH task AS (
+    UPDATE taskpool_tasks SET pid = $3, pid_started_at = $4 WHERE {_OWNED} RETURNING id
+)
+UPDATE taskpool_attempts SET pid = $3, pid_started_at = $4
+ WHERE task_id = (SELECT id FROM task) AND fence = $2 RETURNING task_id
+"""
+
+
+async def record_spawn_at_once(
+    conn: asyncpg.Connection, task_id: int, fence: int, pid: int, pid_started_at: float
+) -> bool:
+    """`record_spawn` as one statement; False if the fence did not own the task."""
+    return await conn.fetchrow(RECORD_SPAWN, task_id, fence, pid, pid_started_at) is not None
+
+
 async def record_spawn(
     conn: asyncpg.Connection, task_id: int, fence: int, pid: int, pid_started_at: float
 ) -> None:
@@ -227,6 +219,37 @@ async def record_spawn(
     )
 
 
+#: `append_output` in one statement: the task's row is locked (as `fenced` does) while
+#: the fence owns it, then the texts numbered after the attempt's last chunk.
+APPEND_OUTPUT = f"""
+WITH task AS (SELECT id FROM taskpool_tasks WHERE {_OWNED} FOR UPDATE)
+INSERT INTO taskpool_output (task_id, fence, seq, text)
+SELECT task.id, $2, last.seq + u.n, u.text
+  FROM task,
+       (SELECT COALESCE(MAX(seq), 0) AS seq FROM taskpool_output
+         WHERE task_id = $1 AND fence = $2) AS last,
+       unnest($3::text[]) WITH ORDINALITY AS u(text, n)
+RETURNING seq
+"""
+
+
+async def append_output_at_once(
+    conn: asyncpg.Connection, task_id: int, fence: int, texts: Sequence[str]
+) -> bool:
+    """`append_output` as one statement; False if it wrote nothing (a stale fence),
+    and for a unique violation: an append of the same attempt committed while this
+    one waited for the row read `last` before it (then the locked path numbers)."""
+    import asyncpg
+
+    if not texts:
+        return False  # nothing to write: only the locked path checks the fence then
+    try:
+        rows = await conn.fetch(APPEND_OUTPUT, task_id, fence, list(texts))
+    except asyncpg.UniqueViolationError:
+        return False
+    return len(rows) == len(texts)
+
+
 async def append_output(
     conn: asyncpg.Connection, task_id: int, fence: int, texts: Sequence[str]
 ) -> None:
@@ -243,16 +266,16 @@ async def append_output(
 
 
 async def renew_leases(conn: asyncpg.Connection, node_id: str, lease_ttl_s: float) -> Renewal:
-    now: float = await conn.fetchval(NOW)
+    # One statement: both updates read the same `now`, and commit together.
     rows = await conn.fetch(
-        "UPDATE taskpool_tasks SET lease_expires_at = $3 WHERE owner_node = $1"
-        " AND status = 'running' AND lease_expires_at >= $2"
+        f"WITH now AS ({NOW} AS t), node AS (UPDATE taskpool_nodes SET heartbeat_at = now.t"
+        " FROM now WHERE id = $1)"
+        " UPDATE taskpool_tasks SET lease_expires_at = now.t + $2 FROM now"
+        " WHERE owner_node = $1 AND status = 'running' AND lease_expires_at >= now.t"
         " RETURNING id, fence, cancel_requested",
         node_id,
-        now,
-        now + lease_ttl_s,
+        lease_ttl_s,
     )
-    await conn.execute("UPDATE taskpool_nodes SET heartbeat_at = $2 WHERE id = $1", node_id, now)
     return renewal(rows)
 
 
@@ -336,34 +359,74 @@ async def log_event(conn: asyncpg.Connection, event: TaskEvent) -> None:
     )
 
 
-async def end(conn: asyncpg.Connection, ending: Ending) -> Any:
-    """Write the end of an attempt (or of a waiting task); the trigger logs the event."""
+async def end(
+    conn: asyncpg.Connection,
+    ending: Ending,
+    *,
+    unless_changed_from: Any = None,
+    wake: bool = False,
+) -> Any:
+    """Write the end of an attempt (or of a waiting task); the trigger logs the event.
+
+    `unless_changed_from`: the unlocked row the ending was decided on; the write then
+    happens only if what that decision read of it has not changed since (status,
+    fence, cancel request: the rest is fixed while an attempt runs), and returns None
+    if it has. `wake`: say 'work' to the nodes in the same statement."""
     columns = ending_columns(ending)
     names = list(columns)
     assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(names, 2))
     values = [columns[name] for name in names]
+    n = len(names) + 2
+    where, guard = "id = $1", []
+    if unless_changed_from is not None:
+        where += (
+            f" AND status = ${n} AND fence = ${n + 1}"
+            f" AND cancel_requested IS NOT DISTINCT FROM ${n + 2}"
+        )
+        guard = [
+            unless_changed_from["status"],
+            unless_changed_from["fence"],
+            unless_changed_from["cancel_requested"],
+        ]
+        n += 3
+    woke = ", taskpool_wake_work() AS woke" if wake else ""
     attempt = ending.attempt
     if attempt is None:
         return await conn.fetchrow(
-            f"UPDATE taskpool_tasks SET {assignments} WHERE id = $1 RETURNING *",
+            f"WITH ended AS (UPDATE taskpool_tasks SET {assignments} WHERE {where}"
+            f" RETURNING *) SELECT *{woke} FROM ended",
             ending.task_id,
             *values,
+            *guard,
         )
-    # The attempt's record is closed in the same statement (one round trip).
-    n = len(names) + 2
+    # The attempt's record is closed in the same statement (one round trip), only if
+    # the task's row was written.
     return await conn.fetchrow(
-        f"WITH ended AS (UPDATE taskpool_tasks SET {assignments} WHERE id = $1 RETURNING *),"
+        f"WITH ended AS (UPDATE taskpool_tasks SET {assignments} WHERE {where} RETURNING *),"
         f" attempt AS (UPDATE taskpool_attempts SET finished_at = ${n}, outcome = ${n + 1},"
-        f" exit_code = ${n + 2}, reason = ${n + 3} WHERE task_id = $1 AND fence = ${n + 4})"
-        " SELECT * FROM ended",
+        f" exit_code = ${n + 2}, reason = ${n + 3} WHERE task_id = $1 AND fence = ${n + 4}"
+        " AND EXISTS (SELECT FROM ended))"
+        f" SELECT *{woke} FROM ended",
         ending.task_id,
         *values,
+        *guard,
         ending.at,
         attempt.outcome.value,
         attempt.exit_code,
         attempt.reason,
         attempt.fence,
     )
+
+
+async def finish_at_once(
+    conn: asyncpg.Connection, task_id: int, fence: int, outcome: Outcome, *, wake: bool
+) -> Any:
+    """`finish` without BEGIN/COMMIT: a read, then one statement that writes the end
+    decided on it unless the row changed in between (then None: the locked path
+    decides). A stale fence stays stale, so `LeaseLost` from the read stands."""
+    row = await task_row(conn, task_id)
+    ending = plan_finish(task_state(row), fence, outcome, row["now"])
+    return await end(conn, ending, unless_changed_from=row, wake=wake)
 
 
 async def finish(conn: asyncpg.Connection, task_id: int, fence: int, outcome: Outcome) -> Any:

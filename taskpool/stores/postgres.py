@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, TypeVar
 
@@ -35,23 +36,22 @@ from .._models import (
     TaskInfo,
     TaskSpec,
 )
-from .._redact import dsn_secrets, redact
+from .._redact import redact
 from .._retention import PruneReport, Retention
 from .._store import Orphan, OutputChunk, Renewal, Store, Wake
 from .._validation import check_batch_keys
 from . import _postgres_ops as ops
+from . import _postgres_reads as reads
 from . import _prune
 from . import _unique_keys as unique_keys
 from ._common import (
     NODE_COLUMNS,
-    alive_filter,
     check_schema_version,
-    event_from_row,
-    node_from_row,
     node_values,
 )
 from ._postgres_driver import map_error, quiet_connection_class, scrub
 from ._postgres_listen import CANCEL_CHANNEL, listen_forever
+from ._postgres_listen import WORK_CHANNEL as WORK_CHANNEL  # tests LISTEN on it
 from ._schedules_sql import PostgresSchedules
 
 if TYPE_CHECKING:
@@ -60,13 +60,21 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 log = logging.getLogger("taskpool")
 
-#: The channel the schema's triggers NOTIFY, at commit, once per transaction that made
-#: work claimable ('work') or only ended tasks ('end'); see migration 0007 and `Wake`.
-WORK_CHANNEL = "taskpool_work"
-
 #: How long a claim that lost a race waits before each new try (then it returns what
 #: it has): the claim it lost to holds its locks for one statement, about a millisecond.
 _CLAIM_RACE_DELAYS_S = (0.001, 0.004, 0.016)
+
+
+@dataclass
+class _ClaimQueue:
+    """One node's claims through this store: one at a time; `begun` counts them,
+    `answered` is the number of the latest that succeeded, `last` what the latest
+    asked with (limits, lease)."""
+
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+    begun: int = 0
+    answered: int = 0
+    last: tuple[Limits, float] | None = None
 
 
 def migrations() -> list[tuple[int, str]]:
@@ -112,6 +120,7 @@ class PostgresStore(Store):
         self.connect_timeout_s = connect_timeout_s
         self.command_timeout_s = command_timeout_s
         self._pool: asyncpg.Pool | None = None
+        self._claim_queues: dict[str, _ClaimQueue] = {}
 
     def __repr__(self) -> str:
         state = "open" if self._pool is not None else "closed"
@@ -153,6 +162,7 @@ class PostgresStore(Store):
             await pool.close()
             raise
         self._pool = pool
+        self._claim_queues = {}  # their locks belong to the event loop that opened
 
     @staticmethod
     async def _migrate(conn: asyncpg.Connection, *, create: bool = True) -> None:
@@ -259,13 +269,7 @@ class PostgresStore(Store):
     async def list_nodes(
         self, *, host: str | None = None, alive: bool | None = None
     ) -> list[NodeInfo]:
-        async def op(conn: asyncpg.Connection) -> list[NodeInfo]:
-            sql = "SELECT * FROM taskpool_nodes WHERE ($1::text IS NULL OR host = $1)"
-            sql += alive_filter(alive)
-            rows = await conn.fetch(sql + " ORDER BY started_at", host)
-            return [node_from_row(r) for r in rows]
-
-        return await self._tx(op)
+        return await self._tx(lambda conn: reads.list_nodes(conn, host, alive))
 
     def schedules(self) -> PostgresSchedules:
         return PostgresSchedules(self)
@@ -277,9 +281,8 @@ class PostgresStore(Store):
         return await self._tx(lambda conn: unique_keys.postgres_submit(conn, spec, reason))
 
     async def submit_many(self, specs: Sequence[TaskSpec]) -> list[int]:
-        """All the tasks in one transaction and, without unique keys, one statement: the
-        specs travel as one JSON array, ids are drawn from the table's sequence in the
-        specs' order."""
+        """All the tasks in one transaction; without unique keys one binary COPY
+        (`ops.submit_many`), ids ascending in the specs' order."""
         checked = [spec.checked() for spec in specs]  # InvalidTask before the database
         check_batch_keys(spec.unique_key for spec in checked)
         if not checked:
@@ -288,23 +291,45 @@ class PostgresStore(Store):
 
     async def claim(self, node_id: str, limits: Limits, lease_ttl_s: float) -> list[Claim]:
         """One claim statement, again at once (a few times) while it lost a race to
-        another claim and left slots free: what that claim held is decided by now."""
-        claims: list[Claim] = []
-        for delay in (*_CLAIM_RACE_DELAYS_S, None):
-            got, contended = await self._statement(
-                lambda conn: ops.claim(conn, node_id, limits, lease_ttl_s)
-            )
-            claims.extend(got)
-            if not contended or delay is None:
-                return claims
-            await anyio.sleep(delay)
+        another claim and left slots free: what that claim held is decided by now.
+
+        A node's claims queue here, not in the database: `taskpool_claim` serializes
+        them anyway (the node's advisory lock), and one waiting there holds a pooled
+        connection the node's other writes need. A claim that waited while another of
+        the node's, begun after it was asked for, succeeded returns nothing: that one saw
+        every slot this one would have, and its caller starts what it took."""
+        queue = self._claim_queues.setdefault(node_id, _ClaimQueue())
+        asked = queue.begun
+        async with queue.lock:
+            if queue.answered > asked and queue.last == (limits, lease_ttl_s):
+                return []
+            queue.begun += 1
+            number, queue.last = queue.begun, (limits, lease_ttl_s)
+            claims: list[Claim] = []
+            for delay in (*_CLAIM_RACE_DELAYS_S, None):
+                got, contended = await self._statement(
+                    lambda conn: ops.claim(conn, node_id, limits, lease_ttl_s)
+                )
+                claims.extend(got)
+                if not contended or delay is None:
+                    queue.answered = number
+                    return claims
+                await anyio.sleep(delay)
         raise AssertionError("unreachable")
 
+    # record_spawn, append_output, finish: one statement each (no BEGIN/COMMIT round
+    # trips) that writes only while the fence owns the task; when it did not write,
+    # the locked transaction (`ops.fenced`) decides, and raises `LeaseLost`.
     async def record_spawn(self, task_id: int, fence: int, pid: int, pid_started_at: float) -> None:
-        await self._tx(lambda conn: ops.record_spawn(conn, task_id, fence, pid, pid_started_at))
+        args = (task_id, fence, pid, pid_started_at)
+        if not await self._statement(lambda conn: ops.record_spawn_at_once(conn, *args)):
+            await self._tx(lambda conn: ops.record_spawn(conn, *args))
 
     async def append_output(self, task_id: int, fence: int, texts: Sequence[str]) -> None:
-        await self._tx(lambda conn: ops.append_output(conn, task_id, fence, texts))
+        if not await self._statement(
+            lambda conn: ops.append_output_at_once(conn, task_id, fence, texts)
+        ):
+            await self._tx(lambda conn: ops.append_output(conn, task_id, fence, texts))
 
     async def finish(self, task_id: int, fence: int, outcome: Outcome) -> TaskInfo:
         return await self._finish(task_id, fence, outcome, wake_nodes=True)
@@ -312,16 +337,22 @@ class PostgresStore(Store):
     async def _finish(
         self, task_id: int, fence: int, outcome: Outcome, *, wake_nodes: bool
     ) -> TaskInfo:
-        async def op(conn: asyncpg.Connection) -> TaskInfo:
-            ended = await ops.finish(conn, task_id, fence, outcome)
-            if wake_nodes:
-                # Nobody claims what the end freed: wake the nodes (`finish_and_claim`
-                # does not: its own claim follows; migration 0007). Else the commit
-                # says 'end', for waiters only.
-                await conn.execute("SELECT taskpool_wake_work()")
-            return ops.info(ended)
+        """`wake_nodes`: say 'work' (nobody claims what the end freed); `finish_and_claim`
+        does not, its own claim follows, and the commit says 'end', for waiters only
+        (migration 0007)."""
+        ended = await self._statement(
+            lambda conn: ops.finish_at_once(conn, task_id, fence, outcome, wake=wake_nodes)
+        )
+        if ended is None:  # the row changed after the read (a cancel request, a rescue)
 
-        return await self._tx(op)
+            async def op(conn: asyncpg.Connection) -> object:
+                row = await ops.finish(conn, task_id, fence, outcome)
+                if wake_nodes:
+                    await conn.execute("SELECT taskpool_wake_work()")
+                return row
+
+            ended = await self._tx(op)
+        return ops.info(ended)
 
     async def finish_and_claim(
         self,
@@ -358,58 +389,21 @@ class PostgresStore(Store):
         return await self._tx(lambda conn: ops.rescue_expired(conn, spared))
 
     async def orphans_of(self, node_id: str) -> list[Orphan]:
-        async def op(conn: asyncpg.Connection) -> list[Orphan]:
-            rows = await conn.fetch(
-                "SELECT id, fence, owner_node, pid, pid_started_at FROM taskpool_tasks"
-                " WHERE status = 'running' AND owner_node = $1 ORDER BY id",
-                node_id,
-            )
-            return [Orphan(*r) for r in rows]
-
-        return await self._tx(op)
+        return await self._tx(lambda conn: reads.orphans_of(conn, node_id))
 
     async def settle_orphan(self, task_id: int, fence: int, reason: str) -> TaskInfo:
         return await self._tx(lambda conn: ops.settle_orphan(conn, task_id, fence, reason))
 
     async def watch_for_work(self, on_wake: Callable[[Wake], None]) -> None:
-        """LISTEN on `taskpool_work` on a connection of its own, reconnecting with
-        backoff when it drops. The schema's triggers NOTIFY it once per transaction at
-        most, the payload saying what happened (`Wake`, migration 0007)."""
-        import asyncpg
-
-        delay = 0.1
-        while True:
-            try:
-                # Shielded (and bounded by its timeout): a connect cancelled half-way
-                # leaks its socket; finished, the connection is closed below instead.
-                with anyio.CancelScope(shield=True):
-                    conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout_s)
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning(
-                    "LISTEN connection failed, retrying in %.1f s: %s",
-                    delay,
-                    redact(repr(exc), secrets=dsn_secrets(self.dsn)),
-                )
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            delay = 0.1
-            lost = anyio.Event()
-            try:
-                conn.add_termination_listener(lambda _, lost=lost: lost.set())
-                await conn.add_listener(
-                    WORK_CHANNEL, lambda _c, _pid, _ch, payload: on_wake(Wake.of(payload))
-                )
-                on_wake(Wake.WORK)  # work may have come while nobody listened
-                while not conn.is_closed():  # checked too, should the listener not fire
-                    with anyio.move_on_after(1.0):
-                        await lost.wait()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning(
-                    "LISTEN connection lost: %s", redact(repr(exc), secrets=dsn_secrets(self.dsn))
-                )
-            finally:
-                conn.terminate()
+        """LISTEN on `taskpool_work`, whose triggers NOTIFY once per transaction at most,
+        the payload saying what happened (`Wake`, migration 0007)."""
+        await listen_forever(
+            self.dsn,
+            WORK_CHANNEL,
+            lambda payload: on_wake(Wake.WORK if payload is None else Wake.of(payload)),
+            connect_timeout_s=self.connect_timeout_s,
+            application_name="taskpool work",
+        )
 
     # -- operator actions --------------------------------------------------
     async def request_cancel(self, task_id: int, *, force: bool = False) -> TaskInfo:
@@ -420,46 +414,26 @@ class PostgresStore(Store):
 
     async def watch_for_cancels(self, node_id: str, on_cancel: Callable[[], None]) -> None:
         """LISTEN on `taskpool_cancel` (NOTIFYed with the owner's node id when a cancel is
-        asked of a running task, migration 0009) on a connection of its own."""
+        asked of a running task, migration 0009); another node's id is not ours."""
         await listen_forever(
             self.dsn,
             CANCEL_CHANNEL,
-            on_cancel,
-            payload=node_id,
+            lambda payload: on_cancel() if payload in (None, node_id) else None,
             connect_timeout_s=self.connect_timeout_s,
             application_name=f"taskpool cancels {node_id}",
         )
 
-    # -- reads -------------------------------------------------------------
+    # -- reads (`_postgres_reads`) ---------------------------------------
     async def get(self, task_id: int) -> TaskInfo:
-        async def op(conn: asyncpg.Connection) -> TaskInfo:
-            return ops.info(await ops.task_row(conn, task_id))
-
-        return await self._tx(op)
+        return await self._tx(lambda conn: reads.get(conn, task_id))
 
     async def statuses(self, task_ids: Collection[int]) -> dict[int, Status]:
-        async def op(conn: asyncpg.Connection) -> dict[int, Status]:
-            rows = await conn.fetch(
-                "SELECT id, status FROM taskpool_tasks WHERE id = ANY($1::bigint[])",
-                list(set(task_ids)),
-            )
-            return {r[0]: Status(r[1]) for r in rows}
-
-        return await self._tx(op)
+        return await self._tx(lambda conn: reads.statuses(conn, task_ids))
 
     async def get_many(
         self, task_ids: Collection[int], *, ended_only: bool = False
     ) -> dict[int, TaskInfo]:
-        async def op(conn: asyncpg.Connection) -> dict[int, TaskInfo]:
-            rows = await conn.fetch(
-                "SELECT * FROM taskpool_tasks WHERE id = ANY($1::bigint[])"
-                " AND (NOT $2 OR status NOT IN ('waiting', 'running'))",
-                list(set(task_ids)),
-                ended_only,
-            )
-            return {info.id: info for info in map(ops.info, rows)}
-
-        return await self._tx(op)
+        return await self._tx(lambda conn: reads.get_many(conn, task_ids, ended_only))
 
     async def list_tasks(
         self,
@@ -468,59 +442,18 @@ class PostgresStore(Store):
         project: str | None = None,
         limit: int = 100,
     ) -> list[TaskInfo]:
-        async def op(conn: asyncpg.Connection) -> list[TaskInfo]:
-            rows = await conn.fetch(
-                "SELECT * FROM taskpool_tasks WHERE ($1::text[] IS NULL OR status = ANY($1))"
-                " AND ($2::text IS NULL OR project = $2) ORDER BY id DESC LIMIT $3",
-                [str(s) for s in statuses] if statuses is not None else None,
-                project,
-                limit,
-            )
-            return [ops.info(r) for r in rows]
-
-        return await self._tx(op)
+        return await self._tx(lambda conn: reads.list_tasks(conn, statuses, project, limit))
 
     async def waiting_ahead(self, task_id: int, *, limit: int) -> list[TaskInfo]:
-        async def op(conn: asyncpg.Connection) -> list[TaskInfo]:
-            me = await ops.task_row(conn, task_id)
-            # Due by the database's clock, as the claim (taskpool_claim) judges it.
-            rows = await conn.fetch(
-                "SELECT * FROM taskpool_tasks WHERE status = 'waiting'"
-                " AND not_before <= extract(epoch FROM clock_timestamp())"
-                " AND (priority > $1 OR (priority = $1 AND id < $2))"
-                " ORDER BY priority DESC, id LIMIT $3",
-                me["priority"],
-                me["id"],
-                limit,
-            )
-            return [ops.info(r) for r in rows]
-
-        return await self._tx(op)
+        return await self._tx(lambda conn: reads.waiting_ahead(conn, task_id, limit))
 
     async def events(self, task_id: int) -> list[TaskEvent]:
-        async def op(conn: asyncpg.Connection) -> list[TaskEvent]:
-            rows = await conn.fetch(
-                "SELECT * FROM taskpool_events WHERE task_id = $1 ORDER BY id", task_id
-            )
-            return [event_from_row(r) for r in rows]
-
-        return await self._tx(op)
+        return await self._tx(lambda conn: reads.events(conn, task_id))
 
     async def read_output(
         self, task_id: int, *, after: tuple[int, int] = (0, 0), limit: int = 1000
     ) -> list[OutputChunk]:
-        async def op(conn: asyncpg.Connection) -> list[OutputChunk]:
-            rows = await conn.fetch(
-                "SELECT fence, seq, text FROM taskpool_output WHERE task_id = $1"
-                " AND (fence, seq) > ($2, $3) ORDER BY fence, seq LIMIT $4",
-                task_id,
-                after[0],
-                after[1],
-                limit,
-            )
-            return [OutputChunk(r[0], r[1], r[2]) for r in rows]
-
-        return await self._tx(op)
+        return await self._tx(lambda conn: reads.read_output(conn, task_id, after, limit))
 
     # -- retention ---------------------------------------------------------
     async def prune(

@@ -156,7 +156,12 @@ def test_bash_completion_completes_commands_options_and_choices() -> None:
     commands = sorted(_commands())
     assert _complete(script, "taskpool", "") == commands
     assert _complete(script, "taskpool", "l") == ["logs", "ls"]
-    assert _complete(script, "taskpool", "--db", "x.db", "s") == ["schedule", "show", "stale", "submit"]
+    assert _complete(script, "taskpool", "--db", "x.db", "s") == [
+        "schedule",
+        "show",
+        "stale",
+        "submit",
+    ]
     assert _complete(script, "taskpool", "ls", "--st") == ["--status"]
     assert _complete(script, "taskpool", "ls", "--status", "") == sorted(
         ["waiting", "running", "succeeded", "failed", "timed_out", "stalled", "cancelled", "lost"]
