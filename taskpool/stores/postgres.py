@@ -211,18 +211,22 @@ class PostgresStore(Store):
         if pool is None:
             raise StoreError("the store is closed")
         try:
-            # Shielded, bounded by its own timeout: a cancel that lands while the pool
-            # opens a new connection would leak that connection's socket (asyncpg).
+            # One unit, shielded from cancellation and bounded by the timeouts instead
+            # (the connect's, each statement's): a cancel landing while the pool opens a
+            # connection leaks its socket, and one landing mid-transaction leaves a
+            # commit in flight unseen and asyncpg resetting the connection. A caller
+            # cancelled meanwhile (a loop of a pool shutting down) is cancelled after.
             with anyio.CancelScope(shield=True):
                 conn = await pool.acquire(timeout=self.connect_timeout_s)
-            try:
-                if not transaction:
-                    return await fn(conn)
-                async with conn.transaction():
-                    return await fn(conn)
-            finally:
-                with anyio.CancelScope(shield=True):
+                try:
+                    if not transaction:
+                        result = await fn(conn)
+                    else:
+                        async with conn.transaction():
+                            result = await fn(conn)
+                finally:
                     await pool.release(conn, timeout=self.command_timeout_s)
+            return result
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise map_error(exc) from exc
 

@@ -42,7 +42,7 @@ def test_a_plan_never_fires_a_tick_twice_nor_one_in_the_future(
     assert all(MIDNIGHT <= t <= now for t in plan.fire)
     assert plan.next_fire_at > now
     assert len(plan.fire) <= (bound if misfire is Misfire.RUN_ALL else 1)
-    due = int(late // every) + 1
+    due = int((now - MIDNIGHT) // every) + 1  # `now` as the plan sees it (rounded)
     assert plan.dropped == due - len(plan.fire)
     # The plan's next tick is the first after now: asking again at now fires nothing.
     again = plan_fires(timing, plan.next_fire_at, now, misfire=misfire, bound=bound, grace_s=60)
@@ -139,3 +139,14 @@ def test_bad_timings_are_refused(timing: Timing) -> None:
 def test_a_spec_round_trips_through_json() -> None:
     spec = TaskSpec.build(["a", "b"], env={"K": "v"}, locks=["x", "y"], pass_env=["TOKEN"])
     assert spec_from_json(spec_to_json(spec)) == spec
+
+
+def test_a_tick_that_rounding_puts_at_now_is_due() -> None:
+    """`now` is a float: MIDNIGHT + 1.9999999999990905 is MIDNIGHT + 2.0 exactly, and the
+    tick at 2 s is due (found by the property above)."""
+    now = MIDNIGHT + 1.9999999999990905
+    plan = plan_fires(
+        Timing(every_s=1.0), MIDNIGHT, now, misfire=Misfire.RUN_ONCE, bound=1, grace_s=60
+    )
+    assert plan.fire == [MIDNIGHT + 2.0]
+    assert plan.dropped == 2
