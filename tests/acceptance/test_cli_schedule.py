@@ -5,20 +5,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.acceptance.test_cli import cli as run_cli
 
 
 def cli(database: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "taskpool", "--db", database, *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    """The CLI as a process, its exit code checked by the test itself."""
+    return run_cli(database, *args, check=False)
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> str:

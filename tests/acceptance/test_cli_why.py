@@ -7,24 +7,16 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 from taskpool import Limits, NodeInfo, TaskSpec
+from tests.acceptance.test_cli import cli as run_cli
 from tests.helpers import open_store
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(database: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "taskpool", "--db", database, *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    """The CLI as a process, its exit code checked by the test itself."""
+    return run_cli(database, *args, check=False)
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> str:
