@@ -32,7 +32,7 @@ from bench_common import (
     progress,
     summary_ms,
 )
-from scale import probe_of, submit_bulk, true_specs
+from scale import PostgresProbe, Probe, probe_of, submit_bulk, true_specs
 
 from taskpool import TaskPool
 
@@ -49,10 +49,12 @@ SCRIPT = str(Path(__file__).resolve())
 class BackendCpu:
     """Samples the CPU time of every PostgreSQL backend serving `database` until stopped;
     `cpu_s` is what they used since `start` (a backend that existed before counts from
-    its first sample, a new one from zero)."""
+    its first sample, a new one from zero). The benchmark's own connections (its
+    probe, its lock sampler) are `exclude`d: their polling is not the system's work."""
 
     def __init__(self, database: str) -> None:
         self._marker = f" {database} "
+        self._excluded: set[int] = set()
         self._first: dict[int, float] = {}
         self._last: dict[int, float] = {}
         self._task: asyncio.Task[None] | None = None
@@ -77,6 +79,9 @@ class BackendCpu:
             await asyncio.sleep(0.05)
             self._sample(first=False)
 
+    def exclude(self, backend_pid: int) -> None:
+        self._excluded.add(backend_pid)
+
     def start(self) -> None:
         self._sample(first=True)
         self._task = asyncio.ensure_future(self._run())
@@ -86,7 +91,9 @@ class BackendCpu:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self._sample(first=False)
-        return sum(self._last[pid] - self._first[pid] for pid in self._last)
+        return sum(
+            self._last[pid] - self._first[pid] for pid in self._last if pid not in self._excluded
+        )
 
     @staticmethod
     def database_of(dsn: str) -> str:
@@ -101,6 +108,7 @@ async def taskpool_run(dsn: str, n: int) -> Json:
     ids, _ = await submit_bulk(dsn, true_specs(n))
     cpu = BackendCpu(BackendCpu.database_of(dsn))
     async with probe_of(dsn) as probe:
+        cpu.exclude(await pg_probe(probe).backend_pid())
         cpu.start()
         boot = time.perf_counter()
         async with TaskPool(dsn, max_parallel=COMPARE_CONCURRENCY):
@@ -281,11 +289,19 @@ async def stop_node(proc: asyncio.subprocess.Process) -> dict[str, list[float]]:
     return result
 
 
-async def lock_waiters(dsn: str, stop: asyncio.Event) -> list[int]:
-    """Every 20 ms, how many of the database's backends wait on a lock."""
+def pg_probe(probe: Probe) -> PostgresProbe:
+    if not isinstance(probe, PostgresProbe):
+        raise TypeError("a PostgreSQL benchmark got a probe of another store")
+    return probe
+
+
+async def lock_waiters(dsn: str, stop: asyncio.Event, cpu: BackendCpu) -> list[int]:
+    """Every 20 ms, how many of the database's backends wait on a lock (its own
+    backend's CPU excluded from `cpu`)."""
     import asyncpg
 
     conn = await asyncpg.connect(dsn)
+    cpu.exclude(await conn.fetchval("SELECT pg_backend_pid()"))
     samples: list[int] = []
     try:
         while not stop.is_set():
@@ -307,11 +323,12 @@ async def nodes_run(dsn: str, nodes: int, n: int) -> Json:
     latencies: list[dict[str, list[float]]] = []
     try:
         stop = asyncio.Event()
-        sampler = asyncio.ensure_future(lock_waiters(dsn, stop))
         cpu = BackendCpu(BackendCpu.database_of(dsn))
+        sampler = asyncio.ensure_future(lock_waiters(dsn, stop, cpu))
         cpu.start()
         ids, _ = await submit_bulk(dsn, true_specs(n))
         async with probe_of(dsn) as probe:
+            cpu.exclude(await pg_probe(probe).backend_pid())
             deadline = time.monotonic() + SAFETY_TIMEOUT_S * 5
             while await probe.terminal(ids[0], ids[-1]) < n:
                 if time.monotonic() > deadline:

@@ -116,6 +116,10 @@ class PostgresProbe:
         value: float = await self._conn.fetchval(sql, *params)  # type: ignore[attr-defined]
         return value
 
+    async def backend_pid(self) -> int:
+        """The server process serving this probe (so its CPU is not counted)."""
+        return int(await self._one("SELECT pg_backend_pid()"))
+
     async def terminal(self, lo: int, hi: int) -> int:
         return int(
             await self._one(

@@ -144,6 +144,11 @@ class TaskSpec:
     retry_on: frozenset[str] | None = None
     unique_key: str | None = None
     on_conflict: str = "reject"
+    # True only on what `build` returned: its fields were validated then, and a frozen
+    # spec cannot change, so `checked` need not validate them again (a `submit_many` of
+    # 100,000 built specs would spend more time re-checking them than storing them).
+    # Not an init field: `dataclasses.replace` and a spec made by hand start unchecked.
+    _checked: bool = field(default=False, init=False, repr=False, compare=False)
 
     @property
     def limits(self) -> ResourceLimits:
@@ -155,6 +160,7 @@ class TaskSpec:
             if f.name != "env"
             else f"env={self.masked_env()!r}"
             for f in fields(self)
+            if f.repr
         )
         return f"TaskSpec({shown})"
 
@@ -176,6 +182,8 @@ class TaskSpec:
     def checked(self) -> TaskSpec:
         """This spec validated as `build` validates caller input (for a spec made by
         hand): the normalised spec, or `InvalidTask`. Stores call it before writing."""
+        if self._checked:
+            return self
         return TaskSpec.build(
             self.argv,
             cwd=self.cwd,
@@ -256,7 +264,7 @@ class TaskSpec:
         max_delay = check_max_delay(retry_max_delay_s)
         retry_on_set = check_retry_on(retry_on)
         check_unique_key(unique_key, on_conflict)
-        return cls(
+        spec = cls(
             argv=argv_t,
             cwd=cwd_s,
             env=env_d,
@@ -282,6 +290,8 @@ class TaskSpec:
             unique_key=unique_key,
             on_conflict=on_conflict,
         )
+        object.__setattr__(spec, "_checked", True)  # frozen: set as __init__ sets fields
+        return spec
 
 
 class SubmitResult(int):

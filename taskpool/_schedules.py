@@ -272,6 +272,8 @@ def spec_to_json(spec: TaskSpec) -> dict[str, Any]:
     """A spec as JSON-ready data (sets as sorted lists), for the schedule's row."""
     data: dict[str, Any] = {}
     for f in dataclasses.fields(TaskSpec):
+        if not f.init:
+            continue
         value = getattr(spec, f.name)
         if isinstance(value, frozenset | set):
             value = sorted(value)
@@ -285,7 +287,7 @@ def spec_to_json(spec: TaskSpec) -> dict[str, Any]:
 
 def spec_from_json(data: Mapping[str, Any]) -> TaskSpec:
     """The spec `spec_to_json` wrote; fields a newer taskpool added are left out."""
-    known = {f.name: f for f in dataclasses.fields(TaskSpec)}
+    known = {f.name: f for f in dataclasses.fields(TaskSpec) if f.init}
     values = {k: v for k, v in data.items() if k in known}
     values["argv"] = tuple(values["argv"])
     for key in ("pass_env", "locks"):

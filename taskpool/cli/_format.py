@@ -26,6 +26,7 @@ def plain(value: Any, *, show_env: bool = False) -> Any:
         return {
             f.name: plain(getattr(value, f.name), show_env=show_env)
             for f in dataclasses.fields(value)
+            if f.repr
         }
     if isinstance(value, enum.Enum):
         return value.value

@@ -331,3 +331,21 @@ def test_build_rejects_wrong_types_with_invalid_task(options: dict[str, Any], me
     """Wrong types are an InvalidTask with a clear message, never a TypeError from inside."""
     with pytest.raises(InvalidTask, match=re.escape(message)):
         TaskSpec.build(["x"], **options)
+
+
+def test_a_built_spec_is_checked_once_and_anything_else_is_checked_again() -> None:
+    """`checked` returns what `build` made as it is, but validates a spec made by hand
+    or derived with `dataclasses.replace`, and the mark never shows or compares."""
+    import dataclasses
+
+    built = TaskSpec.build(["true"], project="p")
+    assert built.checked() is built
+    by_hand = TaskSpec(argv=("true",), project="p")
+    assert by_hand.checked() is not by_hand
+    assert by_hand.checked() == built
+    with pytest.raises(InvalidTask, match="argv"):
+        dataclasses.replace(built, argv=()).checked()
+    with pytest.raises(InvalidTask, match="project"):
+        TaskSpec(argv=("true",), project="").checked()
+    assert by_hand == built
+    assert "_checked" not in repr(built)
