@@ -28,7 +28,7 @@ async def main(dsn: str, n: int) -> None:
             rows = await admin.fetch(
                 "SELECT calls, total_exec_time, rows, left(regexp_replace(query, '\\s+', ' ',"
                 " 'g'), 110) AS q FROM pg_stat_statements"
-                " ORDER BY total_exec_time DESC LIMIT 25"
+                " ORDER BY total_exec_time DESC LIMIT 40"
             )
     finally:
         await admin.close()

@@ -127,7 +127,9 @@ class TaskPool(PoolClientAPI):
         if isinstance(store, Store):
             self.store, self._owns_store = store, False
         else:
-            self.store = open_store(store, connections=node_connections(max_parallel))
+            self.store = open_store(
+                store, connections=node_connections(max_parallel), lease_connection=True
+            )
             self._owns_store = True
         # The client API (`submit`, `wait`, `follow`, ...) this pool offers, over its store.
         self._client = Client(self.store, poll_interval_s=poll_interval_s, watch=False)

@@ -22,11 +22,20 @@ CLIENT_CONNECTIONS = 4
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
+#: The pooled connections of a worker node, whatever its `max_parallel`: its runners'
+#: writes (spawn, output, finish: one short statement each), its claims (queued in the
+#: store, one in flight) and its loops share them, queuing for a connection rather than
+#: holding one each, so that many nodes of many slots fit a server's connection limit.
+#: Beside them a node has one connection kept for renewing its leases (never queued
+#: behind its runners' writes) and one LISTEN connection: 5 in all.
+NODE_CONNECTIONS = 3
+
+
 def node_connections(max_parallel: int) -> int:
-    """Connections a worker node needs: one per running task's writes (output,
-    finish), plus the claim loop's, the heartbeat's, the reaper's and a client
-    call's own, so no loop ever queues behind a task's writes."""
-    return max(max_parallel, 1) + 4
+    """Pooled connections a worker node of `max_parallel` slots gets: a constant (see
+    `NODE_CONNECTIONS`), never one per slot."""
+    del max_parallel  # deliberately unused: a node's connections do not grow with it
+    return NODE_CONNECTIONS
 
 
 def open_store(
@@ -34,10 +43,13 @@ def open_store(
     *,
     connections: int = CLIENT_CONNECTIONS,
     create: bool = True,
+    lease_connection: bool = False,
 ) -> Store:
     """The store `target` names, not yet opened: a `postgresql://` (or `postgres://`)
     URL gives a `PostgresStore` of at most `connections` connections; anything else is
     the path of an SQLite file (`connections` does not apply: one writer, one reader).
+    `lease_connection` (a worker node's store) adds one PostgreSQL connection kept for
+    `renew_leases`, so that a node's lease renewals never wait behind its other calls.
 
     With `create=False` the database must exist already (a missing SQLite file, or a
     PostgreSQL database without taskpool's tables, is a `StoreError` at `open`), so
@@ -55,7 +67,13 @@ def open_store(
     if url and url[1].lower() in POSTGRES_SCHEMES:
         from .postgres import PostgresStore
 
-        return PostgresStore(name, min_size=1, max_size=connections, create=create)
+        return PostgresStore(
+            name,
+            min_size=1,
+            max_size=connections,
+            create=create,
+            lease_connection=lease_connection,
+        )
     if url:
         raise ValueError(
             f"unknown store URL scheme {url[1]!r}: give a postgresql:// URL or the path"

@@ -17,6 +17,7 @@ server shutting down, serialization failure) and `StoreError` otherwise.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -50,7 +51,7 @@ from ._common import (
     node_values,
 )
 from ._postgres_driver import map_error, quiet_connection_class, scrub
-from ._postgres_listen import CANCEL_CHANNEL, listen_forever
+from ._postgres_listen import CANCEL_CHANNEL, Listener
 from ._postgres_listen import WORK_CHANNEL as WORK_CHANNEL  # tests LISTEN on it
 from ._schedules_sql import PostgresSchedules
 
@@ -110,6 +111,7 @@ class PostgresStore(Store):
         create: bool = True,
         connect_timeout_s: float = 10.0,
         command_timeout_s: float = 10.0,
+        lease_connection: bool = False,
     ) -> None:
         self.dsn = dsn  # may hold a password: shown only through `redact`
         self.min_size = min_size
@@ -120,7 +122,14 @@ class PostgresStore(Store):
         self.connect_timeout_s = connect_timeout_s
         self.command_timeout_s = command_timeout_s
         self._pool: asyncpg.Pool | None = None
+        # A worker's lease renewals get a connection of their own: queued behind its
+        # runners' writes on the shared pool, a renewal could be late enough to fence.
+        self.lease_connection = lease_connection
+        self._lease_pool: asyncpg.Pool | None = None
         self._claim_queues: dict[str, _ClaimQueue] = {}
+        #: The `application_name` of this store's LISTEN connection (pg_stat_activity).
+        self.listener_name = f"taskpool listener {uuid.uuid4().hex[:12]}"
+        self._listener: Listener | None = None
 
     def __repr__(self) -> str:
         state = "open" if self._pool is not None else "closed"
@@ -132,14 +141,33 @@ class PostgresStore(Store):
         migrate tables that exist). Errors name the DSN with its password redacted."""
         if self._pool is not None:
             return
+
+        pool = await self._create_pool(self.min_size, self.max_size)
+        try:
+            async with pool.acquire() as conn:
+                await self._migrate(conn, create=self.create)
+                self.store_id = await conn.fetchval("SELECT store_id FROM taskpool_store_identity")
+            if self.lease_connection:
+                self._lease_pool = await self._create_pool(1, 1)
+        except BaseException:
+            await pool.close()
+            raise
+        self._pool = pool
+        self._claim_queues = {}  # their locks belong to the event loop that opened
+        # Every watcher of this store (work, cancels) shares one LISTEN connection.
+        self._listener = Listener(
+            self.dsn, connect_timeout_s=self.connect_timeout_s, application_name=self.listener_name
+        )
+
+    async def _create_pool(self, min_size: int, max_size: int) -> asyncpg.Pool:
         import asyncpg
 
         where = f"PostgreSQL at {redact(self.dsn)}"
         try:
-            pool = await asyncpg.create_pool(
+            return await asyncpg.create_pool(
                 self.dsn,
-                min_size=self.min_size,
-                max_size=self.max_size,
+                min_size=min_size,
+                max_size=max_size,
                 connection_class=quiet_connection_class(),
                 timeout=self.connect_timeout_s,
                 command_timeout=self.command_timeout_s,
@@ -154,15 +182,6 @@ class PostgresStore(Store):
             raise type(error)(f"{where}: {error}") from exc
         except ValueError as exc:  # a malformed DSN (a port that is not a number, ...)
             raise StoreError(f"{where}: {scrub(exc, self.dsn)}") from exc
-        try:
-            async with pool.acquire() as conn:
-                await self._migrate(conn, create=self.create)
-                self.store_id = await conn.fetchval("SELECT store_id FROM taskpool_store_identity")
-        except BaseException:
-            await pool.close()
-            raise
-        self._pool = pool
-        self._claim_queues = {}  # their locks belong to the event loop that opened
 
     @staticmethod
     async def _migrate(conn: asyncpg.Connection, *, create: bool = True) -> None:
@@ -193,21 +212,29 @@ class PostgresStore(Store):
                 )
 
     async def close(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            # A graceful close waits on the server; an unreachable one must not hang us.
-            with anyio.move_on_after(self.command_timeout_s) as scope:
-                await pool.close()
-            if scope.cancelled_caught:
-                pool.terminate()
+        for pool in (self._pool, self._lease_pool):
+            if pool is not None:
+                # A graceful close waits on the server; an unreachable one must not hang us.
+                with anyio.move_on_after(self.command_timeout_s) as scope:
+                    await pool.close()
+                if scope.cancelled_caught:
+                    pool.terminate()
+        self._pool = self._lease_pool = None
 
     async def _tx(
-        self, fn: Callable[[asyncpg.Connection], Awaitable[T]], *, transaction: bool = True
+        self,
+        fn: Callable[[asyncpg.Connection], Awaitable[T]],
+        *,
+        transaction: bool = True,
+        for_leases: bool = False,
     ) -> T:
-        """Run `fn` in one transaction on a pooled connection, mapping driver errors."""
+        """Run `fn` in one transaction on a pooled connection (the lease connection, if
+        the store has one, `for_leases`), mapping driver errors."""
         import asyncpg
 
         pool = self._pool
+        if for_leases and self._lease_pool is not None and pool is not None:
+            pool = self._lease_pool
         if pool is None:
             raise StoreError("the store is closed")
         try:
@@ -234,6 +261,11 @@ class PostgresStore(Store):
         """Run `fn`, one statement, outside an explicit transaction (PostgreSQL commits it
         as it ends), on a pooled connection, mapping driver errors."""
         return await self._tx(fn, transaction=False)
+
+    def _opened_listener(self) -> Listener:
+        if self._listener is None:
+            raise StoreError("the store is closed")
+        return self._listener
 
     async def check_identity(self) -> None:
         """The database answering must be the one opened: a restore of another database
@@ -384,7 +416,9 @@ class PostgresStore(Store):
             return []
 
     async def renew_leases(self, node_id: str, lease_ttl_s: float) -> Renewal:
-        return await self._tx(lambda conn: ops.renew_leases(conn, node_id, lease_ttl_s))
+        return await self._tx(
+            lambda conn: ops.renew_leases(conn, node_id, lease_ttl_s), for_leases=True
+        )
 
     async def rescue_expired(
         self, *, except_attempts: Collection[tuple[int, int]] = ()
@@ -401,12 +435,9 @@ class PostgresStore(Store):
     async def watch_for_work(self, on_wake: Callable[[Wake], None]) -> None:
         """LISTEN on `taskpool_work`, whose triggers NOTIFY once per transaction at most,
         the payload saying what happened (`Wake`, migration 0007)."""
-        await listen_forever(
-            self.dsn,
+        await self._opened_listener().watch(
             WORK_CHANNEL,
             lambda payload: on_wake(Wake.WORK if payload is None else Wake.of(payload)),
-            connect_timeout_s=self.connect_timeout_s,
-            application_name="taskpool work",
         )
 
     # -- operator actions --------------------------------------------------
@@ -419,12 +450,8 @@ class PostgresStore(Store):
     async def watch_for_cancels(self, node_id: str, on_cancel: Callable[[], None]) -> None:
         """LISTEN on `taskpool_cancel` (NOTIFYed with the owner's node id when a cancel is
         asked of a running task, migration 0009); another node's id is not ours."""
-        await listen_forever(
-            self.dsn,
-            CANCEL_CHANNEL,
-            lambda payload: on_cancel() if payload in (None, node_id) else None,
-            connect_timeout_s=self.connect_timeout_s,
-            application_name=f"taskpool cancels {node_id}",
+        await self._opened_listener().watch(
+            CANCEL_CHANNEL, lambda payload: on_cancel() if payload in (None, node_id) else None
         )
 
     # -- reads (`_postgres_reads`) ---------------------------------------

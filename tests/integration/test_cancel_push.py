@@ -19,6 +19,7 @@ import pytest
 from taskpool import CancelMode, Client, Status, Store, TaskPool
 from taskpool._leases import Key
 from taskpool.stores import open_store
+from taskpool.stores.postgres import PostgresStore
 from tests.helpers import SAFETY_TIMEOUT_S, eventually, no_attempt_processes, running
 from tests.postgres import fresh_postgres_database
 
@@ -100,7 +101,8 @@ async def test_a_cancel_after_the_listen_connection_dropped_still_lands() -> Non
     ):
         task = await pool.submit(["sleep", "600"])
         await running(pool, task)
-        name = f"taskpool cancels {pool.node_id}"  # this pool's own connection, no other
+        assert isinstance(pool.store, PostgresStore)
+        name = pool.store.listener_name  # this pool's own connection, no other
         admin = await asyncpg.connect(postgres_dsn)
         try:
 

@@ -18,7 +18,7 @@ from taskpool import (
     TaskSpec,
 )
 from taskpool._client import judge_stale, poll_delays
-from taskpool.stores import CLIENT_CONNECTIONS, node_connections, open_store
+from taskpool.stores import CLIENT_CONNECTIONS, NODE_CONNECTIONS, node_connections, open_store
 
 
 def test_poll_delays_double_from_the_first_up_to_the_cap() -> None:
@@ -112,10 +112,10 @@ def test_connections_must_be_positive() -> None:
         open_store("postgresql://h/d", connections=0)
 
 
-def test_a_node_gets_a_connection_per_task_plus_its_loops() -> None:
-    """A worker's store is sized by its parallelism; a client's by a small constant."""
-    assert node_connections(4) == 8
-    assert node_connections(1) == 5
+def test_a_nodes_connections_do_not_grow_with_its_slots() -> None:
+    """A worker's pooled connections are a small constant whatever its parallelism, as
+    a client's are."""
+    assert node_connections(1) == node_connections(64) == NODE_CONNECTIONS <= 4
     assert CLIENT_CONNECTIONS >= 2
 
 
