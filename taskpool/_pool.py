@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import random
 import socket
 import time
 import uuid
@@ -64,6 +65,10 @@ from ._store import Store, Wake
 from ._store_calls import StoreCalls
 from ._telemetry import Metrics, Telemetry
 from .stores import node_connections, open_store
+
+#: At most how long a node woken by its store waits, at random, before it claims, while
+#: other nodes share the store (see `_claim_loop`).
+WAKE_JITTER_S = 0.004
 
 
 class TaskPool(PoolClientAPI):
@@ -183,6 +188,8 @@ class TaskPool(PoolClientAPI):
         # Created here, not in the services task: shutdown may cancel it before that task runs.
         self._services = anyio.CancelScope()
         self._wake = anyio.Event()
+        self._store_woke = False  # the last wake came from the store's notification
+        self._has_peers = False  # other live nodes share the store (see `_peers_loop`)
         self._closing = False
         self._claim_loop_ended = anyio.Event()
         # Leases held but run by no runner: a claim whose result never reached the pool.
@@ -269,6 +276,7 @@ class TaskPool(PoolClientAPI):
                 limits=self.limits,
                 closing=lambda: self._closing,
                 slot_freed=lambda: self._wake.set(),  # the claim loop renews `_wake`
+                has_peers=lambda: self._has_peers,
                 task_changed=self._task_changed,
             )
         )
@@ -351,6 +359,7 @@ class TaskPool(PoolClientAPI):
                 tg.start_soon(self._claim_loop, name="taskpool claim loop")
                 tg.start_soon(self._heartbeat_loop, name="taskpool heartbeat")
                 tg.start_soon(self._reaper_loop, name="taskpool reaper")
+                tg.start_soon(self._peers_loop, name="taskpool peers")
                 tg.start_soon(self._lease_guard_loop, name="taskpool lease guard")
                 tg.start_soon(
                     self.store.watch_for_work, self._work_arrived, name="taskpool work watcher"
@@ -399,6 +408,13 @@ class TaskPool(PoolClientAPI):
                     self._start(claims, asked_at)
                 with anyio.move_on_after(self.poll_interval_s):
                     await self._wake.wait()
+                if self._store_woke:
+                    self._store_woke = False
+                    if self._has_peers:
+                        # Every node with a free slot was woken by the same notification:
+                        # claiming in a random order, they share what it announced instead
+                        # of the one whose connection happens to be read first taking all.
+                        await anyio.sleep(random.uniform(0, WAKE_JITTER_S))
         finally:
             self._claim_loop_ended.set()
 
@@ -448,6 +464,16 @@ class TaskPool(PoolClientAPI):
         stopped: room for a late wake-up of the lease guard and for the kill itself."""
         return self._leases.margin_s
 
+    async def _peers_loop(self) -> None:
+        """Keep `_has_peers` current: whether other live nodes share the store and are
+        woken by it, so that an end freeing a key is handed off (`frees_for_others`)."""
+        if not self.store.pushes_wakes:
+            return
+        while True:
+            nodes = await self._with_store(lambda: self.store.list_nodes(alive=True))
+            self._has_peers = any(node.id != self.node_id for node in nodes)
+            await anyio.sleep(self.heartbeat_interval_s)
+
     async def _reaper_loop(self) -> None:
         while True:
             await self._with_store(self._reconcile_predecessors)
@@ -461,6 +487,7 @@ class TaskPool(PoolClientAPI):
         # Only work wakes the claim loop, and it claims only with a free slot: an 'end'
         # was claimed for by the node that ended its task, in the same transaction.
         if wake is Wake.WORK:
+            self._store_woke = True
             self._wake.set()
         self._task_changed()  # a waiter may be waiting on another node's task too
 

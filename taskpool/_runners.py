@@ -20,7 +20,7 @@ from anyio.abc import TaskGroup
 from ._attempt import Attempt, AttemptSetup
 from ._errors import LeaseLost
 from ._leases import Key, LeaseBook, stop_cancelled
-from ._models import Claim, Limits, Outcome, OutcomeKind
+from ._models import Claim, Limits, Outcome, OutcomeKind, TaskInfo
 from ._runner import RunnerControl, StopKind
 from ._telemetry import Telemetry
 
@@ -31,19 +31,41 @@ class Report(Enum):
     NOTHING = "nothing"  # the lease is lost: the task is another node's now
     FINISH = "finish"  # the outcome alone
     FINISH_AND_CLAIM = "finish and claim"  # the outcome, and a claim for the freed slot
+    # The outcome, waking every node with a free slot (this one too, through the store)
+    # to claim what it freed: another node may take it.
+    HAND_OFF = "hand off"
 
 
-def how_to_report(outcome: Outcome, *, closing: bool) -> Report:
+def how_to_report(outcome: Outcome, *, closing: bool, hand_off: bool = False) -> Report:
     """How an attempt that ended with `outcome` is reported. Pure.
 
     A closing pool claims nothing more, and neither does a self-fenced node: it is in
-    trouble with its store, so no new work until it renews. Otherwise the freed slot is
-    claimed for in the same transaction (no round trip through the claim loop)."""
+    trouble with its store, so no new work until it renews. A task whose end frees a
+    key that other nodes may wait on is handed off when `hand_off` (see
+    `frees_for_others`). Otherwise the freed slot is claimed for at once, with no
+    round trip through the claim loop."""
     if outcome.kind is OutcomeKind.LEASE_LOST:
         return Report.NOTHING
     if closing or outcome.kind is OutcomeKind.SELF_FENCED:
         return Report.FINISH
+    if hand_off:
+        return Report.HAND_OFF
     return Report.FINISH_AND_CLAIM
+
+
+def frees_for_others(task: TaskInfo, limits: Limits) -> bool:
+    """Whether the end of `task` frees something a waiting task may be blocked on: its
+    template, a named lock, or a place in a project this node limits. Pure.
+
+    Claiming at once for its slot, the node that ended it would take the next task
+    blocked on that key before any other node could: with work queued up front, one
+    node of several would run a whole template. Such an end is handed off instead,
+    when other nodes share a store that wakes them: every node with a free slot,
+    this one too, claims on the wake, and the database gives the key to whichever
+    claim comes first. A task without such a key frees only this node's slot, which
+    this node fills at once."""
+    spec = task.spec
+    return spec.template is not None or bool(spec.locks) or spec.project in limits.project_limits
 
 
 def refused_outcome(outcome: Outcome, refusal: LeaseLost) -> Outcome:
@@ -72,6 +94,8 @@ class RunnerSetup:
     limits: Limits  # what a claim for a freed slot may take
     closing: Callable[[], bool]  # the pool is shutting down: nothing more is claimed
     slot_freed: Callable[[], None]  # a runner ended and did not claim for its slot
+    # Other nodes share the store and are woken by it: ends that free keys hand off.
+    has_peers: Callable[[], bool]
     task_changed: Callable[[], None]  # a task's state changed in the store
 
 
@@ -163,7 +187,7 @@ class Runners(Mapping[Key, RunnerControl]):
         try:
             outcome = await attempt.run()
             try:
-                claimed = await self._report(task.id, fence, outcome)
+                claimed = await self._report(task, fence, outcome)
             except LeaseLost as exc:
                 outcome = refused_outcome(outcome, exc)
                 setup.telemetry.note(
@@ -189,17 +213,19 @@ class Runners(Mapping[Key, RunnerControl]):
                 setup.slot_freed()
             setup.task_changed()
 
-    async def _report(self, task_id: int, fence: int, outcome: Outcome) -> bool:
-        """Write what `how_to_report` says; True if it claimed for the freed slot (and
-        started what it claimed)."""
+    async def _report(self, task: TaskInfo, fence: int, outcome: Outcome) -> bool:
+        """Write what `how_to_report` says; True if the freed slot is seen to: claimed
+        for (and what it claimed started), or handed off (the store's wake-up makes
+        this node's claim loop claim for it, beside the other nodes')."""
         setup = self._opened()
-        store, calls = setup.attempt.store, setup.attempt.calls
-        report = how_to_report(outcome, closing=setup.closing())
+        store, calls, task_id = setup.attempt.store, setup.attempt.calls, task.id
+        hand_off = setup.has_peers() and frees_for_others(task, setup.limits)
+        report = how_to_report(outcome, closing=setup.closing(), hand_off=hand_off)
         if report is Report.NOTHING:
             return False
-        if report is Report.FINISH:
+        if report in (Report.FINISH, Report.HAND_OFF):
             await calls(lambda: store.finish(task_id, fence, outcome))
-            return False
+            return report is Report.HAND_OFF
         claims, asked_at = await calls.sent_at(
             lambda: store.finish_and_claim(
                 task_id,

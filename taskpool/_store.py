@@ -21,7 +21,7 @@ import abc
 import enum
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, ClassVar, Self
 
 import anyio
 
@@ -97,6 +97,10 @@ class Store(abc.ABC):
     backends are `SQLiteStore`, `PostgresStore` and, for tests, `MemoryStore`. Pass
     one to `TaskPool` or `Client`, or let them open one from a path or URL
     (`taskpool.stores.open_store`)."""
+
+    #: Whether `watch_for_work` is told of other processes' changes (PostgreSQL's
+    #: NOTIFY); stores that only poll keep False.
+    pushes_wakes: ClassVar[bool] = False
 
     #: A random identity created once with the schema and read by `open`. Every
     #: attempt's processes carry it, so that a pool, its reaper and its tests touch

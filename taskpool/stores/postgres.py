@@ -102,6 +102,8 @@ class PostgresStore(Store):
     crashed by the outage test then forgot output already written.)
     """
 
+    pushes_wakes = True  # LISTEN/NOTIFY (`watch_for_work`)
+
     def __init__(
         self,
         dsn: str,

@@ -7,8 +7,14 @@ import pytest
 
 from taskpool._crash import crash_cause
 from taskpool._errors import LeaseLost
-from taskpool._models import Outcome, OutcomeKind
-from taskpool._runners import Report, how_to_report, refused_outcome, shutdown_reason
+from taskpool._models import Limits, Outcome, OutcomeKind, Status, TaskInfo, TaskSpec
+from taskpool._runners import (
+    Report,
+    frees_for_others,
+    how_to_report,
+    refused_outcome,
+    shutdown_reason,
+)
 
 
 class Cancelled(BaseException):
@@ -85,3 +91,49 @@ def test_the_exception_the_caller_left_with_is_theirs_not_the_pools_crash() -> N
 def test_a_bare_error_is_the_crash() -> None:
     error = RuntimeError("boom")
     assert crash_cause(error, None, Cancelled) is error
+
+
+def test_an_end_that_frees_a_key_is_handed_off_when_asked_and_the_pool_runs_on() -> None:
+    """`hand_off` turns a finish-and-claim into a hand-off; a closing or self-fenced
+    pool still only finishes, and a lost lease is still not reported."""
+    ended = Outcome(OutcomeKind.EXITED, "exited with code 0", 0)
+    assert how_to_report(ended, closing=False, hand_off=True) is Report.HAND_OFF
+    assert how_to_report(ended, closing=True, hand_off=True) is Report.FINISH
+    fenced = Outcome(OutcomeKind.SELF_FENCED, "self-fenced")
+    assert how_to_report(fenced, closing=False, hand_off=True) is Report.FINISH
+    lost = Outcome(OutcomeKind.LEASE_LOST, "lease lost")
+    assert how_to_report(lost, closing=False, hand_off=True) is Report.NOTHING
+
+
+@pytest.mark.parametrize(
+    ("options", "frees"),
+    [
+        ({}, False),
+        ({"project": "infra"}, True),  # a project this node limits
+        ({"project": "web"}, False),
+        ({"template": "deploy"}, True),
+        ({"template": "render", "template_parallel": True}, True),  # blocks exclusive ones
+        ({"locks": ["db"]}, True),
+    ],
+)
+def test_what_an_end_frees_for_other_nodes(options: dict[str, object], frees: bool) -> None:
+    """Only a template, a named lock or a project under this node's limit can block a
+    task on another node; any other end frees this node's slot alone."""
+    task = TaskInfo(
+        id=1,
+        spec=TaskSpec.build(["true"], **options),  # type: ignore[arg-type]
+        status=Status.RUNNING,
+        submitted_at=0.0,
+        attempts_used=1,
+        fence=1,
+        owner_node="n1",
+        lease_expires_at=None,
+        pid=None,
+        started_at=None,
+        finished_at=None,
+        exit_code=None,
+        reason=None,
+        cancel_requested=None,
+    )
+    limits = Limits(max_parallel=4, project_limits={"infra": 1})
+    assert frees_for_others(task, limits) is frees
