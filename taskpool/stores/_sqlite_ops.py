@@ -377,7 +377,11 @@ def _link_dependencies(
     of each whose dependency had already ended without succeeding."""
     conn.executemany(
         "INSERT INTO task_after (task_id, after_id) VALUES (?, ?)",
-        [(task_id, after) for task_id, spec in zip(ids, specs, strict=True) for after in spec.after],
+        [
+            (task_id, after)
+            for task_id, spec in zip(ids, specs, strict=True)
+            for after in spec.after
+        ],
     )
     for task_id, plan in zip(ids, plans, strict=True):
         if plan is not None and plan.cancel_reason is not None:
