@@ -16,6 +16,7 @@ from ._validation import DEFAULT_RETRY_MAX_DELAY_S as DEFAULT_RETRY_MAX_DELAY_S
 from ._validation import INT32_MAX as INT32_MAX
 from ._validation import INT32_MIN as INT32_MIN
 from ._validation import LIBPQ_ENV_PREFIX as LIBPQ_ENV_PREFIX
+from ._validation import MAX_AFTER as MAX_AFTER
 from ._validation import MAX_ARGS as MAX_ARGS
 from ._validation import MAX_ARGV_BYTES as MAX_ARGV_BYTES
 from ._validation import MAX_CPU_MAX as MAX_CPU_MAX
@@ -27,7 +28,6 @@ from ._validation import MAX_MEMORY_MAX as MAX_MEMORY_MAX
 from ._validation import MAX_NAME_BYTES as MAX_NAME_BYTES
 from ._validation import MIN_MEMORY_MAX as MIN_MEMORY_MAX
 from ._validation import TASKPOOL_ENV_PREFIX as TASKPOOL_ENV_PREFIX
-from ._validation import MAX_AFTER as MAX_AFTER
 from ._validation import (
     check_after,
     check_argv,
