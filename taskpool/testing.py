@@ -74,6 +74,7 @@ class MemoryStore(Store):
         self._tasks: dict[int, _Task] = {}
         # The run-after edges, as the SQL stores' task_after: a task -> who runs after it.
         self._dependants: dict[int, set[int]] = {}
+        self._cascading = False
         self._nodes: dict[str, NodeInfo] = {}
         self._events: list[TaskEvent] = []
         self._last_task_id = self._last_event_id = 0
@@ -116,7 +117,7 @@ class MemoryStore(Store):
         )
         if event is not None:
             self._log(event)
-        if task.info.status is not old.status and task.info.is_terminal:
+        if task.info.status is not old.status and task.info.is_terminal and not self._cascading:
             self._settle_dependants(task.info, now)
 
     def _settle_dependants(self, ended: TaskInfo, now: float) -> None:
@@ -150,9 +151,13 @@ class MemoryStore(Store):
         reasons = cascade_reasons(
             ended.id, ended.status, waiting_dependants, lambda i: self._tasks[i].info.spec.after
         )
-        for task_id, reason in reasons.items():
-            task = self._tasks[task_id]
-            self._end(task, plan_dependency_cancel(TaskState.of(task.info), reason, now))
+        self._cascading = True  # the cancels below settle nothing more: all are here
+        try:
+            for task_id, reason in reasons.items():
+                task = self._tasks[task_id]
+                self._end(task, plan_dependency_cancel(TaskState.of(task.info), reason, now))
+        finally:
+            self._cascading = False
 
     def _log(self, event: TaskEvent) -> None:
         self._last_event_id += 1  # never reused, even after a prune

@@ -80,3 +80,23 @@ BEGIN
              SELECT a.task_id FROM task_after a JOIN below b ON a.after_id = b.id)
          SELECT id FROM below);
 END;
+
+-- SQLite fires the triggers of one event newest first: the transition log is made
+-- anew (as version 1 wrote it) after the two above, so that a task's own event is
+-- logged before those of the dependants its change releases or cancels.
+DROP TRIGGER tasks_log_transition;
+CREATE TRIGGER tasks_log_transition AFTER UPDATE OF status, fence ON tasks
+WHEN OLD.status IS NOT NEW.status OR OLD.fence IS NOT NEW.fence
+BEGIN
+    INSERT INTO events (task_id, at, fence, node_id, from_status, to_status, reason)
+    VALUES (
+        NEW.id,
+        NEW.changed_at,
+        CASE WHEN NEW.status = 'running' THEN NEW.fence
+             WHEN OLD.status = 'running' THEN OLD.fence END,
+        CASE WHEN NEW.status = 'running' THEN NEW.owner_node ELSE OLD.owner_node END,
+        OLD.status,
+        NEW.status,
+        NEW.reason
+    );
+END;
