@@ -32,6 +32,7 @@ from ._reasons import claim_reason as claim_reason
 from ._reasons import (
     dependency_chain_reason,
     dependency_reason,
+    dependency_root,
     handback_reason,
     replaced_reason,
     rescue_reason,
@@ -449,9 +450,15 @@ class DependencyStart:
     cancel_reason: str | None = None
 
 
-def plan_dependencies(after: Sequence[int], found: Mapping[int, Status]) -> DependencyStart:
+def plan_dependencies(
+    after: Sequence[int],
+    found: Mapping[int, Status],
+    reasons: Mapping[int, str | None] | None = None,
+) -> DependencyStart:
     """A task that runs `after` these ids, given the statuses `found` of those that
-    exist: `InvalidTask` naming the missing ones (nothing is stored then)."""
+    exist (and their `reasons`): `InvalidTask` naming the missing ones (nothing is
+    stored then). A task cancelled at once says what a cascade would have said: a
+    dependency cancelled by a cascade is named with that cascade's first reason."""
     missing = [task_id for task_id in after if task_id not in found]
     if missing:
         named = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
@@ -459,7 +466,13 @@ def plan_dependencies(after: Sequence[int], found: Mapping[int, Status]) -> Depe
     for task_id in after:  # ascending: the lowest id that ended badly is named
         status = found[task_id]
         if status.is_terminal and status is not Status.SUCCEEDED:
-            return DependencyStart(held=False, cancel_reason=dependency_reason(task_id, status))
+            root = dependency_root((reasons or {}).get(task_id))
+            said = (
+                dependency_chain_reason(task_id, root)
+                if status is Status.CANCELLED and root is not None
+                else dependency_reason(task_id, status)
+            )
+            return DependencyStart(held=False, cancel_reason=said)
     return DependencyStart(held=any(found[i] is not Status.SUCCEEDED for i in after))
 
 

@@ -66,6 +66,15 @@ def dependency_chain_reason(dependency_id: int, root_reason: str) -> str:
     return f"dependency {dependency_id} was cancelled: {root_reason}"
 
 
+def dependency_root(reason: str | None) -> str | None:
+    """The first reason of the cascade that cancelled a task for a dependency (its own
+    reason, or what its chain's reason ends with); None for a task cancelled otherwise."""
+    if reason is None or not reason.startswith("dependency "):
+        return None
+    _, chained, root = reason.partition(" was cancelled: ")
+    return root if chained else reason
+
+
 def waiting_for_dependency(dependency_id: int, status: str) -> str:
     """What holds a task whose dependency has not succeeded yet (`why`)."""
     return f"waiting for dependency {dependency_id} ({status})"

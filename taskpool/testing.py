@@ -239,8 +239,9 @@ class MemoryStore(Store):
     def _dependencies(self, spec: TaskSpec) -> DependencyStart | None:
         if not spec.after:
             return None
-        found = {i: self._tasks[i].info.status for i in spec.after if i in self._tasks}
-        return plan_dependencies(spec.after, found)
+        known = [self._tasks[i].info for i in spec.after if i in self._tasks]
+        found = {info.id: info.status for info in known}
+        return plan_dependencies(spec.after, found, {info.id: info.reason for info in known})
 
     async def submit_many(self, specs: Sequence[TaskSpec]) -> list[int]:
         """As the SQL stores: every spec and every dependency checked before any is stored."""

@@ -173,11 +173,13 @@ async def dependency_plans(
         wanted,
     )
     rows = await conn.fetch(
-        "SELECT id, status FROM taskpool_tasks WHERE id = ANY($1::bigint[]) ORDER BY id FOR SHARE",
+        "SELECT id, status, reason FROM taskpool_tasks WHERE id = ANY($1::bigint[])"
+        " ORDER BY id FOR SHARE",
         wanted,
     )
     found = {r["id"]: Status(r["status"]) for r in rows}
-    return [plan_dependencies(spec.after, found) if spec.after else None for spec in specs]
+    reasons = {r["id"]: r["reason"] for r in rows}
+    return [plan_dependencies(spec.after, found, reasons) if spec.after else None for spec in specs]
 
 
 async def link_dependencies(

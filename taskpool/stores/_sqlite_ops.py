@@ -356,14 +356,13 @@ def dependency_plans(
     wanted = sorted({task_id for spec in specs for task_id in spec.after})
     if not wanted:
         return [None] * len(specs)
-    found = {
-        r[0]: Status(r[1])
-        for r in conn.execute(
-            "SELECT id, status FROM tasks WHERE id IN (SELECT value FROM json_each(?))",
-            (json.dumps(wanted),),
-        )
-    }
-    return [plan_dependencies(spec.after, found) if spec.after else None for spec in specs]
+    rows = conn.execute(
+        "SELECT id, status, reason FROM tasks WHERE id IN (SELECT value FROM json_each(?))",
+        (json.dumps(wanted),),
+    ).fetchall()
+    found = {r[0]: Status(r[1]) for r in rows}
+    reasons = {r[0]: r[2] for r in rows}
+    return [plan_dependencies(spec.after, found, reasons) if spec.after else None for spec in specs]
 
 
 def _link_dependencies(

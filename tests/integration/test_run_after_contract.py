@@ -224,6 +224,12 @@ async def test_dependencies_that_ended_before_the_submit(opener: Opener) -> None
             Status.CANCELLED,
         ]
         assert list(await claim_ids(store)) == [ready]
+        # After a task a cascade cancelled: the cascade's own words, as if it had waited.
+        late = await store.submit(TaskSpec.build(["late"], after=[doomed]))
+        assert await status_and_reason(store, late) == (
+            Status.CANCELLED,
+            f"dependency {doomed} was cancelled: dependency {broken} failed",
+        )
 
 
 async def test_a_retried_failure_holds_its_dependants_until_its_last_attempt_fails(
