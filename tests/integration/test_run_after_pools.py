@@ -6,11 +6,12 @@ clients submit chains end every task exactly as the rules say."""
 from __future__ import annotations
 
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 import anyio
 
-from taskpool import Client, Status, TaskEvent, TaskInfo, TaskPool, TaskSpec
-from tests.helpers import SAFETY_TIMEOUT_S, fast_pool
+from taskpool import Client, Status, TaskEvent, TaskInfo, TaskPool, TaskSpec, WaitKind
+from tests.helpers import SAFETY_TIMEOUT_S, fast_pool, running
 
 
 def first(events: list[TaskEvent], to: Status) -> TaskEvent:
@@ -132,3 +133,23 @@ async def test_nodes_race_chains_that_several_clients_submit(database: str) -> N
     """Three pools on one PostgreSQL database (two on one SQLite file) claim while
     three clients submit chains: exact ends and reasons, nothing started early."""
     await race(database, 3 if database.startswith("postgresql://") else 2)
+
+
+async def test_why_says_a_dependant_waits_for_its_running_dependency(
+    database: str, tmp_path: Path
+) -> None:
+    """While its dependency runs, `why` names it, running; then the dependant runs."""
+    go = tmp_path / "go"
+    async with fast_pool(database) as pool:
+        blocker = await pool.submit(["sh", "-c", f"while [ ! -e {go} ]; do sleep 0.01; done"])
+        dependant = await pool.submit(["true"], after=[blocker])
+        await running(pool, blocker)
+        [reason] = await pool.why(dependant)
+        assert (reason.kind, reason.text) == (
+            WaitKind.DEPENDENCY,
+            f"waiting for dependency {blocker} (running)",
+        )
+        go.touch()
+        with anyio.fail_after(SAFETY_TIMEOUT_S):
+            assert (await pool.wait(dependant)).status is Status.SUCCEEDED
+        assert await pool.why(dependant) == []
