@@ -2,7 +2,9 @@
 
 `terraform init` and `terraform apply` share a non-parallel template and the
 `tfstate` lock (two applies on one state must never overlap), run in a copy of
-`examples/infra/`; an ansible playbook runs against localhost meanwhile. Each
+`examples/infra/`; `apply` runs after `init` (`after=`): only once init has
+succeeded, and is cancelled, naming it, if init fails. An ansible playbook runs
+against localhost meanwhile. Each
 runs with a timeout and a stall timeout, as a long apply or a hung SSH would.
 
     python examples/infra_runs.py [path/to/tasks.db]
@@ -38,12 +40,14 @@ async def main(db: Path, workdir: Path) -> int:
     # Added to the worker's environment; only these two are stored with the task.
     env = {"ANSIBLE_NOCOLOR": "1", "ANSIBLE_HOST_KEY_CHECKING": "False"}
     async with TaskPool(db, max_parallel=3, kill_grace_s=10) as pool:
+        init = await pool.submit(
+            [terraform, "init", "-input=false", "-no-color"], timeout_s=300, **tf
+        )
         runs = {
-            "terraform init": await pool.submit(
-                [terraform, "init", "-input=false", "-no-color"], timeout_s=300, **tf
-            ),
+            "terraform init": init,
             "terraform apply": await pool.submit(
                 [terraform, "apply", "-auto-approve", "-input=false", "-no-color"],
+                after=[init],
                 timeout_s=600,
                 stall_timeout_s=300,
                 **tf,
@@ -68,7 +72,8 @@ async def main(db: Path, workdir: Path) -> int:
         failed = 0
         for label, task_id in runs.items():
             info = await pool.wait(task_id)
-            print(f"== {label} (task {task_id}): {info.status.value}, {info.reason}")
+            after = f", after {', '.join(map(str, info.spec.after))}" if info.spec.after else ""
+            print(f"== {label} (task {task_id}{after}): {info.status.value}, {info.reason}")
             print((await pool.output(task_id)).rstrip())
             failed += info.status is not Status.SUCCEEDED
     return 1 if failed else 0

@@ -216,13 +216,18 @@ class Client(ScheduleMethods):
         project, template, template_parallel, locks, priority, not_before,
         timeout_s, stall_timeout_s, max_attempts, retry_backoff_s, retry_jitter,
         retry_max_delay_s, retry_on, memory_max, pids_max, cpu_max, unique_key,
-        on_conflict. Bad input raises `InvalidTask` and stores nothing.
+        on_conflict, after. Bad input raises `InvalidTask` and stores nothing.
 
         The id is a `SubmitResult` (an int): with a `unique_key` that a waiting or
         running task holds, it is that task's id and `created` is False
         (`on_conflict="reject"`, the default, or a running holder); with
         `on_conflict="replace_waiting"` a waiting holder is cancelled (its id in
         `replaced`) and the new task stored.
+
+        `after=[ids]`: the task starts only once each of those tasks has succeeded;
+        if one fails, times out, stalls, is cancelled or lost, this one is cancelled
+        with a reason naming it, and so on down a chain. Each must exist
+        (`InvalidTask` otherwise), so no cycle can form.
         """
         return await self.submit_spec(TaskSpec.build(argv, **options))
 
@@ -321,7 +326,11 @@ class Client(ScheduleMethods):
                 if len(queue) < limit or fills_every_node(queue, running, nodes, now=now):
                     break
                 limit *= 4
-        return explain_waiting(tasks, queue=queue, running=running, nodes=nodes, now=now)
+        after = {task_id for t in waiting for task_id in t.spec.after}
+        dependencies = await self.store.statuses(after) if after else {}
+        return explain_waiting(
+            tasks, queue=queue, running=running, nodes=nodes, now=now, dependencies=dependencies
+        )
 
     async def wait(self, task_id: int, *, timeout_s: float | None = None) -> TaskInfo:
         """Wait until the task is terminal and return it (`TimeoutError` after

@@ -14,10 +14,11 @@ of a dead predecessor, or handed back by a node that stopped.
 from __future__ import annotations
 
 import enum
-from collections.abc import Set
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 
-from ._errors import LeaseLost
+from ._errors import InvalidTask, LeaseLost
 from ._models import (
     DEFAULT_RETRY_MAX_DELAY_S,
     CancelMode,
@@ -28,7 +29,14 @@ from ._models import (
     TaskInfo,
 )
 from ._reasons import claim_reason as claim_reason
-from ._reasons import handback_reason, replaced_reason, rescue_reason
+from ._reasons import (
+    dependency_chain_reason,
+    dependency_reason,
+    dependency_root,
+    handback_reason,
+    replaced_reason,
+    rescue_reason,
+)
 from ._retry import _RETRY_ON_NAME, jitter_unit, not_retried_reason, retried_on
 from ._retry import retry_delay_s as retry_delay_s
 
@@ -420,6 +428,87 @@ def plan_replace(state: TaskState, new_task_id: int, unique_key: str, now: float
         Status.CANCELLED, False, reason=replaced_reason(new_task_id, unique_key)
     )
     return _ending(state, transition, now, None, None)
+
+
+#: The `not_before` of a task held back until its dependencies (`TaskSpec.after`) have
+#: all succeeded. There is no status for it: a held task is `waiting` with a start
+#: time no clock reaches, so every claim (which takes only `not_before <= now`) skips
+#: it with no change, and a unique key or a schedule's overlap sees it as waiting.
+#: Both SQL columns hold infinity (SQLite REAL, PostgreSQL DOUBLE PRECISION); the
+#: time the caller asked for is kept aside (`after_not_before`) and restored when the
+#: last dependency succeeds (the triggers of SQLite migration 0009, PostgreSQL 0013).
+HELD_FOR_DEPENDENCIES = math.inf
+
+
+@dataclass(frozen=True, slots=True)
+class DependencyStart:
+    """How a task with dependencies starts out, as its submit found them: held until
+    they succeed (`held`), claimable at once (all succeeded already), or cancelled
+    with `cancel_reason` (one of them ended otherwise)."""
+
+    held: bool
+    cancel_reason: str | None = None
+
+
+def plan_dependencies(
+    after: Sequence[int],
+    found: Mapping[int, Status],
+    reasons: Mapping[int, str | None] | None = None,
+) -> DependencyStart:
+    """A task that runs `after` these ids, given the statuses `found` of those that
+    exist (and their `reasons`): `InvalidTask` naming the missing ones (nothing is
+    stored then). A task cancelled at once says what a cascade would have said: a
+    dependency cancelled by a cascade is named with that cascade's first reason."""
+    missing = [task_id for task_id in after if task_id not in found]
+    if missing:
+        named = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        raise InvalidTask(f"after names no existing task: {named}")
+    for task_id in after:  # ascending: the lowest id that ended badly is named
+        status = found[task_id]
+        if status.is_terminal and status is not Status.SUCCEEDED:
+            root = dependency_root((reasons or {}).get(task_id))
+            said = (
+                dependency_chain_reason(task_id, root)
+                if status is Status.CANCELLED and root is not None
+                else dependency_reason(task_id, status)
+            )
+            return DependencyStart(held=False, cancel_reason=said)
+    return DependencyStart(held=any(found[i] is not Status.SUCCEEDED for i in after))
+
+
+def plan_dependency_cancel(state: TaskState, reason: str, now: float) -> Ending:
+    """A waiting task cancelled because a dependency ended without succeeding."""
+    assert state.status is Status.WAITING, "only a waiting task is cancelled for a dependency"
+    return _ending(state, Transition(Status.CANCELLED, False, reason=reason), now, None, None)
+
+
+def cascade_reasons(
+    root_id: int,
+    root_status: Status,
+    waiting_dependants: Callable[[int], Iterable[int]],
+    after: Callable[[int], Sequence[int]],
+) -> dict[int, str]:
+    """Task `root_id` ended in `root_status`, not succeeded: every waiting task that
+    runs after it, directly or down a chain, is cancelled; each one's reason. A
+    direct dependant names the root; one further down names the lowest of its own
+    dependencies cancelled in the same cascade, and the root's reason. The SQL
+    triggers decide the same in one statement (SQLite 0009, PostgreSQL 0013)."""
+    root_reason = dependency_reason(root_id, root_status)
+    doomed: set[int] = set()
+    frontier = [root_id]
+    while frontier:
+        found = {d for task_id in frontier for d in waiting_dependants(task_id)} - doomed
+        doomed |= found
+        frontier = sorted(found)
+    reasons = {}
+    for task_id in sorted(doomed):
+        deps = after(task_id)
+        if root_id in deps:
+            reasons[task_id] = root_reason
+        else:
+            parent = min(d for d in deps if d in doomed)
+            reasons[task_id] = dependency_chain_reason(parent, root_reason)
+    return reasons
 
 
 def keyed_conflict(live: TaskState | None, on_conflict: str) -> tuple[int | None, int | None]:

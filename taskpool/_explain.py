@@ -8,6 +8,7 @@ nodes would start it from the queue as it stands, the queue taken in order (as
 and project limits (as it registered them) allow it; otherwise every reason given
 is a real block:
 
+- a task it runs after (`after`) has not succeeded yet;
 - its start time (`not_before`, or a retry's backoff) is not reached;
 - no live node;
 - on every live node something that runs holds it: the node is full, its project
@@ -25,11 +26,12 @@ import dataclasses
 import enum
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ._decisions import lease_live
 from ._models import NodeInfo, Status, TaskInfo
+from ._reasons import waiting_for_dependency
 from ._rules import Occupancy, Slot, blocked_by
 
 #: A limit no count reaches: lets `blocked_by` judge one rule at a time.
@@ -43,6 +45,7 @@ READY_TEXT = "nothing holds it: a node will claim it at its next claim"
 class WaitKind(enum.StrEnum):
     """What kind of block holds a waiting task."""
 
+    DEPENDENCY = "dependency"  # a task it runs after has not succeeded yet
     NOT_BEFORE = "not_before"  # its start time is not reached
     RETRY_BACKOFF = "retry_backoff"  # a retry's backoff is not over
     NO_LIVE_NODE = "no_live_node"
@@ -81,7 +84,7 @@ class WaitReason:
     kind: WaitKind
     text: str
     at: float  # when it was judged (UNIX seconds): the durations in `text` count to it
-    subject: str | None = None  # the template, lock or project
+    subject: str | None = None  # the template, lock or project; DEPENDENCY: its task id
     holders: tuple[Holder, ...] = ()
     nodes: tuple[NodeLoad, ...] = ()  # NODES_FULL, PROJECT_LIMIT: the nodes it is about
     until: float | None = None  # NOT_BEFORE, RETRY_BACKOFF
@@ -206,25 +209,41 @@ def explain_waiting(
     running: Iterable[TaskInfo],
     nodes: Iterable[NodeInfo],
     now: float,
+    dependencies: Mapping[int, Status] | None = None,
 ) -> dict[int, list[WaitReason]]:
     """Why each of `tasks` has not started: its reasons, empty if nothing holds it
     (a node will claim it) or it is not waiting.
 
     `queue` is the waiting tasks due now that come before the deepest of `tasks` in
     queue order: all of them, or a first part of them that `fills_every_node`.
-    `running` is the running tasks, `nodes` the live nodes."""
+    `running` is the running tasks, `nodes` the live nodes; `dependencies` the status
+    of each task that `tasks` run after (`after`; one not found there, pruned, holds
+    nothing)."""
     fleet = _Fleet.of(running, nodes, now)
     tasks = list(tasks)
     wanted = [t for t in tasks if t.status is Status.WAITING]
     queue = [t for t in queue if t.status is Status.WAITING]
-    due = {t.id: t for t in [*queue, *wanted] if not _starts_later(t, now)}
+    unmet = {t.id: _unmet(t, dependencies or {}) for t in wanted}
+    due = {t.id: t for t in [*queue, *wanted] if not _starts_later(t, now) and not unmet.get(t.id)}
     ordered = sorted(due.values(), key=queue_order)
     position = {t.id: i for i, t in enumerate(ordered)}
     chosen = fleet.claims(ordered) if fleet.nodes else []
     claimed = {s.task_id for s in chosen}
     result: dict[int, list[WaitReason]] = {t.id: [] for t in tasks}
     for task in wanted:
-        if _starts_later(task, now):
+        if unmet[task.id]:
+            result[task.id] = [
+                WaitReason(
+                    WaitKind.DEPENDENCY,
+                    waiting_for_dependency(task_id, status.value),
+                    now,
+                    subject=str(task_id),
+                )
+                for task_id, status in unmet[task.id]
+            ]
+            if _starts_later(task, now):
+                result[task.id].append(_start_time(task, now))
+        elif _starts_later(task, now):
             result[task.id] = [_start_time(task, now)]
         elif not fleet.nodes:
             result[task.id] = [
@@ -240,6 +259,15 @@ def explain_waiting(
             ahead = sum(1 for s in chosen if position[s.task_id] < position[task.id])
             result[task.id] = [_behind(ahead, now)]
     return result
+
+
+def _unmet(task: TaskInfo, dependencies: Mapping[int, Status]) -> list[tuple[int, Status]]:
+    """The tasks `task` runs after that have not succeeded, with their status."""
+    return [
+        (task_id, dependencies[task_id])
+        for task_id in task.spec.after
+        if task_id in dependencies and dependencies[task_id] is not Status.SUCCEEDED
+    ]
 
 
 def _starts_later(task: TaskInfo, now: float) -> bool:

@@ -16,6 +16,7 @@ from ._validation import DEFAULT_RETRY_MAX_DELAY_S as DEFAULT_RETRY_MAX_DELAY_S
 from ._validation import INT32_MAX as INT32_MAX
 from ._validation import INT32_MIN as INT32_MIN
 from ._validation import LIBPQ_ENV_PREFIX as LIBPQ_ENV_PREFIX
+from ._validation import MAX_AFTER as MAX_AFTER
 from ._validation import MAX_ARGS as MAX_ARGS
 from ._validation import MAX_ARGV_BYTES as MAX_ARGV_BYTES
 from ._validation import MAX_CPU_MAX as MAX_CPU_MAX
@@ -28,6 +29,7 @@ from ._validation import MAX_NAME_BYTES as MAX_NAME_BYTES
 from ._validation import MIN_MEMORY_MAX as MIN_MEMORY_MAX
 from ._validation import TASKPOOL_ENV_PREFIX as TASKPOOL_ENV_PREFIX
 from ._validation import (
+    check_after,
     check_argv,
     check_backoff,
     check_bool,
@@ -119,6 +121,9 @@ class TaskSpec:
     key stores nothing and returns that task's id (`on_conflict="reject"`), or, with
     `on_conflict="replace_waiting"`, cancels a waiting one and is stored (a running
     one still rejects).
+    `after` names tasks (their ids, ascending, each once) that must all succeed
+    before this one may start; when one of them ends otherwise, this one is
+    cancelled, naming it. They must exist when this one is submitted.
     """
 
     argv: tuple[str, ...]
@@ -144,6 +149,7 @@ class TaskSpec:
     retry_on: frozenset[str] | None = None
     unique_key: str | None = None
     on_conflict: str = "reject"
+    after: tuple[int, ...] = ()
     # True only on what `build` returned: its fields were validated then, and a frozen
     # spec cannot change, so `checked` need not validate them again (a `submit_many` of
     # 100,000 built specs would spend more time re-checking them than storing them).
@@ -208,6 +214,7 @@ class TaskSpec:
             retry_on=self.retry_on,
             unique_key=self.unique_key,
             on_conflict=self.on_conflict,
+            after=self.after,
         )
 
     @classmethod
@@ -237,6 +244,7 @@ class TaskSpec:
         retry_on: Iterable[str] | None = None,
         unique_key: str | None = None,
         on_conflict: str = "reject",
+        after: Iterable[int] = (),
     ) -> TaskSpec:
         """Validate caller input and build a spec, or raise `InvalidTask` saying what is
         wrong. Any value in any field gives one or the other, never another exception;
@@ -264,6 +272,7 @@ class TaskSpec:
         max_delay = check_max_delay(retry_max_delay_s)
         retry_on_set = check_retry_on(retry_on)
         check_unique_key(unique_key, on_conflict)
+        after_t = check_after(after)
         spec = cls(
             argv=argv_t,
             cwd=cwd_s,
@@ -289,6 +298,7 @@ class TaskSpec:
             retry_on=retry_on_set,
             unique_key=unique_key,
             on_conflict=on_conflict,
+            after=after_t,
         )
         object.__setattr__(spec, "_checked", True)  # frozen: set as __init__ sets fields
         return spec

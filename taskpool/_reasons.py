@@ -41,3 +41,40 @@ def replaced_reason(new_task_id: int, unique_key: str) -> str:
     return (
         f"replaced by task {new_task_id} (unique key {unique_key!r}, on_conflict replace_waiting)"
     )
+
+
+#: How a dependency's unsuccessful end is said in its dependants' reasons, by the
+#: status it ended in. The SQL stores' triggers (SQLite migration 0009, PostgreSQL
+#: 0013) say the same in a CASE; the store contract tests compare them.
+_DEPENDENCY_ENDED = {
+    "failed": "failed",
+    "timed_out": "timed out",
+    "stalled": "stalled",
+    "cancelled": "was cancelled",
+    "lost": "was lost",
+}
+
+
+def dependency_reason(dependency_id: int, status: str) -> str:
+    """Why a task was cancelled: a task it runs after ended in `status`, not succeeded."""
+    return f"dependency {dependency_id} {_DEPENDENCY_ENDED[status]}"
+
+
+def dependency_chain_reason(dependency_id: int, root_reason: str) -> str:
+    """Why a task further down a chain was cancelled: the dependency it runs after was
+    cancelled in the same cascade, whose first reason was `root_reason`."""
+    return f"dependency {dependency_id} was cancelled: {root_reason}"
+
+
+def dependency_root(reason: str | None) -> str | None:
+    """The first reason of the cascade that cancelled a task for a dependency (its own
+    reason, or what its chain's reason ends with); None for a task cancelled otherwise."""
+    if reason is None or not reason.startswith("dependency "):
+        return None
+    _, chained, root = reason.partition(" was cancelled: ")
+    return root if chained else reason
+
+
+def waiting_for_dependency(dependency_id: int, status: str) -> str:
+    """What holds a task whose dependency has not succeeded yet (`why`)."""
+    return f"waiting for dependency {dependency_id} ({status})"

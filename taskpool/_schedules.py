@@ -290,6 +290,8 @@ def spec_from_json(data: Mapping[str, Any]) -> TaskSpec:
     known = {f.name: f for f in dataclasses.fields(TaskSpec) if f.init}
     values = {k: v for k, v in data.items() if k in known}
     values["argv"] = tuple(values["argv"])
+    if "after" in values:
+        values["after"] = tuple(values["after"])
     for key in ("pass_env", "locks"):
         if key in values:
             values[key] = frozenset(values[key])

@@ -153,7 +153,10 @@ class Store(abc.ABC):
         event's (a retry says which task it retries). With a `unique_key` held by a
         waiting or running task, decided atomically with the write: that task's id,
         not `created` (`on_conflict="reject"`, or a running holder), or the waiting
-        holder cancelled (`replaced`) and the task stored (`"replace_waiting"`)."""
+        holder cancelled (`replaced`) and the task stored (`"replace_waiting"`).
+        Every id in `spec.after` must exist (`InvalidTask`, nothing stored); the task
+        is then held until they all succeed, or cancelled at once if one already
+        ended otherwise (`taskpool._decisions.plan_dependencies`)."""
 
     async def submit_many(self, specs: Sequence[TaskSpec]) -> list[int]:
         """Store several tasks as waiting, in order, and return their ids in the same

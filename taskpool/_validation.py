@@ -25,8 +25,12 @@ MAX_ENV_BYTES = 64 * 1024  # env names and values' UTF-8 bytes, summed
 MAX_NAME_BYTES = 256  # one project, template, lock, env or pass_env name
 MAX_LOCKS = 32  # named locks of one task
 MAX_CWD_BYTES = 4096  # PATH_MAX
+MAX_AFTER = 100  # distinct dependencies of one task (`after`)
+MAX_AFTER_ITEMS = 10 * MAX_AFTER  # items of `after`, duplicates included
 #: Integer fields are stored in 32-bit columns (PostgreSQL INTEGER); SQLite's are wider.
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+#: Task ids are 64-bit (PostgreSQL BIGSERIAL, SQLite INTEGER).
+INT64_MAX = 2**63 - 1
 #: Bounds of the resource limits a task may ask for.
 MIN_MEMORY_MAX = 1024 * 1024  # below 1 MiB no process can even start
 MAX_MEMORY_MAX = 2**62
@@ -209,6 +213,26 @@ def check_batch_keys(keys: Iterable[str | None]) -> None:
         if key in seen:
             raise InvalidTask(f"unique_key {_short(key)} appears twice in one batch")
         seen.add(key)
+
+
+def check_after(after: object) -> tuple[int, ...]:
+    """The ids of the tasks a task runs after: ascending, each once, at most
+    MAX_AFTER. Whether they exist is the store's to check, in the submit's own
+    transaction."""
+    if isinstance(after, str | bytes | Mapping) or not isinstance(after, Iterable):
+        raise InvalidTask(f"after must be a list of task ids, got {type(after).__name__}")
+    if not after and isinstance(after, tuple | list):
+        return ()  # the hot path of submit_many: most tasks depend on nothing
+    items = tuple(itertools.islice(after, MAX_AFTER_ITEMS + 1))
+    if len(items) > MAX_AFTER_ITEMS:
+        raise InvalidTask(f"after has more than {MAX_AFTER_ITEMS} items")
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= INT64_MAX:
+            raise InvalidTask(f"after must be a list of task ids (positive integers), got {item!r}")
+    ids = tuple(sorted(set(items)))
+    if len(ids) > MAX_AFTER:
+        raise InvalidTask(f"after names more than MAX_AFTER ({MAX_AFTER}) tasks")
+    return ids
 
 
 def check_not_before(not_before: object) -> float | None:

@@ -17,15 +17,20 @@ from dataclasses import dataclass, field
 import anyio
 
 from ._decisions import (
+    HELD_FOR_DEPENDENCIES,
     CancelRequest,
+    DependencyStart,
     Ending,
     Start,
     TaskState,
+    cascade_reasons,
     check_fence,
     keyed_conflict,
     lease_live,
     logged_transition,
     plan_cancel,
+    plan_dependencies,
+    plan_dependency_cancel,
     plan_finish,
     plan_handback,
     plan_orphan_settlement,
@@ -50,6 +55,7 @@ from ._retention import FinishedTask, PruneReport, Retention, select_prunable
 from ._rules import Slot, plan_claims
 from ._scheduler import MemorySchedules
 from ._store import Orphan, OutputChunk, Renewal, Store
+from ._validation import check_batch_keys
 from .stores._common import no_task
 
 
@@ -66,6 +72,9 @@ class MemoryStore(Store):
 
     def __init__(self) -> None:
         self._tasks: dict[int, _Task] = {}
+        # The run-after edges, as the SQL stores' task_after: a task -> who runs after it.
+        self._dependants: dict[int, set[int]] = {}
+        self._cascading = False
         self._nodes: dict[str, NodeInfo] = {}
         self._events: list[TaskEvent] = []
         self._last_task_id = self._last_event_id = 0
@@ -108,6 +117,47 @@ class MemoryStore(Store):
         )
         if event is not None:
             self._log(event)
+        if task.info.status is not old.status and task.info.is_terminal and not self._cascading:
+            self._settle_dependants(task.info, now)
+
+    def _settle_dependants(self, ended: TaskInfo, now: float) -> None:
+        """As the SQL stores' triggers do in the same transaction: a success releases
+        each held dependant whose dependencies have all succeeded; another end cancels
+        every waiting task below it, each with its reason."""
+        if not self._dependants.get(ended.id):
+            return
+        if ended.status is Status.SUCCEEDED:
+            for task_id in sorted(self._dependants[ended.id]):
+                task = self._tasks.get(task_id)
+                if (
+                    task is not None
+                    and task.info.status is Status.WAITING
+                    and task.not_before == HELD_FOR_DEPENDENCIES
+                    and all(
+                        d not in self._tasks or self._tasks[d].info.status is Status.SUCCEEDED
+                        for d in task.info.spec.after
+                    )
+                ):
+                    task.not_before = task.info.spec.not_before or 0.0
+            return
+
+        def waiting_dependants(task_id: int) -> list[int]:
+            return [
+                d
+                for d in self._dependants.get(task_id, ())
+                if d in self._tasks and self._tasks[d].info.status is Status.WAITING
+            ]
+
+        reasons = cascade_reasons(
+            ended.id, ended.status, waiting_dependants, lambda i: self._tasks[i].info.spec.after
+        )
+        self._cascading = True  # the cancels below settle nothing more: all are here
+        try:
+            for task_id, reason in reasons.items():
+                task = self._tasks[task_id]
+                self._end(task, plan_dependency_cancel(TaskState.of(task.info), reason, now))
+        finally:
+            self._cascading = False
 
     def _log(self, event: TaskEvent) -> None:
         self._last_event_id += 1  # never reused, even after a prune
@@ -186,9 +236,26 @@ class MemoryStore(Store):
         )
 
     # -- the queue ---------------------------------------------------------
+    def _dependencies(self, spec: TaskSpec) -> DependencyStart | None:
+        if not spec.after:
+            return None
+        known = [self._tasks[i].info for i in spec.after if i in self._tasks]
+        found = {info.id: info.status for info in known}
+        return plan_dependencies(spec.after, found, {info.id: info.reason for info in known})
+
+    async def submit_many(self, specs: Sequence[TaskSpec]) -> list[int]:
+        """As the SQL stores: every spec and every dependency checked before any is stored."""
+        self._check()
+        checked = [spec.checked() for spec in specs]
+        check_batch_keys(spec.unique_key for spec in checked)
+        for spec in checked:
+            self._dependencies(spec)
+        return [await self.submit(spec) for spec in checked]
+
     async def submit(self, spec: TaskSpec, *, reason: str = "submitted") -> int:
         self._check()
         spec = spec.checked()  # as the SQL stores: InvalidTask, and nothing stored
+        dependencies = self._dependencies(spec)  # InvalidTask too, before anything changes
         now = time.time()
         holder = next(
             (
@@ -224,8 +291,15 @@ class MemoryStore(Store):
             reason=reason,
             cancel_requested=None,
         )
-        self._tasks[task_id] = _Task(info, not_before=spec.not_before or 0.0)
+        held = dependencies is not None and dependencies.held
+        not_before = HELD_FOR_DEPENDENCIES if held else spec.not_before or 0.0
+        task = self._tasks[task_id] = _Task(info, not_before=not_before)
         self._log(TaskEvent(0, task_id, now, None, None, None, Status.WAITING, reason))
+        for after in spec.after:
+            self._dependants.setdefault(after, set()).add(task_id)
+        if dependencies is not None and dependencies.cancel_reason is not None:
+            ending = plan_dependency_cancel(TaskState.of(info), dependencies.cancel_reason, now)
+            self._end(task, ending)
         return SubmitResult(task_id, replaced=replaced)
 
     async def claim(self, node_id: str, limits: Limits, lease_ttl_s: float) -> list[Claim]:
@@ -383,6 +457,7 @@ class MemoryStore(Store):
         if not dry_run:
             for task_id in chosen.tasks:
                 del self._tasks[task_id]
+                self._dependants.pop(task_id, None)
             for task_id in chosen.output_only:
                 self._tasks[task_id].output.clear()
             self._events = [e for e in self._events if e.task_id not in gone]

@@ -173,6 +173,15 @@ def _add_submit(commands: Commands) -> None:
     )
     option(
         submit,
+        "--after",
+        var("--after"),
+        "start only after task ID has succeeded; cancelled if it ends otherwise (repeatable)",
+        kind="append",
+        type=int,
+        metavar="ID",
+    )
+    option(
+        submit,
         "--cwd",
         var("--cwd"),
         "working directory; a relative one is resolved here, by the submitter",
@@ -239,6 +248,7 @@ _SUBMIT_FLAGS = {
     "retry_on": "--retry-on",
     "unique_key": "--unique-key",
     "on_conflict": "--on-conflict",
+    "after": "--after",
 }
 
 
@@ -285,11 +295,15 @@ async def cmd_submit(args: argparse.Namespace) -> None:
             retry_on=args.retry_on or None,
             unique_key=args.unique_key,
             on_conflict=args.on_conflict,
+            after=args.after,
         )
     except InvalidTask as exc:
         raise InvalidTask(in_cli_terms(str(exc))) from None
     async with open_client(args, create=True) as client:
-        result = SubmitResult.of(await client.submit_spec(spec))
+        try:
+            result = SubmitResult.of(await client.submit_spec(spec))
+        except InvalidTask as exc:  # a dependency that does not exist, found by the store
+            raise InvalidTask(in_cli_terms(str(exc))) from None
     # The id alone on stdout (what a script captures), whichever task it is; what
     # the key did goes to stderr.
     if not result.created:
@@ -331,6 +345,7 @@ async def cmd_show(args: argparse.Namespace) -> None:
             if spec.unique_key is not None
             else []
         ),
+        *([f"  after: {', '.join(map(str, spec.after))}"] if spec.after else []),
         "  events:",
         *(
             f"    {when(e.at)}  {e.from_status or '-'} -> {e.to_status}: {field(e.reason)}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, Protocol
 
-from .._decisions import Ending, Start, TaskState
+from .._decisions import HELD_FOR_DEPENDENCIES, Ending, Start, TaskState
 from .._errors import StoreError, TaskNotFound
 from .._models import CancelMode, NodeInfo, Status, TaskEvent, TaskInfo, TaskSpec
 from .._store import Renewal
@@ -50,6 +50,23 @@ def retry_on_column(value: str | list[str] | None) -> frozenset[str] | None:
     if value is None:
         return None
     return frozenset(json.loads(value) if isinstance(value, str) else value)
+
+
+def after_column(value: str | list[int] | None) -> tuple[int, ...]:
+    """A task's `after` as stored: a JSON list in SQLite, an array in PostgreSQL, NULL
+    for none."""
+    if value is None:
+        return ()
+    return tuple(json.loads(value) if isinstance(value, str) else value)
+
+
+def asked_not_before(r: Row) -> float | None:
+    """The start time the task's submitter asked for: while it is held for its
+    dependencies (`HELD_FOR_DEPENDENCIES`), the one kept aside until they succeed."""
+    not_before = r["not_before"]
+    if not_before == HELD_FOR_DEPENDENCIES:
+        not_before = r["after_not_before"]
+    return not_before or None
 
 
 def ending_columns(e: Ending) -> dict[str, Any]:
@@ -176,7 +193,7 @@ def task_info(
         template_parallel=bool(r["template_parallel"]),
         locks=frozenset(locks),
         priority=r["priority"],
-        not_before=r["not_before"] or None,
+        not_before=asked_not_before(r),
         timeout_s=r["timeout_s"],
         stall_timeout_s=r["stall_timeout_s"],
         max_attempts=r["max_attempts"],
@@ -189,6 +206,7 @@ def task_info(
         retry_on=retry_on_column(r["retry_on"]),
         unique_key=r["unique_key"],
         on_conflict=r["on_conflict"],
+        after=after_column(r["after_ids"]),
     )
     return TaskInfo(
         id=r["id"],

@@ -15,16 +15,29 @@ from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._decisions import (
+    HELD_FOR_DEPENDENCIES,
     CancelRequest,
+    DependencyStart,
     Ending,
     check_fence,
     plan_cancel,
+    plan_dependencies,
+    plan_dependency_cancel,
     plan_finish,
     plan_handback,
     plan_orphan_settlement,
     plan_rescue,
 )
-from .._models import CancelMode, Claim, Limits, Outcome, TaskEvent, TaskInfo, TaskSpec
+from .._models import (
+    CancelMode,
+    Claim,
+    Limits,
+    Outcome,
+    Status,
+    TaskEvent,
+    TaskInfo,
+    TaskSpec,
+)
 from .._store import Renewal
 from ._common import (
     EVENT_COLUMNS,
@@ -54,7 +67,8 @@ SPEC_COLUMNS = (
     "argv", "cwd", "env", "project", "template", "template_parallel", "locks", "priority",
     "not_before", "timeout_s", "stall_timeout_s", "max_attempts", "retry_backoff_s",
     "pass_env", "inherit_env", "memory_max", "pids_max", "cpu_max", "retry_jitter",
-    "retry_max_delay_s", "retry_on", "unique_key", "on_conflict",
+    "retry_max_delay_s", "retry_on", "unique_key", "on_conflict", "after_ids",
+    "after_not_before",
 )  # fmt: skip
 
 
@@ -62,10 +76,10 @@ def _sorted(names: frozenset[str]) -> list[str]:
     return sorted(names) if names else []  # most specs have none: skip the sort
 
 
-def spec_record(spec: TaskSpec) -> tuple[Any, ...]:
+def spec_record(spec: TaskSpec, *, held: bool = False) -> tuple[Any, ...]:
     """A checked spec's values in `SPEC_COLUMNS` order, as COPY's binary codecs take
-    them (the JSONB column as text). Built as one tuple, no per-value dispatch: it
-    runs 100,000 times in a large `submit_many`."""
+    them (the JSONB column as text); `held`: until its dependencies succeed. Built as
+    one tuple, no per-value dispatch: it runs 100,000 times in a large `submit_many`."""
     return (
         list(spec.argv),
         spec.cwd,
@@ -75,7 +89,7 @@ def spec_record(spec: TaskSpec) -> tuple[Any, ...]:
         spec.template_parallel,
         _sorted(spec.locks),
         spec.priority,
-        spec.not_before or 0.0,
+        HELD_FOR_DEPENDENCIES if held else spec.not_before or 0.0,
         spec.timeout_s,
         spec.stall_timeout_s,
         spec.max_attempts,
@@ -90,24 +104,34 @@ def spec_record(spec: TaskSpec) -> tuple[Any, ...]:
         sorted(spec.retry_on) if spec.retry_on is not None else None,
         spec.unique_key,
         spec.on_conflict,
+        list(spec.after) if spec.after else None,
+        spec.not_before if held else None,
     )
 
 
 async def submit(
-    conn: asyncpg.Connection, spec: TaskSpec, reason: str = "submitted", task_id: int | None = None
+    conn: asyncpg.Connection,
+    spec: TaskSpec,
+    reason: str = "submitted",
+    task_id: int | None = None,
+    *,
+    dependencies: DependencyStart | None = None,
 ) -> int | None:
     """Insert one checked spec as a waiting task (as `task_id` if given, drawn from
     the sequence); the trigger logs `reason`. None, and nothing stored, if a live
-    task holds the spec's `unique_key` (`_unique_keys` decides what then)."""
+    task holds the spec's `unique_key` (`_unique_keys` decides what then).
+    `dependencies`: how it starts out (`dependency_plans`; None: it has none)."""
+    held = dependencies is not None and dependencies.held
     new_id: int | None = await conn.fetchval(
         "INSERT INTO taskpool_tasks (id, status, argv, cwd, env, project, template,"
         " template_parallel, locks, priority, submitted_at, not_before, timeout_s,"
         " stall_timeout_s, max_attempts, retry_backoff_s, reason, changed_at,"
         " pass_env, inherit_env, memory_max, pids_max, cpu_max, retry_jitter,"
-        " retry_max_delay_s, retry_on, unique_key, on_conflict)"
+        " retry_max_delay_s, retry_on, unique_key, on_conflict, after_ids, after_not_before)"
         " SELECT coalesce($20::bigint, nextval(pg_get_serial_sequence('taskpool_tasks', 'id'))),"
         " 'waiting', $1, $2, $3::jsonb, $4, $5, $6, $7, $8, now.t, $9, $10,"
-        " $11, $12, $13, $19, now.t, $14, $15, $16, $17, $18, $21, $22, $23, $24, $25"
+        " $11, $12, $13, $19, now.t, $14, $15, $16, $17, $18, $21, $22, $23, $24, $25,"
+        " $26::bigint[], $27"
         f" FROM ({NOW}) AS now(t)"
         " ON CONFLICT (unique_key)"
         " WHERE unique_key IS NOT NULL AND status IN ('waiting', 'running') DO NOTHING"
@@ -120,7 +144,7 @@ async def submit(
         spec.template_parallel,
         sorted(spec.locks),
         spec.priority,
-        spec.not_before or 0.0,
+        HELD_FOR_DEPENDENCIES if held else spec.not_before or 0.0,
         spec.timeout_s,
         spec.stall_timeout_s,
         spec.max_attempts,
@@ -137,15 +161,77 @@ async def submit(
         sorted(spec.retry_on) if spec.retry_on is not None else None,
         spec.unique_key,
         spec.on_conflict,
+        list(spec.after) if spec.after else None,
+        spec.not_before if held else None,
     )
+    if new_id is not None and dependencies is not None:
+        await link_dependencies(conn, [spec], [dependencies], [new_id])
     return new_id
+
+
+async def dependency_plans(
+    conn: asyncpg.Connection, specs: Sequence[TaskSpec]
+) -> list[DependencyStart | None]:
+    """How each spec starts out as its dependencies stand (None: it has none);
+    `InvalidTask` if one names a task that does not exist. The dependencies are locked
+    (FOR NO KEY UPDATE, in id order, in one statement) until the submit commits, then
+    those not marked yet get `has_dependants`: an end of one of them waits for this
+    commit (and its trigger then sees the new edges), or committed first and is read
+    here (migration 0013). One lock mode taken in id order, never a second lock after
+    a higher id: an ending dependency's trigger locks its dependants, which have higher
+    ids than it, in id order too, so no cycle of waits can form."""
+    wanted = sorted({task_id for spec in specs for task_id in spec.after})
+    if not wanted:
+        return [None] * len(specs)
+    rows = await conn.fetch(
+        "SELECT id, status, reason, has_dependants FROM taskpool_tasks"
+        " WHERE id = ANY($1::bigint[]) ORDER BY id FOR NO KEY UPDATE",
+        wanted,
+    )
+    unmarked = [r["id"] for r in rows if not r["has_dependants"]]
+    if unmarked:
+        await conn.execute(
+            "UPDATE taskpool_tasks SET has_dependants = true WHERE id = ANY($1::bigint[])",
+            unmarked,
+        )
+    found = {r["id"]: Status(r["status"]) for r in rows}
+    reasons = {r["id"]: r["reason"] for r in rows}
+    return [plan_dependencies(spec.after, found, reasons) if spec.after else None for spec in specs]
+
+
+async def link_dependencies(
+    conn: asyncpg.Connection,
+    specs: Sequence[TaskSpec],
+    plans: Sequence[DependencyStart | None],
+    ids: Sequence[int],
+) -> None:
+    """The new tasks' edges (what the trigger of migration 0013 follows), and the end
+    of each whose dependency had already ended without succeeding."""
+    edges = [
+        (task_id, after) for task_id, spec in zip(ids, specs, strict=True) for after in spec.after
+    ]
+    if not edges:
+        return
+    await conn.execute(
+        "INSERT INTO taskpool_task_after (task_id, after_id)"
+        " SELECT * FROM unnest($1::bigint[], $2::bigint[])",
+        [task_id for task_id, _ in edges],
+        [after for _, after in edges],
+    )
+    for task_id, plan in zip(ids, plans, strict=True):
+        if plan is not None and plan.cancel_reason is not None:
+            row = await task_row(conn, task_id, lock=True)
+            ending = plan_dependency_cancel(task_state(row), plan.cancel_reason, row["now"])
+            await end(conn, ending)
 
 
 async def submit_many(conn: asyncpg.Connection, specs: Sequence[TaskSpec]) -> list[int]:
     """Insert checked specs with one binary COPY (in the caller's transaction), ids in
     the order given: drawn from the table's sequence first and paired with the specs
     in ascending order, whatever order the sequence hands them out in. The insert
-    trigger logs each task's 'submitted' event, as for `submit`."""
+    trigger logs each task's 'submitted' event, as for `submit`. Every id in a spec's
+    `after` must exist (`InvalidTask`)."""
+    plans = await dependency_plans(conn, specs)
     now, drawn = await conn.fetchrow(
         f"SELECT ({NOW}), array(SELECT nextval(pg_get_serial_sequence('taskpool_tasks', 'id'))"
         " FROM generate_series(1, $1))",
@@ -156,10 +242,19 @@ async def submit_many(conn: asyncpg.Connection, specs: Sequence[TaskSpec]) -> li
         "taskpool_tasks",
         columns=["id", "status", "submitted_at", "changed_at", "reason", *SPEC_COLUMNS],
         records=[
-            (task_id, "waiting", now, now, "submitted", *spec_record(spec))
-            for task_id, spec in zip(ids, specs, strict=True)
+            (
+                task_id,
+                "waiting",
+                now,
+                now,
+                "submitted",
+                *spec_record(spec, held=plan is not None and plan.held),
+            )
+            for task_id, spec, plan in zip(ids, specs, plans, strict=True)
         ],
     )
+    if any(plan is not None for plan in plans):
+        await link_dependencies(conn, specs, plans, ids)
     return ids
 
 

@@ -13,18 +13,31 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 from .._decisions import (
+    HELD_FOR_DEPENDENCIES,
     CancelRequest,
+    DependencyStart,
     Ending,
     TaskState,
     check_fence,
     plan_cancel,
+    plan_dependencies,
+    plan_dependency_cancel,
     plan_finish,
     plan_handback,
     plan_orphan_settlement,
     plan_rescue,
     plan_start,
 )
-from .._models import CancelMode, Claim, Limits, Outcome, TaskEvent, TaskInfo, TaskSpec
+from .._models import (
+    CancelMode,
+    Claim,
+    Limits,
+    Outcome,
+    Status,
+    TaskEvent,
+    TaskInfo,
+    TaskSpec,
+)
 from .._rules import Prefilter, Slot, claim_in_windows
 from .._store import Renewal
 from ._common import (
@@ -258,7 +271,7 @@ def info(r: sqlite3.Row) -> TaskInfo:
     )
 
 
-#: Tasks per INSERT statement in `insert_tasks`: at 26 parameters a row, well under
+#: Tasks per INSERT statement in `insert_tasks`: at 28 parameters a row, well under
 #: SQLite's default limit of 32,766 bound parameters per statement.
 _INSERT_ROWS = 500
 
@@ -268,14 +281,16 @@ def insert_tasks(
 ) -> list[int]:
     """Insert checked specs as waiting tasks, and their locks; their ids in order. Runs
     in the caller's transaction: all of them are stored or none. `reason` is each
-    one's first event's."""
+    one's first event's. Every id in a spec's `after` must exist (`InvalidTask`)."""
+    plans = dependency_plans(conn, specs)
     ids: list[int] = []
     for start in range(0, len(specs), _INSERT_ROWS):
         chunk = specs[start : start + _INSERT_ROWS]
-        values = ", ".join(["('waiting'" + ", ?" * 26 + ")"] * len(chunk))
+        held = [plan is not None and plan.held for plan in plans[start : start + _INSERT_ROWS]]
+        values = ", ".join(["('waiting'" + ", ?" * 28 + ")"] * len(chunk))
         params = [
             value
-            for spec in chunk
+            for spec, hold in zip(chunk, held, strict=True)
             for value in (
                 json.dumps(list(spec.argv)),
                 spec.cwd,
@@ -288,7 +303,7 @@ def insert_tasks(
                 json.dumps(sorted(spec.locks)),
                 spec.priority,
                 now,
-                spec.not_before or 0.0,
+                HELD_FOR_DEPENDENCIES if hold else spec.not_before or 0.0,
                 spec.timeout_s,
                 spec.stall_timeout_s,
                 spec.max_attempts,
@@ -303,6 +318,8 @@ def insert_tasks(
                 json.dumps(sorted(spec.retry_on)) if spec.retry_on is not None else None,
                 spec.unique_key,
                 spec.on_conflict,
+                json.dumps(spec.after) if spec.after else None,
+                spec.not_before if hold else None,
             )
         ]
         rows = conn.execute(
@@ -310,7 +327,8 @@ def insert_tasks(
             " template, template_parallel, locks, priority, submitted_at, not_before,"
             " timeout_s, stall_timeout_s, max_attempts, retry_backoff_s, reason, changed_at,"
             " memory_max, pids_max, cpu_max, retry_jitter, retry_max_delay_s, retry_on,"
-            f" unique_key, on_conflict) VALUES {values} RETURNING id",
+            " unique_key, on_conflict, after_ids, after_not_before)"
+            f" VALUES {values} RETURNING id",
             params,
         ).fetchall()
         # RETURNING's order is unspecified, but AUTOINCREMENT gives one statement's rows
@@ -325,4 +343,46 @@ def insert_tasks(
             ],
         )
         ids += chunk_ids
+    if any(plan is not None for plan in plans):
+        _link_dependencies(conn, specs, plans, ids, now)
     return ids
+
+
+def dependency_plans(
+    conn: sqlite3.Connection, specs: Sequence[TaskSpec]
+) -> list[DependencyStart | None]:
+    """How each spec starts out as its dependencies stand (None: it has none);
+    `InvalidTask` if one names a task that does not exist. One read for the batch."""
+    wanted = sorted({task_id for spec in specs for task_id in spec.after})
+    if not wanted:
+        return [None] * len(specs)
+    rows = conn.execute(
+        "SELECT id, status, reason FROM tasks WHERE id IN (SELECT value FROM json_each(?))",
+        (json.dumps(wanted),),
+    ).fetchall()
+    found = {r[0]: Status(r[1]) for r in rows}
+    reasons = {r[0]: r[2] for r in rows}
+    return [plan_dependencies(spec.after, found, reasons) if spec.after else None for spec in specs]
+
+
+def _link_dependencies(
+    conn: sqlite3.Connection,
+    specs: Sequence[TaskSpec],
+    plans: Sequence[DependencyStart | None],
+    ids: Sequence[int],
+    now: float,
+) -> None:
+    """The new tasks' edges (what the triggers of migration 0009 follow), and the end
+    of each whose dependency had already ended without succeeding."""
+    conn.executemany(
+        "INSERT INTO task_after (task_id, after_id) VALUES (?, ?)",
+        [
+            (task_id, after)
+            for task_id, spec in zip(ids, specs, strict=True)
+            for after in spec.after
+        ],
+    )
+    for task_id, plan in zip(ids, plans, strict=True):
+        if plan is not None and plan.cancel_reason is not None:
+            row = task_row(conn, task_id)
+            end(conn, plan_dependency_cancel(task_state(row), plan.cancel_reason, now))

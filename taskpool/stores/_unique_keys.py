@@ -70,9 +70,10 @@ async def postgres_submit(
     conn: asyncpg.Connection, spec: TaskSpec, reason: str = "submitted"
 ) -> SubmitResult:
     """One checked spec stored in the caller's transaction."""
+    [dependencies] = await pg_ops.dependency_plans(conn, [spec])
     key = spec.unique_key
     if key is None:
-        task_id = await pg_ops.submit(conn, spec, reason)
+        task_id = await pg_ops.submit(conn, spec, reason, dependencies=dependencies)
         assert task_id is not None, "a task without a key never conflicts"
         return SubmitResult(task_id)
     for _ in range(MAX_KEY_RACES):
@@ -94,7 +95,9 @@ async def postgres_submit(
                         "SELECT nextval(pg_get_serial_sequence('taskpool_tasks', 'id'))"
                     )
                     await pg_ops.end(conn, plan_replace(task_state(live), new_id, key, live["now"]))
-                task_id = await pg_ops.submit(conn, spec, reason, task_id=new_id)
+                task_id = await pg_ops.submit(
+                    conn, spec, reason, task_id=new_id, dependencies=dependencies
+                )
                 if task_id is None:
                     raise _LostRace
                 return SubmitResult(task_id, replaced=replaced)

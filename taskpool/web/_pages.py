@@ -201,6 +201,8 @@ def task_summary(frame: Frame, task: TaskInfo, why: str | None) -> str:
         fields.append(
             ("Unique key", f"<code>{esc(spec.unique_key)}</code> ({esc(spec.on_conflict)})")
         )
+    if spec.after:
+        fields.append(("After", esc(", ".join(map(str, spec.after)))))
     if task.cancel_requested is not None:
         fields.append(("Cancel", f"requested ({esc(task.cancel_requested.value)})"))
     rows = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in fields)

@@ -37,11 +37,13 @@ def test_quickstart_reports_every_outcome() -> None:
 
 
 def test_real_terraform_and_ansible_runs() -> None:
-    """terraform init and apply (one template, one state lock) and an ansible playbook."""
+    """terraform init and apply (one template, one state lock, apply after init's
+    success) and an ansible playbook."""
     result = run_example("infra_runs.py")
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    assert "== terraform apply (task 2): succeeded, exited with code 0" in out
+    assert "== terraform init (task 1): succeeded, exited with code 0" in out
+    assert "== terraform apply (task 2, after 1): succeeded, exited with code 0" in out
     assert 'greeting = "hello from terraform"' in out
     assert "== ansible playbook (task 3): succeeded, exited with code 0" in out
     assert '"msg": "hello from ansible"' in out
