@@ -257,6 +257,7 @@ class MemoryStore(Store):
             node_running=sum(1 for i in live if i.owner_node == node_id),
             max_parallel=limits.max_parallel,
             project_limits=limits.project_limits,
+            fair_share=limits.fair_share,
         )
         return [
             Claim(self._start(task, plan_start(TaskState.of(task.info), node_id, now, lease_ttl_s)))
