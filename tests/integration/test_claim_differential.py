@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import anyio
@@ -24,7 +25,15 @@ from taskpool import Limits, Store, TaskSpec
 from taskpool._decisions import claim_reason
 from taskpool._rules import Slot, plan_claims
 from tests.integration.test_store_contract import BACKENDS, handles
-from tests.strategies import CLAIMING_NODE, NODES, ClaimWorld, WaitingTask, claim_worlds
+from tests.strategies import (
+    CLAIMING_NODE,
+    NODES,
+    ClaimWorld,
+    RunningAttempt,
+    WaitingTask,
+    claim_worlds,
+    fair_claim_worlds,
+)
 
 
 @pytest.fixture(params=sorted(BACKENDS))
@@ -56,6 +65,7 @@ def expected_claim(world: ClaimWorld) -> list[int]:
         node_running=sum(1 for r in live if r.owner == CLAIMING_NODE),
         max_parallel=world.max_parallel,
         project_limits=world.project_limits,
+        fair_share=world.fair_share,
     )
     return [s.task_id for s in chosen]
 
@@ -109,16 +119,76 @@ PARALLEL_BEFORE_A_FULL_WINDOW = ClaimWorld(
 def test_every_backend_claims_what_plan_claims_chooses(backend: str, world: ClaimWorld) -> None:
     """The same world through `plan_claims` and through the backend's claim gives the
     same ordered task ids, each claimed once, as a first attempt with its reason."""
+    assert claimed_by(backend, world) == expected_claim(world)
+
+
+def _deep_queue(ahead: int, behind: int, *, running: int = 0) -> ClaimWorld:
+    """`ahead` tasks of alpha submitted first, then `behind` of beta (more than a window
+    of alpha before beta's first); `running` of alpha already held by another node."""
+    held = [RunningAttempt(Slot(i, "alpha"), "node-1", True) for i in range(1, running + 1)]
+    first = running + 1
+    return ClaimWorld(
+        running=held,
+        waiting=[
+            *(WaitingTask(Slot(first + i, "alpha"), 0, True) for i in range(ahead)),
+            *(WaitingTask(Slot(first + ahead + i, "beta"), 0, True) for i in range(behind)),
+        ],
+        max_parallel=4,
+        project_limits={},
+        fair_share={},
+    )
+
+
+#: Beta's first task lies behind 150 of alpha's, past every backend's first window.
+BETA_BEHIND_A_DEEP_QUEUE = _deep_queue(150, 3)
+#: The same, weighted 3:1 for alpha, with alpha already running twice elsewhere.
+WEIGHTED_BEHIND_A_DEEP_QUEUE = replace(_deep_queue(140, 3, running=2), fair_share={"alpha": 3})
+#: Alpha's first 138 tasks wait for its exclusive template, which runs: alpha's head is
+#: its first task the prefilter leaves, deep in the queue; beta weighs 0.5.
+BLOCKED_HEADS = ClaimWorld(
+    running=[RunningAttempt(Slot(1, "alpha", "build"), "node-1", True)],
+    waiting=[
+        *(WaitingTask(Slot(i, "alpha", "build"), 0, True) for i in range(2, 140)),
+        WaitingTask(Slot(140, "alpha", None, locks=frozenset({"gpu"})), 0, True),
+        *(WaitingTask(Slot(i, "alpha"), 0, True) for i in range(141, 143)),
+        WaitingTask(Slot(143, "beta", None, locks=frozenset({"gpu"})), 0, True),
+        *(WaitingTask(Slot(i, "beta"), 0, True) for i in range(144, 146)),
+    ],
+    max_parallel=4,
+    project_limits={},
+    fair_share={"beta": 0.5},
+)
+
+
+@pytest.mark.timeout(900)
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(world=fair_claim_worlds())
+@example(world=BETA_BEHIND_A_DEEP_QUEUE)
+@example(world=WEIGHTED_BEHIND_A_DEEP_QUEUE)
+@example(world=BLOCKED_HEADS)
+def test_every_backend_claims_what_the_fair_plan_chooses(backend: str, world: ClaimWorld) -> None:
+    """With fair sharing (equal or drawn weights), the backend's claim gives the ordered
+    choice of `plan_claims` over the whole queue, however deep a project's first task."""
+    assert claimed_by(backend, world) == expected_claim(world)
+
+
+def claimed_by(backend: str, world: ClaimWorld) -> list[int]:
+    """One claim by `CLAIMING_NODE` in a fresh store of `backend` holding `world`, as
+    slot ids in the order the claim returned them."""
 
     async def run() -> list[int]:
         with tempfile.TemporaryDirectory() as tmp:
             async with BACKENDS[backend](Path(tmp)) as opener, handles(opener, 3) as stores:
                 slot_of = await build(stores, world)
-                limits = Limits(world.max_parallel, dict(world.project_limits))
+                limits = Limits(world.max_parallel, dict(world.project_limits), world.fair_share)
                 claims = await stores[0].claim(CLAIMING_NODE, limits, lease_ttl_s=30)
         for claim in claims:
             assert (claim.fence, claim.task.attempts_used) == (1, 1)
             assert claim.task.reason == claim_reason(CLAIMING_NODE, 1, 1)
         return [slot_of[c.task.id] for c in claims]
 
-    assert anyio.run(run) == expected_claim(world)
+    return anyio.run(run)
