@@ -128,6 +128,7 @@ def plan_claims(
     max_parallel: int,
     project_limits: Mapping[str, int],
     fair_share: FairShare = None,
+    turns: Mapping[str, int] | None = None,
 ) -> list[Slot]:
     """Choose which candidates to start now, in the order they are given the slots.
 
@@ -140,13 +141,20 @@ def plan_claims(
     Without `fair_share` the free slots go in queue order. With it (weights per
     project, 1 for a project not listed) each free slot in turn goes to the project
     whose running attempts, on every node and counting those chosen so far, are
-    fewest per weight (`running / weight`), ties to the project whose first runnable
-    candidate comes first in the queue; within a project, queue order. The rule looks
-    only at durable state (what holds a live lease), so it needs no memory of past
-    turns and every node and backend decides the same: a project with a deep queue
-    cannot starve one with a shallow one, since every slot that frees goes to whoever
-    runs least per weight, which over time hands slots round-robin (weighted) across
-    the projects with runnable work. What is runnable is unchanged (`blocked_by`).
+    fewest per weight (`running / weight`); among projects tied there, to the one
+    given a slot least recently (`turns`: each project's latest turn, higher is more
+    recent, none is before any), then to the one whose first runnable candidate comes
+    first in the queue; within a project, queue order. What is runnable is unchanged
+    (`blocked_by`).
+
+    Why this rule: it reads only durable state (what holds a live lease, and the turns
+    fair claims record with `next_turns`), so it needs no memory in a node and every
+    node and backend decides the same. Every slot that frees goes to whoever runs least
+    per weight, so while there are more slots than projects the slots split in
+    proportion to the weights and a deep queue cannot starve a shallow one. When they
+    tie (typically at none running: one slot re-claimed as each task ends), running
+    counts cannot tell the projects apart; the turns make those slots go round-robin
+    instead of always to the project whose backlog was submitted first.
     """
     occ = Occupancy.of(running, node_running=node_running)
     if fair_share is not None:
@@ -156,6 +164,7 @@ def plan_claims(
             max_parallel=max_parallel,
             project_limits=project_limits,
             weights=fair_share,
+            turns=turns or {},
         )
     chosen: list[Slot] = []
     for slot in candidates:
@@ -175,6 +184,7 @@ def _fair_steps(
     max_parallel: int,
     project_limits: Mapping[str, int],
     weights: Mapping[str, float],
+    turns: Mapping[str, int],
     incomplete: frozenset[str] = frozenset(),
 ) -> list[Slot]:
     """`plan_claims`' fair choice, one slot at a time, taken into `occ`.
@@ -184,10 +194,11 @@ def _fair_steps(
     so the steps stop there and the caller reads on."""
     chosen: list[Slot] = []
     taken: set[int] = set()
+    turns = dict(turns)
     while occ.node_running < max_parallel:
         heads: set[str] = set()  # projects whose first runnable candidate was seen
         best: Slot | None = None
-        best_share = 0.0
+        best_key = (0.0, 0)
         for slot in candidates:
             if slot.project in heads or slot.task_id in taken:
                 continue
@@ -196,14 +207,23 @@ def _fair_steps(
             heads.add(slot.project)
             # The same IEEE division PostgreSQL makes (count::float8 / weight::float8).
             share = occ.per_project[slot.project] / weights.get(slot.project, 1.0)
-            if best is None or share < best_share:  # a tie: the earlier head wins
-                best, best_share = slot, share
+            key = (share, turns.get(slot.project, 0))
+            if best is None or key < best_key:  # a tie: the earlier head wins
+                best, best_key = slot, key
         if best is None or not incomplete <= heads:
             break
         occ.take(best, on_this_node=True)
+        turns.update(next_turns(turns, [best]))
         taken.add(best.task_id)
         chosen.append(best)
     return chosen
+
+
+def next_turns(turns: Mapping[str, int], chosen: Sequence[Slot]) -> dict[str, int]:
+    """The turns a fair claim records for the projects it gave slots to, in the order
+    given: each later than every turn before (turns count from 1)."""
+    latest = max(turns.values(), default=0)
+    return {slot.project: latest + i for i, slot in enumerate(chosen, 1)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,9 +342,10 @@ def claim_fair_in_windows(
     max_parallel: int,
     project_limits: Mapping[str, int],
     fair_share: Mapping[str, float],
+    turns: Mapping[str, int],
     max_window: int = CLAIM_WINDOW,
 ) -> list[Slot]:
-    """`plan_claims` with `fair_share` over a queue read as the head of each project:
+    """`plan_claims` with `fair_share` and `turns` over a queue read as the head of each project:
     the same choice, in the same order, however deep a project's first task lies
     behind another project's backlog.
 
@@ -349,6 +370,7 @@ def claim_fair_in_windows(
             max_parallel=max_parallel,
             project_limits=project_limits,
             weights=fair_share,
+            turns={**turns, **next_turns(turns, chosen)},
             incomplete=incomplete,
         )
         chosen.extend(picked)

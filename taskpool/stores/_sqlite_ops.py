@@ -25,7 +25,7 @@ from .._decisions import (
     plan_start,
 )
 from .._models import CancelMode, Claim, Limits, Outcome, TaskEvent, TaskInfo, TaskSpec
-from .._rules import Prefilter, Slot, claim_fair_in_windows, claim_in_windows
+from .._rules import Prefilter, Slot, claim_fair_in_windows, claim_in_windows, next_turns
 from .._store import Renewal
 from ._common import (
     EVENT_COLUMNS,
@@ -244,6 +244,7 @@ def claim(
             project_limits=limits.project_limits,
         )
     else:
+        turns = dict(conn.execute("SELECT project, turn FROM fair_turns").fetchall())
         chosen = claim_fair_in_windows(
             fetch_heads,
             running,
@@ -251,6 +252,12 @@ def claim(
             max_parallel=limits.max_parallel,
             project_limits=limits.project_limits,
             fair_share=limits.fair_share,
+            turns=turns,
+        )
+        conn.executemany(
+            "INSERT INTO fair_turns (project, turn) VALUES (?, ?)"
+            " ON CONFLICT (project) DO UPDATE SET turn = max(turn, excluded.turn)",
+            next_turns(turns, chosen).items(),
         )
     claims = []
     for slot in chosen:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from hypothesis import HealthCheck, example, given, settings
 
 from taskpool import Limits, Store, TaskSpec
 from taskpool._decisions import claim_reason
-from taskpool._rules import Slot, plan_claims
+from taskpool._rules import Slot, next_turns, plan_claims
 from tests.integration.test_store_contract import BACKENDS, handles
 from tests.strategies import (
     CLAIMING_NODE,
@@ -55,19 +56,41 @@ def _spec(slot: Slot, *, priority: int = 0, not_before: float | None = None) -> 
 
 def expected_claim(world: ClaimWorld) -> list[int]:
     """The oracle: `plan_claims` over the world, as slot ids."""
-    queue = sorted(
-        (w for w in world.waiting if w.ready), key=lambda w: (-w.priority, w.slot.task_id)
-    )
-    live = [r for r in world.running if r.live]
-    chosen = plan_claims(
-        [w.slot for w in queue],
-        [r.slot for r in live],
-        node_running=sum(1 for r in live if r.owner == CLAIMING_NODE),
-        max_parallel=world.max_parallel,
-        project_limits=world.project_limits,
-        fair_share=world.fair_share,
-    )
-    return [s.task_id for s in chosen]
+    (chosen,) = expected_claims(world, [world.max_parallel])
+    return chosen
+
+
+def expected_claims(world: ClaimWorld, max_parallels: Sequence[int]) -> list[list[int]]:
+    """The oracle for claims in a row by `CLAIMING_NODE`, each with its `max_parallel`:
+    each `plan_claims` over the world as the claims before it left it (what they chose
+    running on the claiming node; with fair sharing, the turns they recorded)."""
+    queue = [
+        w.slot
+        for w in sorted(
+            (w for w in world.waiting if w.ready), key=lambda w: (-w.priority, w.slot.task_id)
+        )
+    ]
+    live = [r.slot for r in world.running if r.live]
+    node_running = sum(1 for r in world.running if r.live and r.owner == CLAIMING_NODE)
+    turns: dict[str, int] = {}
+    claims = []
+    for max_parallel in max_parallels:
+        chosen = plan_claims(
+            queue,
+            live,
+            node_running=node_running,
+            max_parallel=max_parallel,
+            project_limits=world.project_limits,
+            fair_share=world.fair_share,
+            turns=turns,
+        )
+        if world.fair_share is not None:
+            turns.update(next_turns(turns, chosen))
+        queue = [s for s in queue if s not in chosen]
+        live += chosen
+        node_running += len(chosen)
+        claims.append([s.task_id for s in chosen])
+    return claims
 
 
 async def build(stores: list[Store], world: ClaimWorld) -> dict[int, int]:
@@ -171,24 +194,39 @@ BLOCKED_HEADS = ClaimWorld(
 @example(world=WEIGHTED_BEHIND_A_DEEP_QUEUE)
 @example(world=BLOCKED_HEADS)
 def test_every_backend_claims_what_the_fair_plan_chooses(backend: str, world: ClaimWorld) -> None:
-    """With fair sharing (equal or drawn weights), the backend's claim gives the ordered
-    choice of `plan_claims` over the whole queue, however deep a project's first task."""
-    assert claimed_by(backend, world) == expected_claim(world)
+    """With fair sharing (equal or drawn weights), the backend's claims give the ordered
+    choices of `plan_claims` over the whole queue, however deep a project's first task:
+    a first claim of one slot, then one of the world's, which breaks ties by the turn
+    the first recorded."""
+    node_running = sum(1 for r in world.running if r.live and r.owner == CLAIMING_NODE)
+    max_parallels = [min(node_running + 1, world.max_parallel), world.max_parallel]
+    assert claimed_in_turn(backend, world, max_parallels) == expected_claims(world, max_parallels)
 
 
 def claimed_by(backend: str, world: ClaimWorld) -> list[int]:
     """One claim by `CLAIMING_NODE` in a fresh store of `backend` holding `world`, as
     slot ids in the order the claim returned them."""
+    (claimed,) = claimed_in_turn(backend, world, [world.max_parallel])
+    return claimed
 
-    async def run() -> list[int]:
+
+def claimed_in_turn(
+    backend: str, world: ClaimWorld, max_parallels: Sequence[int]
+) -> list[list[int]]:
+    """Claims in a row by `CLAIMING_NODE`, each with its `max_parallel`, in a fresh
+    store of `backend` holding `world`: each as slot ids in the order it returned them."""
+
+    async def run() -> list[list[int]]:
         with tempfile.TemporaryDirectory() as tmp:
             async with BACKENDS[backend](Path(tmp)) as opener, handles(opener, 3) as stores:
                 slot_of = await build(stores, world)
-                limits = Limits(world.max_parallel, dict(world.project_limits), world.fair_share)
-                claims = await stores[0].claim(CLAIMING_NODE, limits, lease_ttl_s=30)
-        for claim in claims:
+                claims = []
+                for max_parallel in max_parallels:
+                    limits = Limits(max_parallel, dict(world.project_limits), world.fair_share)
+                    claims.append(await stores[0].claim(CLAIMING_NODE, limits, lease_ttl_s=30))
+        for claim in (c for each in claims for c in each):
             assert (claim.fence, claim.task.attempts_used) == (1, 1)
             assert claim.task.reason == claim_reason(CLAIMING_NODE, 1, 1)
-        return [slot_of[c.task.id] for c in claims]
+        return [[slot_of[c.task.id] for c in each] for each in claims]
 
     return anyio.run(run)

@@ -6,8 +6,9 @@
 -- windows as claim_fair_in_windows reads them; checked by
 -- tests/integration/test_claim_differential.py): each free slot in turn goes to the
 -- project with the fewest running attempts (live leases on every node, and those
--- chosen so far) per weight, ties to the project whose first runnable task comes first
--- in the queue; within a project, queue order.
+-- chosen so far) per weight; among those tied there, to the project given a slot least
+-- recently (its turn in taskpool_fair_turns), then to the one whose first runnable task
+-- comes first in the queue; within a project, queue order.
 --
 -- The locking protocol is taskpool_claim's, unchanged: the node's advisory lock, the
 -- rows FOR UPDATE SKIP LOCKED, try-locks on blocking keys (taskpool_try_keys), a
@@ -15,7 +16,16 @@
 -- project without a limit is read without its lock, as the plain claim does: two nodes
 -- claiming at the same moment may each count without the other's choice, so fairness
 -- holds per claim and, across racing nodes, within what they choose at once.
--- Exclusivity (limits, templates, locks) is enforced exactly as before.
+-- Exclusivity (limits, templates, locks) is enforced exactly as before. The turns it
+-- writes lock their rows until commit, in project order (no deadlock): fair claims
+-- giving slots to one project commit one after the other there.
+
+-- Each project's latest turn (higher is more recent), written by fair claims for the
+-- projects they gave slots to.
+CREATE TABLE taskpool_fair_turns (
+    project TEXT PRIMARY KEY,
+    turn    BIGINT NOT NULL
+);
 
 -- What the attempts holding a live lease occupy, every project counted (plan_claims'
 -- Occupancy in fair mode); otherwise taskpool_occupancy.
@@ -85,6 +95,12 @@ DECLARE
     v_share DOUBLE PRECISION;
     v_picked INTEGER;
     v_limit INTEGER;
+    v_turns0 JSONB;              -- each project's latest turn, as read at the start
+    v_latest0 BIGINT;            -- the latest of them (0: none)
+    v_turns JSONB;               -- the same, with this claim's turns so far
+    v_latest BIGINT;
+    v_turn BIGINT;
+    v_best_turn BIGINT;
     c taskpool_claim_candidate;
     i INTEGER;
 BEGIN
@@ -92,8 +108,21 @@ BEGIN
     v_now := extract(epoch FROM clock_timestamp());
     SELECT * INTO v_node_running, v_counts, v_exclusive, v_any, v_held
       FROM taskpool_fair_occupancy(p_node, v_now);
+    SELECT coalesce(jsonb_object_agg(project, turn), '{}'), coalesce(max(turn), 0)
+      INTO v_turns0, v_latest0 FROM taskpool_fair_turns;
 
     LOOP  -- one round per iteration
+        -- The turns with what this claim holds already, as next_turns gives them.
+        v_turns := v_turns0;
+        v_latest := v_latest0;
+        FOR c IN
+            SELECT t.id, t.project, t.template, t.template_parallel, t.locks
+              FROM unnest(v_kept) WITH ORDINALITY AS u(id, n)
+              JOIN taskpool_tasks t ON t.id = u.id ORDER BY u.n
+        LOOP
+            v_latest := v_latest + 1;
+            v_turns := jsonb_set(v_turns, ARRAY[c.project], to_jsonb(v_latest));
+        END LOOP;
         -- Choose: claim_fair_in_windows, one window per iteration.
         LOOP
             EXIT WHEN v_node_running >= p_max_parallel;
@@ -163,9 +192,13 @@ BEGIN
                     -- The same IEEE division as the rules' (count / weight).
                     v_share := coalesce((v_counts ->> c.project)::double precision, 0)
                              / coalesce((p_weights ->> c.project)::double precision, 1);
-                    IF v_best = 0 OR v_share < v_best_share THEN  -- a tie: the earlier head
+                    v_turn := coalesce((v_turns ->> c.project)::bigint, 0);
+                    -- A tie on both: the earlier head.
+                    IF v_best = 0 OR v_share < v_best_share
+                       OR (v_share = v_best_share AND v_turn < v_best_turn) THEN
                         v_best := i;
                         v_best_share := v_share;
+                        v_best_turn := v_turn;
                     END IF;
                 END LOOP;
                 EXIT WHEN v_best = 0 OR NOT (v_incomplete <@ v_seen);
@@ -175,6 +208,8 @@ BEGIN
                 v_node_running := v_node_running + 1;
                 v_counts := jsonb_set(v_counts, ARRAY[c.project],
                     to_jsonb(coalesce((v_counts ->> c.project)::int, 0) + 1));
+                v_latest := v_latest + 1;
+                v_turns := jsonb_set(v_turns, ARRAY[c.project], to_jsonb(v_latest));
                 IF c.template IS NOT NULL THEN
                     v_any := v_any || c.template;
                     IF NOT c.template_parallel THEN
@@ -250,6 +285,14 @@ BEGIN
         v_lost := false;
         v_chosen := '{}';
     END LOOP;
+
+    -- The turns of the projects given slots (next_turns), never moved back by a claim
+    -- that read them before another committed.
+    INSERT INTO taskpool_fair_turns AS f (project, turn)
+    SELECT t.project, v_latest0 + max(u.n)
+      FROM unnest(v_kept) WITH ORDINALITY AS u(id, n) JOIN taskpool_tasks t ON t.id = u.id
+     GROUP BY t.project ORDER BY t.project
+    ON CONFLICT (project) DO UPDATE SET turn = greatest(f.turn, excluded.turn);
 
     v_at := extract(epoch FROM clock_timestamp());
     RETURN QUERY
