@@ -120,6 +120,48 @@ def check_fair_share(fair_share: bool | Mapping[str, float] | None) -> FairShare
     return weights
 
 
+@dataclass(frozen=True, slots=True)
+class FairClock:
+    """Fair sharing's memory of the slots given so far: a virtual clock, as start-time
+    fair queuing keeps one. A slot given to a project starts at its start tag,
+    `max(now, its finish tag)`, and moves the project's finish tag on to that plus
+    1 / its weight; `now` is then that start tag. A project that waited idle starts at
+    `now`, so it has no credit saved up to burst with; one served often has its finish
+    tag ahead and waits for the others to catch up. Stores keep, per project, the
+    start and finish tags of its latest slot (`tags`): `now` is the greatest start."""
+
+    now: float = 0.0
+    finish: Mapping[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, tags: Mapping[str, tuple[float, float]]) -> FairClock:
+        """The clock as stored: each project's (start tag, finish tag) of its latest slot."""
+        starts = [start for start, _ in tags.values()]
+        return cls(max(starts, default=0.0), {p: finish for p, (_, finish) in tags.items()})
+
+    def start_tag(self, project: str) -> float:
+        return max(self.now, self.finish.get(project, 0.0))
+
+    def given(self, project: str, weights: Mapping[str, float]) -> FairClock:
+        """The clock once a slot is given to `project`."""
+        start = self.start_tag(project)
+        # The same IEEE operations PostgreSQL makes (float8), so both keep equal tags.
+        finish = start + 1.0 / weights.get(project, 1.0)
+        return FairClock(start, {**self.finish, project: finish})
+
+
+def fair_tags(
+    clock: FairClock, chosen: Sequence[Slot], weights: Mapping[str, float]
+) -> dict[str, tuple[float, float]]:
+    """The (start tag, finish tag) a fair claim records for each project it gave slots
+    to (`chosen`, in the order given), its latest slot's; the store keeps the greater."""
+    tags: dict[str, tuple[float, float]] = {}
+    for slot in chosen:
+        clock = clock.given(slot.project, weights)
+        tags[slot.project] = (clock.now, clock.finish[slot.project])
+    return tags
+
+
 def plan_claims(
     candidates: Sequence[Slot],
     running: Iterable[Slot],
@@ -128,7 +170,7 @@ def plan_claims(
     max_parallel: int,
     project_limits: Mapping[str, int],
     fair_share: FairShare = None,
-    turns: Mapping[str, int] | None = None,
+    clock: FairClock | None = None,
 ) -> list[Slot]:
     """Choose which candidates to start now, in the order they are given the slots.
 
@@ -142,19 +184,20 @@ def plan_claims(
     project, 1 for a project not listed) each free slot in turn goes to the project
     whose running attempts, on every node and counting those chosen so far, are
     fewest per weight (`running / weight`); among projects tied there, to the one
-    given a slot least recently (`turns`: each project's latest turn, higher is more
-    recent, none is before any), then to the one whose first runnable candidate comes
+    with the earliest start tag on the fair `clock` (the slots given before, by
+    weight: see `FairClock`), then to the one whose first runnable candidate comes
     first in the queue; within a project, queue order. What is runnable is unchanged
     (`blocked_by`).
 
-    Why this rule: it reads only durable state (what holds a live lease, and the turns
-    fair claims record with `next_turns`), so it needs no memory in a node and every
+    Why this rule: it reads only durable state (what holds a live lease, and the tags
+    fair claims record with `fair_tags`), so no node keeps memory of its own and every
     node and backend decides the same. Every slot that frees goes to whoever runs least
-    per weight, so while there are more slots than projects the slots split in
-    proportion to the weights and a deep queue cannot starve a shallow one. When they
-    tie (typically at none running: one slot re-claimed as each task ends), running
-    counts cannot tell the projects apart; the turns make those slots go round-robin
-    instead of always to the project whose backlog was submitted first.
+    per weight, so while there are slots for every project the running tasks split in
+    proportion to the weights, and a project with a deep queue cannot starve another.
+    When the projects tie there, as they do with one slot re-claimed as each task ends
+    (nothing runs at each claim), running counts cannot tell them apart; the clock
+    then hands the slots out round-robin, in proportion to the weights, instead of to
+    the project whose backlog was submitted first.
     """
     occ = Occupancy.of(running, node_running=node_running)
     if fair_share is not None:
@@ -164,7 +207,7 @@ def plan_claims(
             max_parallel=max_parallel,
             project_limits=project_limits,
             weights=fair_share,
-            turns=turns or {},
+            clock=clock or FairClock(),
         )
     chosen: list[Slot] = []
     for slot in candidates:
@@ -184,7 +227,7 @@ def _fair_steps(
     max_parallel: int,
     project_limits: Mapping[str, int],
     weights: Mapping[str, float],
-    turns: Mapping[str, int],
+    clock: FairClock,
     incomplete: frozenset[str] = frozenset(),
 ) -> list[Slot]:
     """`plan_claims`' fair choice, one slot at a time, taken into `occ`.
@@ -194,11 +237,10 @@ def _fair_steps(
     so the steps stop there and the caller reads on."""
     chosen: list[Slot] = []
     taken: set[int] = set()
-    turns = dict(turns)
     while occ.node_running < max_parallel:
         heads: set[str] = set()  # projects whose first runnable candidate was seen
         best: Slot | None = None
-        best_key = (0.0, 0)
+        best_key = (0.0, 0.0)
         for slot in candidates:
             if slot.project in heads or slot.task_id in taken:
                 continue
@@ -207,23 +249,16 @@ def _fair_steps(
             heads.add(slot.project)
             # The same IEEE division PostgreSQL makes (count::float8 / weight::float8).
             share = occ.per_project[slot.project] / weights.get(slot.project, 1.0)
-            key = (share, turns.get(slot.project, 0))
-            if best is None or key < best_key:  # a tie: the earlier head wins
+            key = (share, clock.start_tag(slot.project))
+            if best is None or key < best_key:  # a tie on both: the earlier head wins
                 best, best_key = slot, key
         if best is None or not incomplete <= heads:
             break
         occ.take(best, on_this_node=True)
-        turns.update(next_turns(turns, [best]))
+        clock = clock.given(best.project, weights)
         taken.add(best.task_id)
         chosen.append(best)
     return chosen
-
-
-def next_turns(turns: Mapping[str, int], chosen: Sequence[Slot]) -> dict[str, int]:
-    """The turns a fair claim records for the projects it gave slots to, in the order
-    given: each later than every turn before (turns count from 1)."""
-    latest = max(turns.values(), default=0)
-    return {slot.project: latest + i for i, slot in enumerate(chosen, 1)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,10 +377,10 @@ def claim_fair_in_windows(
     max_parallel: int,
     project_limits: Mapping[str, int],
     fair_share: Mapping[str, float],
-    turns: Mapping[str, int],
+    clock: FairClock,
     max_window: int = CLAIM_WINDOW,
 ) -> list[Slot]:
-    """`plan_claims` with `fair_share` and `turns` over a queue read as the head of each project:
+    """`plan_claims` with `fair_share` and `clock` over a queue read as the head of each project:
     the same choice, in the same order, however deep a project's first task lies
     behind another project's backlog.
 
@@ -370,13 +405,19 @@ def claim_fair_in_windows(
             max_parallel=max_parallel,
             project_limits=project_limits,
             weights=fair_share,
-            turns={**turns, **next_turns(turns, chosen)},
+            clock=_after(clock, chosen, fair_share),
             incomplete=incomplete,
         )
         chosen.extend(picked)
         if not picked or not incomplete:
             break
     return chosen
+
+
+def _after(clock: FairClock, chosen: Sequence[Slot], weights: Mapping[str, float]) -> FairClock:
+    for slot in chosen:
+        clock = clock.given(slot.project, weights)
+    return clock
 
 
 #: A waiting task's place in the queue: (-priority, id) ascends in queue order.

@@ -47,7 +47,7 @@ from ._models import (
     TaskSpec,
 )
 from ._retention import FinishedTask, PruneReport, Retention, select_prunable
-from ._rules import Slot, next_turns, plan_claims
+from ._rules import FairClock, Slot, fair_tags, plan_claims
 from ._scheduler import MemorySchedules
 from ._store import Orphan, OutputChunk, Renewal, Store
 from .stores._common import no_task
@@ -67,8 +67,8 @@ class MemoryStore(Store):
     def __init__(self) -> None:
         self._tasks: dict[int, _Task] = {}
         self._nodes: dict[str, NodeInfo] = {}
-        #: Fair sharing's turns: each project's latest (see `plan_claims`).
-        self._fair_turns: dict[str, int] = {}
+        #: Fair sharing's clock: each project's start and finish tags (`FairClock`).
+        self._fair_tags: dict[str, tuple[float, float]] = {}
         self._events: list[TaskEvent] = []
         self._last_task_id = self._last_event_id = 0
         self._lock = anyio.Lock()
@@ -260,10 +260,12 @@ class MemoryStore(Store):
             max_parallel=limits.max_parallel,
             project_limits=limits.project_limits,
             fair_share=limits.fair_share,
-            turns=self._fair_turns,
+            clock=FairClock.of(self._fair_tags),
         )
         if limits.fair_share is not None:
-            self._fair_turns.update(next_turns(self._fair_turns, chosen))
+            self._fair_tags.update(
+                fair_tags(FairClock.of(self._fair_tags), chosen, limits.fair_share)
+            )
         return [
             Claim(self._start(task, plan_start(TaskState.of(task.info), node_id, now, lease_ttl_s)))
             for task in (self._tasks[slot.task_id] for slot in chosen)

@@ -25,7 +25,14 @@ from .._decisions import (
     plan_start,
 )
 from .._models import CancelMode, Claim, Limits, Outcome, TaskEvent, TaskInfo, TaskSpec
-from .._rules import Prefilter, Slot, claim_fair_in_windows, claim_in_windows, next_turns
+from .._rules import (
+    FairClock,
+    Prefilter,
+    Slot,
+    claim_fair_in_windows,
+    claim_in_windows,
+    fair_tags,
+)
 from .._store import Renewal
 from ._common import (
     EVENT_COLUMNS,
@@ -244,7 +251,12 @@ def claim(
             project_limits=limits.project_limits,
         )
     else:
-        turns = dict(conn.execute("SELECT project, turn FROM fair_turns").fetchall())
+        clock = FairClock.of(
+            {
+                r["project"]: (r["start_tag"], r["finish_tag"])
+                for r in conn.execute("SELECT project, start_tag, finish_tag FROM fair_tags")
+            }
+        )
         chosen = claim_fair_in_windows(
             fetch_heads,
             running,
@@ -252,12 +264,13 @@ def claim(
             max_parallel=limits.max_parallel,
             project_limits=limits.project_limits,
             fair_share=limits.fair_share,
-            turns=turns,
+            clock=clock,
         )
         conn.executemany(
-            "INSERT INTO fair_turns (project, turn) VALUES (?, ?)"
-            " ON CONFLICT (project) DO UPDATE SET turn = max(turn, excluded.turn)",
-            next_turns(turns, chosen).items(),
+            "INSERT INTO fair_tags (project, start_tag, finish_tag) VALUES (?, ?, ?)"
+            " ON CONFLICT (project) DO UPDATE SET start_tag = max(start_tag, excluded.start_tag),"
+            " finish_tag = max(finish_tag, excluded.finish_tag)",
+            [(p, *tags) for p, tags in fair_tags(clock, chosen, limits.fair_share).items()],
         )
     claims = []
     for slot in chosen:

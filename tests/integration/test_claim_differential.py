@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, example, given, settings
 
 from taskpool import Limits, Store, TaskSpec
 from taskpool._decisions import claim_reason
-from taskpool._rules import Slot, next_turns, plan_claims
+from taskpool._rules import FairClock, Slot, plan_claims
 from tests.integration.test_store_contract import BACKENDS, handles
 from tests.strategies import (
     CLAIMING_NODE,
@@ -63,7 +63,7 @@ def expected_claim(world: ClaimWorld) -> list[int]:
 def expected_claims(world: ClaimWorld, max_parallels: Sequence[int]) -> list[list[int]]:
     """The oracle for claims in a row by `CLAIMING_NODE`, each with its `max_parallel`:
     each `plan_claims` over the world as the claims before it left it (what they chose
-    running on the claiming node; with fair sharing, the turns they recorded)."""
+    running on the claiming node; with fair sharing, the clock's tags they recorded)."""
     queue = [
         w.slot
         for w in sorted(
@@ -72,7 +72,7 @@ def expected_claims(world: ClaimWorld, max_parallels: Sequence[int]) -> list[lis
     ]
     live = [r.slot for r in world.running if r.live]
     node_running = sum(1 for r in world.running if r.live and r.owner == CLAIMING_NODE)
-    turns: dict[str, int] = {}
+    clock = FairClock()
     claims = []
     for max_parallel in max_parallels:
         chosen = plan_claims(
@@ -82,10 +82,10 @@ def expected_claims(world: ClaimWorld, max_parallels: Sequence[int]) -> list[lis
             max_parallel=max_parallel,
             project_limits=world.project_limits,
             fair_share=world.fair_share,
-            turns=turns,
+            clock=clock,
         )
-        if world.fair_share is not None:
-            turns.update(next_turns(turns, chosen))
+        for slot in chosen:
+            clock = clock.given(slot.project, world.fair_share or {})
         queue = [s for s in queue if s not in chosen]
         live += chosen
         node_running += len(chosen)
@@ -196,8 +196,8 @@ BLOCKED_HEADS = ClaimWorld(
 def test_every_backend_claims_what_the_fair_plan_chooses(backend: str, world: ClaimWorld) -> None:
     """With fair sharing (equal or drawn weights), the backend's claims give the ordered
     choices of `plan_claims` over the whole queue, however deep a project's first task:
-    a first claim of one slot, then one of the world's, which breaks ties by the turn
-    the first recorded."""
+    a first claim of one slot, then one of the world's, which breaks ties by the clock
+    the first moved on."""
     node_running = sum(1 for r in world.running if r.live and r.owner == CLAIMING_NODE)
     max_parallels = [min(node_running + 1, world.max_parallel), world.max_parallel]
     assert claimed_in_turn(backend, world, max_parallels) == expected_claims(world, max_parallels)

@@ -1,11 +1,11 @@
-"""Fair sharing in the pure rules: `plan_claims` with `fair_share`, its windows, its turns."""
+"""Fair sharing in the pure rules: `plan_claims` with `fair_share`, its windows, its clock."""
 
 from __future__ import annotations
 
 import math
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,13 +15,14 @@ from hypothesis import strategies as st
 
 from taskpool import TaskPool
 from taskpool._rules import (
+    FairClock,
     Occupancy,
     Prefilter,
     Slot,
     blocked_by,
     check_fair_share,
     claim_fair_in_windows,
-    next_turns,
+    fair_tags,
     plan_claims,
 )
 from tests.strategies import (
@@ -34,11 +35,20 @@ from tests.strategies import (
 )
 
 scenario_settings = settings(max_examples=300, deadline=None)
-turn_maps = st.dictionaries(projects, st.integers(min_value=1, max_value=8))
+
+
+@st.composite
+def fair_clocks(draw: st.DrawFn) -> FairClock:
+    """A fair clock as a store holds it: tags from slots given by fair claims before."""
+    clock = FairClock()
+    share = draw(st.dictionaries(projects, weights))
+    for project in draw(st.lists(projects, max_size=8)):
+        clock = clock.given(project, share)
+    return clock
 
 
 def fair_plan(
-    sc: ClaimScenario, share: Mapping[str, float], turns: Mapping[str, int] | None = None
+    sc: ClaimScenario, share: Mapping[str, float], clock: FairClock | None = None
 ) -> list[Slot]:
     return plan_claims(
         sc.candidates,
@@ -47,7 +57,7 @@ def fair_plan(
         max_parallel=sc.max_parallel,
         project_limits=sc.project_limits,
         fair_share=share,
-        turns=turns,
+        clock=clock,
     )
 
 
@@ -72,15 +82,15 @@ def open_queues(draw: st.DrawFn) -> tuple[ClaimScenario, dict[str, float]]:
 
 
 @scenario_settings
-@given(fair_claim_scenarios(), turn_maps)
+@given(fair_claim_scenarios(), fair_clocks())
 def test_a_fair_plan_never_chooses_a_blocked_task(
-    case: tuple[ClaimScenario, Mapping[str, float]], turns: dict[str, int]
+    case: tuple[ClaimScenario, Mapping[str, float]], clock: FairClock
 ) -> None:
     """Each task the fair plan chooses is runnable when its slot is given, counting
     what runs and what was chosen before it."""
     sc, share = case
     occ = Occupancy.of(sc.running, node_running=sc.node_running)
-    for slot in fair_plan(sc, share, turns):
+    for slot in fair_plan(sc, share, clock):
         assert (
             blocked_by(slot, occ, max_parallel=sc.max_parallel, project_limits=sc.project_limits)
             is None
@@ -89,14 +99,14 @@ def test_a_fair_plan_never_chooses_a_blocked_task(
 
 
 @scenario_settings
-@given(fair_claim_scenarios(), turn_maps)
+@given(fair_claim_scenarios(), fair_clocks())
 def test_a_fair_plan_leaves_no_runnable_task_while_a_slot_is_free(
-    case: tuple[ClaimScenario, Mapping[str, float]], turns: dict[str, int]
+    case: tuple[ClaimScenario, Mapping[str, float]], clock: FairClock
 ) -> None:
     """Fair sharing changes which task gets a slot, not how many: it stops only with the
     node full or every other candidate blocked."""
     sc, share = case
-    chosen = fair_plan(sc, share, turns)
+    chosen = fair_plan(sc, share, clock)
     occ = Occupancy.of([*sc.running, *chosen], node_running=sc.node_running + len(chosen))
     if occ.node_running < sc.max_parallel:
         for slot in sc.candidates:
@@ -107,11 +117,11 @@ def test_a_fair_plan_leaves_no_runnable_task_while_a_slot_is_free(
 
 
 @scenario_settings
-@given(claim_scenarios(), turn_maps)
+@given(claim_scenarios(), fair_clocks())
 def test_without_fair_share_the_plan_is_queue_order_as_before(
-    sc: ClaimScenario, turns: dict[str, int]
+    sc: ClaimScenario, clock: FairClock
 ) -> None:
-    """`fair_share=None` is the plain plan, whatever the turns: the first runnable tasks
+    """`fair_share=None` is the plain plan, whatever the clock: the first runnable tasks
     in queue order."""
     plain = plan_claims(
         sc.candidates,
@@ -127,7 +137,7 @@ def test_without_fair_share_the_plan_is_queue_order_as_before(
         max_parallel=sc.max_parallel,
         project_limits=sc.project_limits,
         fair_share=None,
-        turns=turns,
+        clock=clock,
     )
     assert unfair == plain
     occ = Occupancy.of(sc.running, node_running=sc.node_running)
@@ -142,14 +152,14 @@ def test_without_fair_share_the_plan_is_queue_order_as_before(
 
 
 @scenario_settings
-@given(fair_claim_scenarios(), turn_maps)
+@given(fair_claim_scenarios(), fair_clocks())
 def test_within_a_project_slots_go_in_queue_order(
-    case: tuple[ClaimScenario, Mapping[str, float]], turns: dict[str, int]
+    case: tuple[ClaimScenario, Mapping[str, float]], clock: FairClock
 ) -> None:
     """The tasks of one project are given slots in queue order, and a task of a project
     is passed over only if it was blocked when its project's slot was given."""
     sc, share = case
-    chosen = fair_plan(sc, share, turns)
+    chosen = fair_plan(sc, share, clock)
     position = {s.task_id: i for i, s in enumerate(sc.candidates)}
     occ = Occupancy.of(sc.running, node_running=sc.node_running)
     for slot in chosen:
@@ -201,30 +211,24 @@ def test_equal_shares_from_nothing_running_differ_by_at_most_one(
     assert max(spread) - min(spread) <= 1
 
 
-@settings(max_examples=300, deadline=None)
-@given(
-    st.lists(projects, min_size=1, max_size=40),
-    st.dictionaries(projects, weights),
-    st.integers(min_value=1, max_value=4),
-    st.data(),
-)
-def test_a_project_with_nothing_running_gets_a_slot_within_one_claim_per_project(
-    order: list[str],
-    share: dict[str, float],
+def one_slot_claims(
+    queue: list[Slot],
+    share: Mapping[str, float],
     slots: int,
-    data: st.DataObject,
-) -> None:
-    """One slot claimed at a time on a node of `slots`, any running tasks ending in
-    between (whichever the draw says): a project with waiting work and nothing running
-    is given a slot within as many claims as there are projects, however deep the
-    others' queues and whatever the weights; the turns the claims record do it."""
-    queue = [Slot(i + 1, p) for i, p in enumerate(order)]
+    ends: Callable[[list[Slot]], Slot | None],
+) -> Iterator[tuple[Slot, list[Slot]]]:
+    """Claims of one slot each on a node of `slots` until `queue` is empty, the clock
+    kept as a store keeps it; before each, `ends` may pick a running task to end (one
+    must end when the node is full). Yields each claim's task and what ran beside it."""
     running: list[Slot] = []
-    turns: dict[str, int] = {}
-    starved_for: dict[str, int] = {}  # project -> claims it waited with nothing running
+    tags: dict[str, tuple[float, float]] = {}
     while queue:
-        if len(running) >= slots or (running and data.draw(st.booleans())):
-            running.remove(data.draw(st.sampled_from(running)))
+        ending = ends(running)
+        if ending is None and len(running) >= slots:
+            ending = running[0]
+        if ending is not None:
+            running.remove(ending)
+        clock = FairClock.of(tags)
         chosen = plan_claims(
             queue,
             running,
@@ -232,24 +236,81 @@ def test_a_project_with_nothing_running_gets_a_slot_within_one_claim_per_project
             max_parallel=len(running) + 1,
             project_limits={},
             fair_share=share,
-            turns=turns,
+            clock=clock,
         )
         assert len(chosen) == 1
-        turns.update(next_turns(turns, chosen))
-        (slot,) = chosen
-        waiting = {s.project for s in queue} - {s.project for s in running}
-        for project in waiting - {slot.project}:
-            starved_for[project] = starved_for.get(project, 0) + 1
-            assert starved_for[project] < len(PROJECTS)
-        starved_for.pop(slot.project, None)
-        queue.remove(slot)
-        running.append(slot)
+        tags.update(fair_tags(clock, chosen, share))
+        yield chosen[0], list(running)
+        queue.remove(chosen[0])
+        running.append(chosen[0])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(projects, min_size=1, max_size=40),
+    st.dictionaries(projects, weights),
+    st.integers(min_value=1, max_value=4),
+    st.data(),
+)
+def test_a_project_with_nothing_running_is_never_starved(
+    order: list[str], share: dict[str, float], slots: int, data: st.DataObject
+) -> None:
+    """Slots claimed one at a time, any running task ending in between (as the draw
+    says): a project with waiting work and nothing running is passed over at most
+    floor(w/its weight) + 1 times for each other project of weight w (with equal
+    weights, twice per other project; once, from a clock it has not run ahead of),
+    however deep the others' queues; the clock's tags see to it."""
+    weight = {p: share.get(p, 1.0) for p in PROJECTS}
+
+    def ends(running: list[Slot]) -> Slot | None:
+        return data.draw(st.none() | st.sampled_from(running)) if running else None
+
+    passed_over: Counter[str] = Counter()  # while waiting with nothing running
+    queue = [Slot(i + 1, p) for i, p in enumerate(order)]
+    for slot, running in one_slot_claims(queue, share, slots, ends):
+        idle = {s.project for s in queue} - {s.project for s in running} - {slot.project}
+        for project in idle:
+            passed_over[project] += 1
+            bound = sum(
+                math.floor(weight[other] / weight[project] + 1e-9) + 1
+                for other in PROJECTS
+                if other != project
+            )
+            assert passed_over[project] <= bound
+        passed_over.pop(slot.project, None)
+        for project in set(passed_over) - idle:
+            del passed_over[project]  # it has something running again: not starved
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(projects, weights, min_size=1),
+    st.integers(min_value=1, max_value=60),
+)
+def test_one_slot_at_a_time_goes_round_robin_by_weight(
+    share: dict[str, float], claims: int
+) -> None:
+    """A node of one slot, every task ending before the next claim (nothing runs at any
+    claim, so running counts tie): while every project has work, the slots given so far
+    split by weight within one slot's worth of each, as start-time fair queuing does."""
+    queue = [Slot(i * len(PROJECTS) + j + 1, p) for i in range(60) for j, p in enumerate(PROJECTS)]
+    weight = {p: share.get(p, 1.0) for p in PROJECTS}
+    given: Counter[str] = Counter()
+    for n, (slot, _) in enumerate(one_slot_claims(queue, share, 1, lambda r: None)):
+        if n == claims:
+            break
+        given[slot.project] += 1
+        for p in PROJECTS:
+            for q in PROJECTS:
+                assert given[p] / weight[p] - given[q] / weight[q] <= (
+                    1 / weight[p] + 1 / weight[q] + 1e-9
+                )
 
 
 @scenario_settings
-@given(fair_claim_scenarios(), turn_maps, st.integers(min_value=1, max_value=6))
+@given(fair_claim_scenarios(), fair_clocks(), st.integers(min_value=1, max_value=6))
 def test_claiming_fairly_in_windows_chooses_what_the_fair_plan_chooses(
-    case: tuple[ClaimScenario, Mapping[str, float]], turns: dict[str, int], max_window: int
+    case: tuple[ClaimScenario, Mapping[str, float]], clock: FairClock, max_window: int
 ) -> None:
     """Reading each project's head a window at a time behind the prefilter gives the
     same choice, in the same order, as the fair plan over the whole queue."""
@@ -274,10 +335,10 @@ def test_claiming_fairly_in_windows_chooses_what_the_fair_plan_chooses(
         max_parallel=sc.max_parallel,
         project_limits=sc.project_limits,
         fair_share=share,
-        turns=turns,
+        clock=clock,
         max_window=max_window,
     )
-    assert ids_of(chosen) == ids_of(fair_plan(sc, share, turns))
+    assert ids_of(chosen) == ids_of(fair_plan(sc, share, clock))
     assert all(n <= max_window for n in reads)
 
 
@@ -312,12 +373,12 @@ def test_running_tasks_on_other_nodes_count() -> None:
     assert ids_of(chosen) == [3, 1]
 
 
-def test_a_tie_goes_to_the_project_served_least_recently() -> None:
-    """With as many running per weight, the project whose latest turn is older wins,
-    whatever the queue says; a project never served comes first."""
+def test_a_tie_goes_to_the_earliest_start_tag() -> None:
+    """With as many running per weight, the project whose start tag is earliest wins,
+    whatever the queue says; one that waited idle starts at the clock's now."""
     queue = [Slot(1, "A"), Slot(2, "B"), Slot(3, "C")]
 
-    def first(turns: dict[str, int]) -> list[int]:
+    def first(clock: FairClock) -> list[int]:
         return ids_of(
             plan_claims(
                 queue,
@@ -326,17 +387,23 @@ def test_a_tie_goes_to_the_project_served_least_recently() -> None:
                 max_parallel=1,
                 project_limits={},
                 fair_share={},
-                turns=turns,
+                clock=clock,
             )
         )
 
-    assert first({"A": 2, "B": 1, "C": 3}) == [2]
-    assert first({"A": 2, "B": 1}) == [3]
-    assert first({}) == [1]
-    assert next_turns({"A": 2, "B": 5}, [Slot(1, "A"), Slot(3, "C"), Slot(4, "A")]) == {
-        "A": 8,
-        "C": 7,
-    }
+    assert first(FairClock(2.0, {"A": 4.0, "B": 3.0, "C": 5.0})) == [2]
+    assert first(FairClock(2.0, {"A": 4.0, "B": 3.0})) == [3]  # C starts at 2
+    assert first(FairClock(2.0, {"A": 1.0, "B": 0.5})) == [1]  # both at 2: the queue
+    assert first(FairClock()) == [1]
+
+
+def test_a_claim_records_each_projects_latest_tags() -> None:
+    """The tags a claim records: per project, its latest slot's start and finish, each
+    slot starting at max(now, the project's finish) and lasting 1 / weight."""
+    chosen = [Slot(1, "A"), Slot(3, "C"), Slot(4, "A")]
+    tags = fair_tags(FairClock(1.0, {"A": 2.0}), chosen, {"A": 2.0, "C": 0.5})
+    assert tags == {"A": (2.5, 3.0), "C": (2.0, 4.0)}
+    assert FairClock.of(tags) == FairClock(2.5, {"A": 3.0, "C": 4.0})
 
 
 def test_fair_share_option_values() -> None:

@@ -6,9 +6,10 @@
 -- windows as claim_fair_in_windows reads them; checked by
 -- tests/integration/test_claim_differential.py): each free slot in turn goes to the
 -- project with the fewest running attempts (live leases on every node, and those
--- chosen so far) per weight; among those tied there, to the project given a slot least
--- recently (its turn in taskpool_fair_turns), then to the one whose first runnable task
--- comes first in the queue; within a project, queue order.
+-- chosen so far) per weight; among those tied there, to the project with the earliest
+-- start tag on the fair clock (FairClock: start-time fair queuing over the slots given
+-- before, kept in taskpool_fair_tags), then to the one whose first runnable task comes
+-- first in the queue; within a project, queue order.
 --
 -- The locking protocol is taskpool_claim's, unchanged: the node's advisory lock, the
 -- rows FOR UPDATE SKIP LOCKED, try-locks on blocking keys (taskpool_try_keys), a
@@ -16,15 +17,16 @@
 -- project without a limit is read without its lock, as the plain claim does: two nodes
 -- claiming at the same moment may each count without the other's choice, so fairness
 -- holds per claim and, across racing nodes, within what they choose at once.
--- Exclusivity (limits, templates, locks) is enforced exactly as before. The turns it
+-- Exclusivity (limits, templates, locks) is enforced exactly as before. The tags it
 -- writes lock their rows until commit, in project order (no deadlock): fair claims
 -- giving slots to one project commit one after the other there.
 
--- Each project's latest turn (higher is more recent), written by fair claims for the
--- projects they gave slots to.
-CREATE TABLE taskpool_fair_turns (
-    project TEXT PRIMARY KEY,
-    turn    BIGINT NOT NULL
+-- Each project's start and finish tags of the latest slot a fair claim gave it; the
+-- clock's `now` is the greatest start tag.
+CREATE TABLE taskpool_fair_tags (
+    project    TEXT PRIMARY KEY,
+    start_tag  DOUBLE PRECISION NOT NULL,
+    finish_tag DOUBLE PRECISION NOT NULL
 );
 
 -- What the attempts holding a live lease occupy, every project counted (plan_claims'
@@ -95,12 +97,13 @@ DECLARE
     v_share DOUBLE PRECISION;
     v_picked INTEGER;
     v_limit INTEGER;
-    v_turns0 JSONB;              -- each project's latest turn, as read at the start
-    v_latest0 BIGINT;            -- the latest of them (0: none)
-    v_turns JSONB;               -- the same, with this claim's turns so far
-    v_latest BIGINT;
-    v_turn BIGINT;
-    v_best_turn BIGINT;
+    v_finish0 JSONB;             -- each project's finish tag, as read at the start
+    v_clock0 DOUBLE PRECISION;   -- the clock's now, as read at the start
+    v_finish JSONB;              -- the same, with this claim's slots so far
+    v_clock DOUBLE PRECISION;
+    v_start DOUBLE PRECISION;    -- a candidate's start tag
+    v_best_start DOUBLE PRECISION;
+    v_tags JSONB;                -- project -> [start tag, finish tag] of its latest slot
     c taskpool_claim_candidate;
     i INTEGER;
 BEGIN
@@ -108,20 +111,22 @@ BEGIN
     v_now := extract(epoch FROM clock_timestamp());
     SELECT * INTO v_node_running, v_counts, v_exclusive, v_any, v_held
       FROM taskpool_fair_occupancy(p_node, v_now);
-    SELECT coalesce(jsonb_object_agg(project, turn), '{}'), coalesce(max(turn), 0)
-      INTO v_turns0, v_latest0 FROM taskpool_fair_turns;
+    SELECT coalesce(jsonb_object_agg(project, finish_tag), '{}'), coalesce(max(start_tag), 0)
+      INTO v_finish0, v_clock0 FROM taskpool_fair_tags;
 
     LOOP  -- one round per iteration
-        -- The turns with what this claim holds already, as next_turns gives them.
-        v_turns := v_turns0;
-        v_latest := v_latest0;
+        -- The clock with the slots this claim holds already (FairClock.given).
+        v_finish := v_finish0;
+        v_clock := v_clock0;
         FOR c IN
             SELECT t.id, t.project, t.template, t.template_parallel, t.locks
               FROM unnest(v_kept) WITH ORDINALITY AS u(id, n)
               JOIN taskpool_tasks t ON t.id = u.id ORDER BY u.n
         LOOP
-            v_latest := v_latest + 1;
-            v_turns := jsonb_set(v_turns, ARRAY[c.project], to_jsonb(v_latest));
+            v_clock := greatest(v_clock, coalesce((v_finish ->> c.project)::double precision, 0));
+            v_finish := jsonb_set(v_finish, ARRAY[c.project], to_jsonb(v_clock
+                + 1.0::double precision
+                  / coalesce((p_weights ->> c.project)::double precision, 1)));
         END LOOP;
         -- Choose: claim_fair_in_windows, one window per iteration.
         LOOP
@@ -192,13 +197,14 @@ BEGIN
                     -- The same IEEE division as the rules' (count / weight).
                     v_share := coalesce((v_counts ->> c.project)::double precision, 0)
                              / coalesce((p_weights ->> c.project)::double precision, 1);
-                    v_turn := coalesce((v_turns ->> c.project)::bigint, 0);
+                    v_start := greatest(v_clock,
+                        coalesce((v_finish ->> c.project)::double precision, 0));
                     -- A tie on both: the earlier head.
                     IF v_best = 0 OR v_share < v_best_share
-                       OR (v_share = v_best_share AND v_turn < v_best_turn) THEN
+                       OR (v_share = v_best_share AND v_start < v_best_start) THEN
                         v_best := i;
                         v_best_share := v_share;
-                        v_best_turn := v_turn;
+                        v_best_start := v_start;
                     END IF;
                 END LOOP;
                 EXIT WHEN v_best = 0 OR NOT (v_incomplete <@ v_seen);
@@ -208,8 +214,10 @@ BEGIN
                 v_node_running := v_node_running + 1;
                 v_counts := jsonb_set(v_counts, ARRAY[c.project],
                     to_jsonb(coalesce((v_counts ->> c.project)::int, 0) + 1));
-                v_latest := v_latest + 1;
-                v_turns := jsonb_set(v_turns, ARRAY[c.project], to_jsonb(v_latest));
+                v_clock := v_best_start;
+                v_finish := jsonb_set(v_finish, ARRAY[c.project], to_jsonb(v_clock
+                    + 1.0::double precision
+                      / coalesce((p_weights ->> c.project)::double precision, 1)));
                 IF c.template IS NOT NULL THEN
                     v_any := v_any || c.template;
                     IF NOT c.template_parallel THEN
@@ -286,13 +294,27 @@ BEGIN
         v_chosen := '{}';
     END LOOP;
 
-    -- The turns of the projects given slots (next_turns), never moved back by a claim
-    -- that read them before another committed.
-    INSERT INTO taskpool_fair_turns AS f (project, turn)
-    SELECT t.project, v_latest0 + max(u.n)
-      FROM unnest(v_kept) WITH ORDINALITY AS u(id, n) JOIN taskpool_tasks t ON t.id = u.id
-     GROUP BY t.project ORDER BY t.project
-    ON CONFLICT (project) DO UPDATE SET turn = greatest(f.turn, excluded.turn);
+    -- The tags of the projects given slots (fair_tags): each one's latest slot's start
+    -- and finish, never moved back by a claim that read them before another committed.
+    v_finish := v_finish0;
+    v_clock := v_clock0;
+    v_tags := '{}';
+    FOR c IN
+        SELECT t.id, t.project, t.template, t.template_parallel, t.locks
+          FROM unnest(v_kept) WITH ORDINALITY AS u(id, n)
+          JOIN taskpool_tasks t ON t.id = u.id ORDER BY u.n
+    LOOP
+        v_clock := greatest(v_clock, coalesce((v_finish ->> c.project)::double precision, 0));
+        v_finish := jsonb_set(v_finish, ARRAY[c.project], to_jsonb(v_clock
+            + 1.0::double precision / coalesce((p_weights ->> c.project)::double precision, 1)));
+        v_tags := jsonb_set(v_tags, ARRAY[c.project],
+            jsonb_build_array(v_clock, v_finish -> c.project));
+    END LOOP;
+    INSERT INTO taskpool_fair_tags AS f (project, start_tag, finish_tag)
+    SELECT key, (value ->> 0)::double precision, (value ->> 1)::double precision
+      FROM jsonb_each(v_tags) ORDER BY key
+    ON CONFLICT (project) DO UPDATE SET start_tag = greatest(f.start_tag, excluded.start_tag),
+        finish_tag = greatest(f.finish_tag, excluded.finish_tag);
 
     v_at := extract(epoch FROM clock_timestamp());
     RETURN QUERY
