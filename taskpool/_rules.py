@@ -11,7 +11,8 @@ per-blocking-key locks instead of one cluster-wide lock.
 
 Fair sharing (`fair_share`, opt-in per pool) changes only which runnable task a free
 slot goes to, never what is runnable: see `plan_claims`. Its windows read the head of
-every project (`claim_fair_in_windows`); PostgreSQL restates it in
+every project (`claim_fair_in_windows`); its clock's tags (`FairClock`) are kept by
+each store (SQLite migration 0010, PostgreSQL 0014); PostgreSQL restates it in
 `taskpool_claim_fair` (migration 0014).
 The differential claim test (tests/integration/test_claim_differential.py) runs the
 same random scenarios through `plan_claims` and every backend's claim and requires
