@@ -18,6 +18,12 @@ is a real block:
   last place).
 
 Running tasks count only while their lease is live, as in the claim.
+
+Fair sharing (`TaskPool(fair_share=...)`) is not taken into account: nodes do not
+record it, and the queue is taken in its order. On a fair node a task said to be
+claimable may wait for its project's turn, and one said to wait behind earlier tasks
+may be started first; the blocks named (start time, no node, a full node, a limit, a
+template, a lock) hold all the same.
 """
 
 from __future__ import annotations

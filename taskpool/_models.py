@@ -440,8 +440,11 @@ class Limits:
     """Blocking limits the claim rules enforce.
 
     `max_parallel` is per node; `project_limits` caps running tasks per project
-    across every node sharing the store.
+    across every node sharing the store. `fair_share`, if not None, hands free slots
+    across projects by the weights it gives (1 for a project not listed; see
+    `taskpool._rules.plan_claims`); None hands them in queue order.
     """
 
     max_parallel: int = 4
     project_limits: Mapping[str, int] = field(default_factory=dict)
+    fair_share: Mapping[str, float] | None = None

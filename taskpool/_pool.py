@@ -59,6 +59,7 @@ from ._recovery import (
     rescue_expired,
 )
 from ._retention import DEFAULT_INTERVAL_S, DEFAULT_RETENTION, Retention, keep_pruning
+from ._rules import check_fair_share
 from ._runners import Runners, RunnerSetup
 from ._scheduler import run_scheduler
 from ._store import Store, Wake
@@ -93,6 +94,11 @@ class TaskPool(PoolClientAPI):
     `Client`, not a pool.
     `max_parallel` caps running tasks on this node; `project_limits` caps
     running tasks per project across every node sharing the store.
+    `fair_share` (None: off) hands this node's free slots across projects instead
+    of in queue order: each to the project with the fewest running tasks (on every
+    node) per weight, so a project with a deep queue cannot starve another; True
+    weighs every project 1, a mapping gives weights (finite, above 0; a project not
+    listed weighs 1). Within a project, queue order still holds.
     A store that stays unavailable for longer than `store_outage_tolerance_s`
     crashes the pool (its children are killed and `PoolCrashed` is raised).
     `retention` prunes finished tasks every `retention_interval_s` (default: kept 30
@@ -107,6 +113,7 @@ class TaskPool(PoolClientAPI):
         *,
         max_parallel: int = 4,
         project_limits: Mapping[str, int] | None = None,
+        fair_share: bool | Mapping[str, float] | None = None,
         lease_ttl_s: float = 30.0,
         heartbeat_interval_s: float | None = None,
         reaper_interval_s: float = 5.0,
@@ -127,6 +134,7 @@ class TaskPool(PoolClientAPI):
     ) -> None:
         if max_parallel < 1:
             raise ValueError("max_parallel must be >= 1")
+        weights = check_fair_share(fair_share)  # before a store is opened
         # Ownership is the caller's choice, not the pool's guess: a store it opens from a
         # path or URL is its own (closed on leaving); a Store object stays the caller's.
         if isinstance(store, Store):
@@ -138,7 +146,7 @@ class TaskPool(PoolClientAPI):
             self._owns_store = True
         # The client API (`submit`, `wait`, `follow`, ...) this pool offers, over its store.
         self._client = Client(self.store, poll_interval_s=poll_interval_s, watch=False)
-        self.limits = Limits(max_parallel, dict(project_limits or {}))
+        self.limits = Limits(max_parallel, dict(project_limits or {}), weights)
         self.lease_ttl_s = lease_ttl_s
         self.heartbeat_interval_s = heartbeat_interval_s or lease_ttl_s / 3
         if self.heartbeat_interval_s >= lease_ttl_s:

@@ -8,6 +8,12 @@ group (`merge_group_windows`), skipping the groups `Prefilter.blocks_group` rule
 out whole without reading their rows. PostgreSQL restates the policy in PL/pgSQL
 (`taskpool_claim`, migration 0006) to decide in one statement, under per-node and
 per-blocking-key locks instead of one cluster-wide lock.
+
+Fair sharing (`fair_share`, opt-in per pool) changes only which runnable task a free
+slot goes to, never what is runnable: see `plan_claims`. Its windows read the head of
+every project (`claim_fair_in_windows`); its clock's tags (`FairClock`) are kept by
+each store (SQLite migration 0010, PostgreSQL 0014); PostgreSQL restates it in
+`taskpool_claim_fair` (migration 0014).
 The differential claim test (tests/integration/test_claim_differential.py) runs the
 same random scenarios through `plan_claims` and every backend's claim and requires
 the same ordered choice.
@@ -15,6 +21,7 @@ the same ordered choice.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -80,6 +87,82 @@ def blocked_by(
     return None
 
 
+#: Fair sharing's weight per project (a project not listed weighs 1); None: no fair
+#: sharing, slots go in queue order.
+FairShare = Mapping[str, float] | None
+
+
+def check_fair_share(fair_share: bool | Mapping[str, float] | None) -> FairShare:
+    """The weights a pool's `fair_share` option stands for (True: every project weighs 1),
+    or ValueError naming what is wrong: a weight must be a finite number above 0."""
+    if fair_share is None or fair_share is False:
+        return None
+    if fair_share is True:
+        return {}
+    if not isinstance(fair_share, Mapping):
+        raise ValueError(
+            f"fair_share must be None, True or a mapping of project to weight, got {fair_share!r}"
+        )
+    weights: dict[str, float] = {}
+    for project, weight in fair_share.items():
+        if not isinstance(project, str) or not project:
+            raise ValueError(f"fair_share: a project must be a non-empty string, got {project!r}")
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, int | float)
+            or not math.isfinite(weight)
+            or weight <= 0
+        ):
+            raise ValueError(
+                f"fair_share: the weight of project {project!r} must be a finite number"
+                f" above 0, got {weight!r}"
+            )
+        weights[project] = float(weight)
+    return weights
+
+
+@dataclass(frozen=True, slots=True)
+class FairClock:
+    """Fair sharing's memory of the slots given so far: a virtual clock, as start-time
+    fair queuing keeps one. A slot given to a project starts at its start tag,
+    `max(now, its finish tag)`, and moves the project's finish tag on to that plus
+    1 / its weight; `now` is then that start tag. A project that waited idle starts at
+    `now`, so it has no credit saved up to burst with; one served often has its finish
+    tag ahead and waits for the others to catch up. Stores keep, per project, the
+    start and finish tags of its latest slot (`tags`): `now` is the greatest start."""
+
+    now: float = 0.0
+    finish: Mapping[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, tags: Mapping[str, tuple[float, float]]) -> FairClock:
+        """The clock as stored: each project's (start tag, finish tag) of its latest slot."""
+        starts = [start for start, _ in tags.values()]
+        return cls(max(starts, default=0.0), {p: finish for p, (_, finish) in tags.items()})
+
+    def start_tag(self, project: str) -> float:
+        return max(self.now, self.finish.get(project, 0.0))
+
+    def given(self, project: str, weights: Mapping[str, float]) -> FairClock:
+        """The clock once a slot is given to `project`."""
+        start = self.start_tag(project)
+        # The same IEEE operations PostgreSQL makes (float8), so both keep equal tags.
+        finish = start + 1.0 / weights.get(project, 1.0)
+        return FairClock(start, {**self.finish, project: finish})
+
+
+def fair_tags(
+    clock: FairClock, chosen: Sequence[Slot], weights: Mapping[str, float]
+) -> dict[str, tuple[float, float]]:
+    """The (start tag, finish tag) a fair claim records for each project it gave slots
+    to (`chosen`, in the order given), its latest slot's; the store keeps the greater."""
+    tags: dict[str, tuple[float, float]] = {}
+    for slot in chosen:
+        clock = clock.given(slot.project, weights)
+        tags[slot.project] = (clock.now, clock.finish[slot.project])
+    return tags
+
+
 def plan_claims(
     candidates: Sequence[Slot],
     running: Iterable[Slot],
@@ -87,16 +170,46 @@ def plan_claims(
     node_running: int,
     max_parallel: int,
     project_limits: Mapping[str, int],
+    fair_share: FairShare = None,
+    clock: FairClock | None = None,
 ) -> list[Slot]:
-    """Choose which candidates to start now.
+    """Choose which candidates to start now, in the order they are given the slots.
 
     `candidates` are waiting tasks in queue order (priority, then submit order);
     `running` are the attempts holding a live lease on any node, of which
     `node_running` are on the claiming node. A blocked candidate is skipped, never
     waited on, so it cannot hold up an unrelated task behind it; within one
     blocking group the earliest candidate wins.
+
+    Without `fair_share` the free slots go in queue order. With it (weights per
+    project, 1 for a project not listed) each free slot in turn goes to the project
+    whose running attempts, on every node and counting those chosen so far, are
+    fewest per weight (`running / weight`); among projects tied there, to the one
+    with the earliest start tag on the fair `clock` (the slots given before, by
+    weight: see `FairClock`), then to the one whose first runnable candidate comes
+    first in the queue; within a project, queue order. What is runnable is unchanged
+    (`blocked_by`).
+
+    Why this rule: it reads only durable state (what holds a live lease, and the tags
+    fair claims record with `fair_tags`), so no node keeps memory of its own and every
+    node and backend decides the same. Every slot that frees goes to whoever runs least
+    per weight, so while there are slots for every project the running tasks split in
+    proportion to the weights, and a project with a deep queue cannot starve another.
+    When the projects tie there, as they do with one slot re-claimed as each task ends
+    (nothing runs at each claim), running counts cannot tell them apart; the clock
+    then hands the slots out round-robin, in proportion to the weights, instead of to
+    the project whose backlog was submitted first.
     """
     occ = Occupancy.of(running, node_running=node_running)
+    if fair_share is not None:
+        return _fair_steps(
+            candidates,
+            occ,
+            max_parallel=max_parallel,
+            project_limits=project_limits,
+            weights=fair_share,
+            clock=clock or FairClock(),
+        )
     chosen: list[Slot] = []
     for slot in candidates:
         if occ.node_running >= max_parallel:
@@ -105,6 +218,47 @@ def plan_claims(
             continue
         occ.take(slot, on_this_node=True)
         chosen.append(slot)
+    return chosen
+
+
+def _fair_steps(
+    candidates: Sequence[Slot],
+    occ: Occupancy,
+    *,
+    max_parallel: int,
+    project_limits: Mapping[str, int],
+    weights: Mapping[str, float],
+    clock: FairClock,
+    incomplete: frozenset[str] = frozenset(),
+) -> list[Slot]:
+    """`plan_claims`' fair choice, one slot at a time, taken into `occ`.
+
+    `incomplete` are projects of which `candidates` may hold only a first part (a
+    window): while one of them shows no runnable candidate, its next one is unknown,
+    so the steps stop there and the caller reads on."""
+    chosen: list[Slot] = []
+    taken: set[int] = set()
+    while occ.node_running < max_parallel:
+        heads: set[str] = set()  # projects whose first runnable candidate was seen
+        best: Slot | None = None
+        best_key = (0.0, 0.0)
+        for slot in candidates:
+            if slot.project in heads or slot.task_id in taken:
+                continue
+            if blocked_by(slot, occ, max_parallel=max_parallel, project_limits=project_limits):
+                continue
+            heads.add(slot.project)
+            # The same IEEE division PostgreSQL makes (count::float8 / weight::float8).
+            share = occ.per_project[slot.project] / weights.get(slot.project, 1.0)
+            key = (share, clock.start_tag(slot.project))
+            if best is None or key < best_key:  # a tie on both: the earlier head wins
+                best, best_key = slot, key
+        if best is None or not incomplete <= heads:
+            break
+        occ.take(best, on_this_node=True)
+        clock = clock.given(best.project, weights)
+        taken.add(best.task_id)
+        chosen.append(best)
     return chosen
 
 
@@ -209,6 +363,62 @@ def claim_in_windows(
         if not picked or len(candidates) < window:
             break
     return chosen
+
+
+#: Reads, for each project, its first `n` waiting tasks in queue order but those the
+#: prefilter drops and those whose ids are given; all of them in queue order.
+FetchProjectHeads = Callable[[Prefilter, Sequence[int], int], Sequence[Slot]]
+
+
+def claim_fair_in_windows(
+    fetch_heads: FetchProjectHeads,
+    running: Sequence[Slot],
+    *,
+    node_running: int,
+    max_parallel: int,
+    project_limits: Mapping[str, int],
+    fair_share: Mapping[str, float],
+    clock: FairClock,
+    max_window: int = CLAIM_WINDOW,
+) -> list[Slot]:
+    """`plan_claims` with `fair_share` and `clock` over a queue read as the head of each project:
+    the same choice, in the same order, however deep a project's first task lies
+    behind another project's backlog.
+
+    Each window holds every project's first `n` tasks the prefilter keeps, so at its
+    start every task in it is runnable (the prefilter drops exactly what
+    `blocked_by` blocks for a reason other than the node's limit). A project with `n`
+    tasks in the window may have more: once this claim's own choices block all `n`
+    (or take them), the steps stop and the next window is read with the prefilter of
+    what is chosen by then. A window without such a project holds the whole queue."""
+    chosen: list[Slot] = []
+    while node_running + len(chosen) < max_parallel:
+        per_project = claim_window(max_parallel - node_running - len(chosen), max_window)
+        occ = Occupancy.of([*running, *chosen], node_running=node_running + len(chosen))
+        candidates = fetch_heads(
+            Prefilter.of(occ, project_limits), [s.task_id for s in chosen], per_project
+        )
+        counts = Counter(s.project for s in candidates)
+        incomplete = frozenset(p for p, n in counts.items() if n >= per_project)
+        picked = _fair_steps(
+            candidates,
+            occ,
+            max_parallel=max_parallel,
+            project_limits=project_limits,
+            weights=fair_share,
+            clock=_after(clock, chosen, fair_share),
+            incomplete=incomplete,
+        )
+        chosen.extend(picked)
+        if not picked or not incomplete:
+            break
+    return chosen
+
+
+def _after(clock: FairClock, chosen: Sequence[Slot], weights: Mapping[str, float]) -> FairClock:
+    for slot in chosen:
+        clock = clock.given(slot.project, weights)
+    return clock
 
 
 #: A waiting task's place in the queue: (-priority, id) ascends in queue order.

@@ -52,7 +52,7 @@ from ._models import (
     TaskSpec,
 )
 from ._retention import FinishedTask, PruneReport, Retention, select_prunable
-from ._rules import Slot, plan_claims
+from ._rules import FairClock, Slot, fair_tags, plan_claims
 from ._scheduler import MemorySchedules
 from ._store import Orphan, OutputChunk, Renewal, Store
 from ._validation import check_batch_keys
@@ -76,6 +76,8 @@ class MemoryStore(Store):
         self._dependants: dict[int, set[int]] = {}
         self._cascading = False
         self._nodes: dict[str, NodeInfo] = {}
+        #: Fair sharing's clock: each project's start and finish tags (`FairClock`).
+        self._fair_tags: dict[str, tuple[float, float]] = {}
         self._events: list[TaskEvent] = []
         self._last_task_id = self._last_event_id = 0
         self._lock = anyio.Lock()
@@ -331,7 +333,13 @@ class MemoryStore(Store):
             node_running=sum(1 for i in live if i.owner_node == node_id),
             max_parallel=limits.max_parallel,
             project_limits=limits.project_limits,
+            fair_share=limits.fair_share,
+            clock=FairClock.of(self._fair_tags),
         )
+        if limits.fair_share is not None:
+            self._fair_tags.update(
+                fair_tags(FairClock.of(self._fair_tags), chosen, limits.fair_share)
+            )
         return [
             Claim(self._start(task, plan_start(TaskState.of(task.info), node_id, now, lease_ttl_s)))
             for task in (self._tasks[slot.task_id] for slot in chosen)

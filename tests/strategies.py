@@ -141,6 +141,7 @@ class ClaimWorld:
     waiting: Sequence[WaitingTask]
     max_parallel: int
     project_limits: Mapping[str, int]
+    fair_share: Mapping[str, float] | None = None
 
 
 CLAIMING_NODE = "node-0"
@@ -160,3 +161,26 @@ def claim_worlds(draw: st.DrawFn) -> ClaimWorld:
         for slot in draw(slot_lists(first_id=len(running) + 1, max_size=12))
     ]
     return ClaimWorld(running, waiting, draw(max_parallels), draw(project_limit_maps))
+
+
+#: Weights that make ties (1 and 2, 0.5 and 1) and shares no decimal writes exactly.
+weights: st.SearchStrategy[float] = st.sampled_from([0.5, 1.0, 2.0, 3.0, 1 / 3, 2.5])
+#: `fair_share` as the rules take it: off, equal weights, or weights for some projects.
+fair_shares: st.SearchStrategy[Mapping[str, float] | None] = st.one_of(
+    st.none(), st.just({}), st.dictionaries(projects, weights, min_size=1)
+)
+
+
+@st.composite
+def fair_claim_worlds(draw: st.DrawFn) -> ClaimWorld:
+    """A claim world whose claiming node shares fairly (equal weights or drawn ones)."""
+    world = draw(claim_worlds())
+    share = draw(st.just({}) | st.dictionaries(projects, weights, min_size=1))
+    return replace(world, fair_share=share)
+
+
+@st.composite
+def fair_claim_scenarios(draw: st.DrawFn) -> tuple[ClaimScenario, Mapping[str, float]]:
+    """A claim scenario and the weights of a fair claim (possibly all equal)."""
+    share = draw(st.just({}) | st.dictionaries(projects, weights, min_size=1))
+    return draw(claim_scenarios()), share

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -63,6 +64,24 @@ def add_commands(commands: Commands) -> None:
         kind="append",
         type=project_limit,
         metavar="PROJECT=N",
+    )
+    option(
+        worker,
+        "--fair-share",
+        "TASKPOOL_FAIR_SHARE",
+        "hand free slots across projects, to the one running fewest per weight, instead"
+        " of in queue order",
+        kind="flag",
+    )
+    option(
+        worker,
+        "--fair-share-weight",
+        "TASKPOOL_FAIR_SHARE_WEIGHT",
+        "a project's weight in fair sharing, a number above 0 (others weigh 1; repeatable;"
+        " implies --fair-share)",
+        kind="append",
+        type=fair_share_weight,
+        metavar="PROJECT=WEIGHT",
     )
     option(
         worker,
@@ -166,6 +185,27 @@ def project_limit(text: str) -> tuple[str, int]:
     return project, int(n)
 
 
+def fair_share_weight(text: str) -> tuple[str, float]:
+    """`PROJECT=WEIGHT`: a project's weight in fair sharing, a finite number above 0."""
+    project, _, weight = text.partition("=")
+    try:
+        value = float(weight)
+    except ValueError:
+        value = math.nan
+    if not project or not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"wants PROJECT=WEIGHT with a weight above 0 (e.g. batch=3), got {text!r}"
+        )
+    return project, value
+
+
+def fair_share(args: argparse.Namespace) -> bool | dict[str, float] | None:
+    """The pool's `fair_share` from --fair-share and --fair-share-weight."""
+    if args.fair_share_weight:
+        return dict(args.fair_share_weight)
+    return True if args.fair_share else None
+
+
 def port(text: str) -> int:
     number = int(text)
     if not 0 <= number <= 65535:
@@ -260,6 +300,7 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         metrics=metrics,
         max_parallel=args.max_parallel,
         project_limits=dict(args.project_limit),
+        fair_share=fair_share(args),
         lease_ttl_s=args.lease_ttl,
         heartbeat_interval_s=args.heartbeat_interval,
         reaper_interval_s=args.reaper_interval,

@@ -540,22 +540,36 @@ async def finish(conn: asyncpg.Connection, task_id: int, fence: int, outcome: Ou
 async def claim(
     conn: asyncpg.Connection, node_id: str, limits: Limits, lease_ttl_s: float
 ) -> tuple[list[Claim], bool]:
-    """What `taskpool_claim` (migration 0006) decides and writes, in one statement that
+    """What `taskpool_claim` (migration 0006), or with `fair_share` `taskpool_claim_fair`
+    (migration 0014), decides and writes, in one statement that
     must run outside an explicit transaction: its locks are then released at its own
     commit, with no round trip to this process in between. Also says whether it lost a
     race to another claim and left slots free (then claiming again finds more)."""
     # A stopped node claims nothing (its claim would be left for lease expiry); the
     # node's row is held FOR SHARE so that `stop_node` waits for this claim to commit.
     # An uncorrelated condition is a one-time filter: the function does not run at all.
-    rows = await conn.fetch(
-        "SELECT (c.task).*, c.contended FROM taskpool_claim($1, $2, $3::jsonb, $4) AS c"
-        " WHERE COALESCE((SELECT stopped_at IS NULL FROM taskpool_nodes WHERE id = $1"
-        " FOR SHARE), true)",
-        node_id,
-        limits.max_parallel,
-        json.dumps(dict(limits.project_limits)),
-        lease_ttl_s,
-    )
+    if limits.fair_share is None:
+        rows = await conn.fetch(
+            "SELECT (c.task).*, c.contended FROM taskpool_claim($1, $2, $3::jsonb, $4) AS c"
+            " WHERE COALESCE((SELECT stopped_at IS NULL FROM taskpool_nodes WHERE id = $1"
+            " FOR SHARE), true)",
+            node_id,
+            limits.max_parallel,
+            json.dumps(dict(limits.project_limits)),
+            lease_ttl_s,
+        )
+    else:  # a function of its own (migration 0014): the plain claim's plans stay as they are
+        rows = await conn.fetch(
+            "SELECT (c.task).*, c.contended"
+            " FROM taskpool_claim_fair($1, $2, $3::jsonb, $4::jsonb, $5) AS c"
+            " WHERE COALESCE((SELECT stopped_at IS NULL FROM taskpool_nodes WHERE id = $1"
+            " FOR SHARE), true)",
+            node_id,
+            limits.max_parallel,
+            json.dumps(dict(limits.project_limits)),
+            json.dumps(dict(limits.fair_share)),
+            lease_ttl_s,
+        )
     claims = [Claim(info(row)) for row in rows if row["id"] is not None]
     return claims, any(row["contended"] for row in rows)
 

@@ -10,6 +10,10 @@ claim; instead the window is read group by group: a loose index scan over
 template_parallel) without reading their rows, `Prefilter.blocks_group` rules out
 the blocked ones, and `merge_group_windows` reads the rest. The window is the same
 either way; only its cost differs.
+
+A fair claim (`claim_fair_in_windows`) reads the head of every project instead
+(`project_heads`): the groups listed the same way, each group's first tasks, cut to
+each project's first ones.
 """
 
 from __future__ import annotations
@@ -199,6 +203,44 @@ def _window_by_groups(
     return merge_group_windows(
         [group for _, group in heads], fetch_group, lambda r: (-r["priority"], r["id"]), window
     )
+
+
+def project_heads(
+    conn: sqlite3.Connection, now: float, prefilter: Prefilter, taken: Sequence[int], n: int
+) -> list[sqlite3.Row]:
+    """Each project's first `n` ready waiting tasks in queue order, minus those certainly
+    blocked or already taken; all of them in queue order.
+
+    A project's first `n` are among the first `n` of each of its groups, so each group
+    the prefilter leaves is read that far (one seek and a short walk) and each project
+    cut to its first `n`. Past `MAX_GROUPS` groups, the whole queue is walked instead."""
+    task_filters, params = _task_filters(prefilter, taken)
+    listed = conn.execute(_LIST_GROUPS, {"max_groups": MAX_GROUPS}).fetchall()
+    found: list[sqlite3.Row]
+    if len(listed) > MAX_GROUPS:
+        # LIMIT -1 is SQLite's "no limit": every ready task the filters leave.
+        found = _plain_window(conn, now, prefilter, task_filters, params, -1, None)
+    else:
+        groups = (Group(r["project"], r["template"], bool(r["template_parallel"])) for r in listed)
+        read_group = (
+            f"SELECT {CANDIDATE_COLUMNS} FROM tasks t WHERE {_in_group('t', task_filters)}"
+            " ORDER BY t.priority DESC, t.id LIMIT :n"
+        )
+        found = [
+            row
+            for group in groups
+            if not prefilter.blocks_group(group)
+            for row in conn.execute(read_group, {**params, **_group_params(group, now), "n": n})
+        ]
+    found.sort(key=lambda r: (-r["priority"], r["id"]))
+    per_project: dict[str, int] = {}
+    heads = []
+    for row in found:
+        seen = per_project.get(row["project"], 0)
+        if seen < n:
+            per_project[row["project"]] = seen + 1
+            heads.append(row)
+    return heads
 
 
 def _group_params(group: Group, now: float) -> dict[str, object]:

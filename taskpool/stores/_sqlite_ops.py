@@ -38,7 +38,14 @@ from .._models import (
     TaskInfo,
     TaskSpec,
 )
-from .._rules import Prefilter, Slot, claim_in_windows
+from .._rules import (
+    FairClock,
+    Prefilter,
+    Slot,
+    claim_fair_in_windows,
+    claim_in_windows,
+    fair_tags,
+)
 from .._store import Renewal
 from ._common import (
     EVENT_COLUMNS,
@@ -53,7 +60,7 @@ from ._common import (
 from ._common import (
     cancel_requests as common_cancel_requests,
 )
-from ._sqlite_claim import candidates
+from ._sqlite_claim import candidates, project_heads
 
 
 def stop_node(conn: sqlite3.Connection, node_id: str, reason: str, now: float) -> None:
@@ -241,13 +248,43 @@ def claim(
         states.update((r["id"], task_state(r)) for r in found)
         return [_slot(r) for r in found]
 
-    chosen = claim_in_windows(
-        fetch,
-        [_slot(r) for r in rows],
-        node_running=sum(1 for r in rows if r["owner_node"] == node_id),
-        max_parallel=limits.max_parallel,
-        project_limits=limits.project_limits,
-    )
+    def fetch_heads(prefilter: Prefilter, taken: Sequence[int], n: int) -> list[Slot]:
+        found = project_heads(conn, now, prefilter, taken, n)
+        states.update((r["id"], task_state(r)) for r in found)
+        return [_slot(r) for r in found]
+
+    running = [_slot(r) for r in rows]
+    node_running = sum(1 for r in rows if r["owner_node"] == node_id)
+    if limits.fair_share is None:
+        chosen = claim_in_windows(
+            fetch,
+            running,
+            node_running=node_running,
+            max_parallel=limits.max_parallel,
+            project_limits=limits.project_limits,
+        )
+    else:
+        clock = FairClock.of(
+            {
+                r["project"]: (r["start_tag"], r["finish_tag"])
+                for r in conn.execute("SELECT project, start_tag, finish_tag FROM fair_tags")
+            }
+        )
+        chosen = claim_fair_in_windows(
+            fetch_heads,
+            running,
+            node_running=node_running,
+            max_parallel=limits.max_parallel,
+            project_limits=limits.project_limits,
+            fair_share=limits.fair_share,
+            clock=clock,
+        )
+        conn.executemany(
+            "INSERT INTO fair_tags (project, start_tag, finish_tag) VALUES (?, ?, ?)"
+            " ON CONFLICT (project) DO UPDATE SET start_tag = max(start_tag, excluded.start_tag),"
+            " finish_tag = max(finish_tag, excluded.finish_tag)",
+            [(p, *tags) for p, tags in fair_tags(clock, chosen, limits.fair_share).items()],
+        )
     claims = []
     for slot in chosen:
         start = plan_start(states[slot.task_id], node_id, now, lease_ttl_s)

@@ -22,13 +22,18 @@ from tests.pg_cluster import private_cluster
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def cli(database: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def cli(
+    database: str, *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`taskpool --db database args...` run to its end (with `env` added to this
+    process's environment)."""
     result = subprocess.run(
         [sys.executable, "-m", "taskpool", "--db", database, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
+        env=None if env is None else {**os.environ, **env},
     )
     if check:
         assert result.returncode == 0, result.stderr
@@ -40,12 +45,16 @@ def cli_json(database: str, *args: str) -> Any:
 
 
 @contextmanager
-def worker(database: str, *args: str) -> Iterator[subprocess.Popen[str]]:
+def worker(
+    database: str, *args: str, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[str]]:
+    """A running `taskpool worker` (with `env` added to this process's environment)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "taskpool", "--db", database, "worker", *args],
         cwd=ROOT,
         stderr=subprocess.PIPE,
         text=True,
+        env=None if env is None else {**os.environ, **env},
     )
     try:
         assert proc.stderr is not None

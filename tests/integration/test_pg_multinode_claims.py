@@ -40,6 +40,8 @@ ROUTING = st.tuples(
     st.integers(0, 2),
 )
 Routing = tuple[str, str | None, bool, frozenset[str], int]
+#: Fair sharing's weights, ties (1 and 2) among them.
+WEIGHTS = st.sampled_from([0.5, 1.0, 2.0, 3.0])
 
 
 def _spec(routing: Routing) -> TaskSpec:
@@ -95,6 +97,7 @@ async def _check_snapshot(
     project_limits=st.dictionaries(st.sampled_from(["p1", "p2"]), st.integers(1, 2)),
     claimers_per_node=st.integers(1, 3),
     finish_fraction=st.sampled_from([0.3, 0.6, 1.0]),
+    fair_share=st.none() | st.just({}) | st.dictionaries(st.sampled_from(["p1", "p3"]), WEIGHTS),
 )
 def test_nodes_claiming_at_once_never_overlap(
     tasks: list[Routing],
@@ -102,8 +105,14 @@ def test_nodes_claiming_at_once_never_overlap(
     project_limits: dict[str, int],
     claimers_per_node: int,
     finish_fraction: float,
+    fair_share: dict[str, float] | None,
 ) -> None:
-    anyio.run(_race, tasks, capacities, project_limits, claimers_per_node, finish_fraction)
+    """Random tasks claimed and finished by racing nodes (queue order or fair sharing,
+    the nodes' claims through `taskpool_claim` or `taskpool_claim_fair`): every
+    snapshot keeps every rule, and every task runs exactly once."""
+    anyio.run(
+        _race, tasks, capacities, project_limits, claimers_per_node, finish_fraction, fair_share
+    )
 
 
 async def _race(
@@ -112,6 +121,7 @@ async def _race(
     project_limits: dict[str, int],
     claimers_per_node: int,
     finish_fraction: float,
+    fair_share: dict[str, float] | None = None,
 ) -> None:
     async with fresh_postgres_database() as dsn:
         stores = [PostgresStore(dsn, max_size=4) for _ in capacities]
@@ -121,7 +131,7 @@ async def _race(
                 await store.open()
                 await store.register_node(_node(f"node-{i}", capacities[i]))
             ids = await stores[0].submit_many([_spec(t) for t in tasks])
-            limits = [Limits(c, project_limits) for c in capacities]
+            limits = [Limits(c, project_limits, fair_share) for c in capacities]
             owned: list[list[tuple[int, int]]] = [[] for _ in stores]  # (task id, fence)
             for _ in range(rounds := 4 * len(tasks) + 10):
                 # Finish some of what each node holds (claimed in an earlier round),

@@ -2,7 +2,8 @@
 it lists the blocking groups with a loose index scan and reads only those that may
 run. The choice must stay `plan_claims`'s: the differential worlds are run again with
 every window read that way, and a queue whose head is a full project's long backlog
-is claimed through the default path.
+is claimed through the default path. A fair claim reads the head of every project
+the same way, or walks the whole queue past too many groups.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from taskpool._models import Outcome, OutcomeKind
 from taskpool._rules import Slot, plan_claims
 from taskpool.stores import _sqlite_claim
 from tests.integration.test_claim_differential import (
+    BLOCKED_HEADS,
     PARALLEL_BEFORE_A_FULL_WINDOW,
     build,
+    claimed_by,
     expected_claim,
 )
 from tests.integration.test_store_contract import BACKENDS, handles
-from tests.strategies import CLAIMING_NODE, ClaimWorld, claim_worlds
+from tests.strategies import CLAIMING_NODE, ClaimWorld, claim_worlds, fair_claim_worlds
 
 
 @settings(
@@ -116,3 +119,21 @@ async def test_a_full_projects_backlog_ahead_is_skipped_and_the_choice_kept(
 
 def _exited() -> Outcome:
     return Outcome(OutcomeKind.EXITED, "exited with 0", 0)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(world=fair_claim_worlds())
+@example(world=BLOCKED_HEADS)
+def test_a_fair_claim_past_too_many_groups_walks_the_queue_to_the_same_choice(
+    world: ClaimWorld,
+) -> None:
+    """With more blocking groups than SQLite lists (as if `MAX_GROUPS` were 1), a fair
+    claim reads every project's head by walking the whole queue instead, and still
+    gives the fair plan's ordered choice."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_sqlite_claim, "MAX_GROUPS", 1)
+        assert claimed_by("sqlite", world) == expected_claim(world)
