@@ -407,7 +407,7 @@ SCHEDULE_FIRES_SHOWN = 3
 
 def schedule_row(frame: Frame, s: Schedule, runs: Sequence[tuple[int, Status]]) -> str:
     if s.timing.cron is not None:
-        timing = f"<code>{esc(s.timing.cron)}</code> <span class=muted>{esc(s.timing.tz)}</span>"
+        timing = f"<code>{esc(s.timing.cron)}</code><br><span class=muted>{esc(s.timing.tz)}</span>"
     else:
         timing = f"every {esc(duration(s.timing.every_s or 0))}"
     state = (
@@ -418,7 +418,7 @@ def schedule_row(frame: Frame, s: Schedule, runs: Sequence[tuple[int, Status]]) 
     misfire = s.misfire.value + (f" ≤{s.misfire_bound}" if s.misfire is Misfire.RUN_ALL else "")
     policies = (
         f"overlap <b>{esc(s.overlap.value)}</b><br>misfire <b>{esc(misfire)}</b>"
-        f' <span class="muted">(grace {esc(duration(s.grace_s))})</span>'
+        f'<br><span class="muted">grace {esc(duration(s.grace_s))}</span>'
     )
     if s.paused:
         fires = '<span class="muted">– (paused)</span>'
@@ -447,10 +447,10 @@ def schedule_row(frame: Frame, s: Schedule, runs: Sequence[tuple[int, Status]]) 
         act = f'<button class="warn" data-action="pause" data-label="{esc(s.name)}">Pause</button>'
     return (
         f'<tr id="{esc(schedule_anchor(s.name))}" data-schedule="{esc(s.name)}"'
-        f' data-paused="{int(s.paused)}"><td class="name"><b>{esc(s.name)}</b></td>'
-        f"<td>{timing}</td><td>{state}</td><td>{policies}</td><td>{fires}</td><td>{last}</td>"
+        f' data-paused="{int(s.paused)}"><td class="name"><b>{esc(s.name)}</b><br>{state}</td>'
+        f"<td>{timing}</td><td>{policies}</td><td>{fires}</td><td>{last}</td>"
         f'<td class="cmd">{task}</td><td>{ran}</td>'
-        + (f'<td class="actions">{act}</td>' if frame.can_act else "")
+        + (f'<td class="row-actions">{act}</td>' if frame.can_act else "")
         + "</tr>"
     )
 
@@ -472,7 +472,7 @@ def schedules_page(
         )
     else:
         table = (
-            '<table class="grid schedules"><thead><tr><th>Name</th><th>When</th><th>State</th>'
+            '<table class="grid schedules"><thead><tr><th>Name</th><th>When</th>'
             f"<th>Policies</th><th>Next {SCHEDULE_FIRES_SHOWN} fires (UTC)</th>"
             "<th>Last fire (UTC)</th><th>Task</th><th>Latest runs</th>"
             + ("<th></th>" if frame.can_act else "")
