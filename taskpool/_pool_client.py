@@ -12,6 +12,7 @@ from typing import Any
 from ._client import Client, StaleReport
 from ._explain import WaitReason
 from ._models import CancelMode, NodeInfo, Status, TaskEvent, TaskInfo, TaskSpec
+from ._schedules import Schedule, ScheduledBy
 
 
 class PoolClientAPI:
@@ -112,3 +113,46 @@ class PoolClientAPI:
     def follow(self, task_id: int) -> AsyncIterator[str]:
         """`Client.follow`: the task's output as it arrives, until it is terminal."""
         return self._client.follow(task_id)
+
+    # -- schedules (every pool on the store fires them; these only read and edit) --
+    async def add_schedule(self, name: str, argv: Sequence[str], **options: Any) -> Schedule:
+        """`Client.add_schedule`."""
+        return await self._client.add_schedule(name, argv, **options)
+
+    async def get_schedule(self, name: str) -> Schedule:
+        """`Client.get_schedule`."""
+        return await self._client.get_schedule(name)
+
+    async def list_schedules(self) -> list[Schedule]:
+        """`Client.list_schedules`."""
+        return await self._client.list_schedules()
+
+    async def pause_schedule(self, name: str) -> Schedule:
+        """`Client.pause_schedule`."""
+        return await self._client.pause_schedule(name)
+
+    async def resume_schedule(self, name: str) -> Schedule:
+        """`Client.resume_schedule`."""
+        return await self._client.resume_schedule(name)
+
+    async def remove_schedule(self, name: str) -> None:
+        """`Client.remove_schedule`."""
+        await self._client.remove_schedule(name)
+
+    async def next_fires(self, name: str, n: int = 5) -> list[float]:
+        """`Client.next_fires`."""
+        return await self._client.next_fires(name, n)
+
+    async def schedule_runs(self, name: str, *, limit: int = 100) -> list[int]:
+        """`Client.schedule_runs`."""
+        return await self._client.schedule_runs(name, limit=limit)
+
+    async def scheduled_by(self, task_ids: Iterable[int]) -> dict[int, ScheduledBy]:
+        """`Client.scheduled_by`: the schedule and tick of each task a schedule submitted."""
+        return await self._client.scheduled_by(task_ids)
+
+    async def latest_schedule_runs(
+        self, names: Iterable[str], n: int = 5
+    ) -> dict[str, list[tuple[int, Status]]]:
+        """`Client.latest_schedule_runs`."""
+        return await self._client.latest_schedule_runs(names, n)

@@ -5,12 +5,12 @@ them (`taskpool._scheduler`); a client only edits them."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from ._models import TaskSpec
+from ._models import Status, TaskSpec
 from ._scheduler import ScheduleStore, schedules_of
-from ._schedules import Misfire, Overlap, Schedule, Timing
+from ._schedules import Misfire, Overlap, Schedule, ScheduledBy, Timing
 from ._store import Store
 
 
@@ -87,3 +87,23 @@ class ScheduleMethods:
     async def schedule_runs(self, name: str, *, limit: int = 100) -> list[int]:
         """Ids of the tasks the schedule submitted, newest first."""
         return await self._schedules.runs(name, limit=limit)
+
+    async def scheduled_by(self, task_ids: Iterable[int]) -> dict[int, ScheduledBy]:
+        """For each of these tasks a schedule submitted, that schedule's name and the
+        tick it fired (the other tasks are left out; all of them on a store that keeps
+        no schedules). One query for all: ask once for a page of tasks."""
+        schedules = self.store.schedules()
+        if schedules is None:
+            return {}
+        return await schedules.scheduled_by(set(task_ids))
+
+    async def latest_schedule_runs(
+        self, names: Iterable[str], n: int = 5
+    ) -> dict[str, list[tuple[int, Status]]]:
+        """Each named schedule's newest `n` runs with their status, newest first (a
+        run whose task was pruned is left out); the statuses in one query for all."""
+        runs = {name: await self._schedules.runs(name, limit=n) for name in names}
+        statuses = await self.store.statuses({i for ids in runs.values() for i in ids})
+        return {
+            name: [(i, statuses[i]) for i in ids if i in statuses] for name, ids in runs.items()
+        }

@@ -19,13 +19,20 @@ import abc
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import anyio
 
 from ._errors import StoreUnavailable, TaskpoolError
-from ._schedules import Schedule, ScheduleError, fire_reason, new_schedule, plan_step
+from ._schedules import (
+    Schedule,
+    ScheduledBy,
+    ScheduleError,
+    fire_reason,
+    new_schedule,
+    plan_step,
+)
 from ._store import Store
 
 log = logging.getLogger("taskpool.scheduler")
@@ -86,6 +93,11 @@ class ScheduleStore(abc.ABC):
         """Ids of the tasks the schedule submitted, newest first."""
 
     @abc.abstractmethod
+    async def scheduled_by(self, task_ids: Collection[int]) -> dict[int, ScheduledBy]:
+        """The schedule and tick of each of `task_ids` a schedule submitted (the others
+        are left out), in one query for all of them: a page of tasks asks once."""
+
+    @abc.abstractmethod
     async def fire_due(self, now: float, *, limit: int = STEP_LIMIT) -> list[Fired]:
         """The scheduler step (see the module docstring)."""
 
@@ -97,6 +109,7 @@ class MemorySchedules(ScheduleStore):
         self.store = store
         self._schedules: dict[str, Schedule] = {}
         self._runs: dict[tuple[str, float], int] = {}
+        self._run_of: dict[int, ScheduledBy] = {}  # `_runs` read the other way
         self._lock = anyio.Lock()
 
     async def add(self, schedule: Schedule, now: float) -> Schedule:
@@ -135,6 +148,9 @@ class MemorySchedules(ScheduleStore):
         ids = sorted((t for (s, _), t in self._runs.items() if s == name), reverse=True)
         return ids[:limit]
 
+    async def scheduled_by(self, task_ids: Collection[int]) -> dict[int, ScheduledBy]:
+        return {i: self._run_of[i] for i in task_ids if i in self._run_of}
+
     async def fire_due(self, now: float, *, limit: int = STEP_LIMIT) -> list[Fired]:
         async with self._lock:
             due = sorted(
@@ -159,6 +175,7 @@ class MemorySchedules(ScheduleStore):
                         reason = fire_reason(schedule.name, tick.tick)
                         task_id = await self.store.submit(schedule.spec, reason=reason)
                         self._runs[(schedule.name, tick.tick)] = task_id
+                        self._run_of[task_id] = ScheduledBy(schedule.name, tick.tick)
                         last_task_id = task_id
                     fired.append(Fired(schedule.name, tick.tick, task_id, cancelled))
                 self._schedules[schedule.name] = dataclasses.replace(

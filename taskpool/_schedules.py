@@ -260,6 +260,14 @@ class Schedule:
         return [next(ticks) for _ in range(n)]
 
 
+@dataclass(frozen=True, slots=True)
+class ScheduledBy:
+    """The schedule that submitted a task, and the tick it fired it for."""
+
+    schedule: str
+    tick: float
+
+
 def new_schedule(schedule: Schedule, now: float) -> Schedule:
     """`schedule` checked, created at `now`, first tick after `now`."""
     checked = schedule.checked()

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .._models import ResourceLimits, TaskInfo, TaskSpec
+from .._schedules import ScheduledBy
 from .._terminal import escape_field
 
 
@@ -61,12 +62,24 @@ def env_line(spec: TaskSpec, *, show: bool) -> str:
     return f"  env: {shown}  pass-env: {passed}  (from {base} environment)"
 
 
-def task_line(t: TaskInfo) -> str:
+def task_line(t: TaskInfo, scheduled: ScheduledBy | None = None) -> str:
+    """One task on one line; its schedule's name in the column after its project."""
     command = field(t.spec.argv)
     if len(command) > 50:
         command = command[:47] + "..."
     project = field(t.spec.project)
-    return f"{t.id:>6}  {t.status.value:<10} {project:<12} {command}  ({field(t.reason or '-')})"
+    schedule = field(scheduled.schedule) if scheduled is not None else "-"
+    return (
+        f"{t.id:>6}  {t.status.value:<10} {project:<12} {schedule:<12} {command}"
+        f"  ({field(t.reason or '-')})"
+    )
+
+
+def schedule_data(scheduled: ScheduledBy | None) -> dict[str, Any] | None:
+    """A task's `schedule` in JSON: the schedule's name and the tick it fired."""
+    if scheduled is None:
+        return None
+    return {"name": scheduled.schedule, "tick": scheduled.tick}
 
 
 def limits_text(limits: ResourceLimits) -> str:

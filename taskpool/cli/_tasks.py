@@ -11,7 +11,16 @@ from .._errors import InvalidTask
 from .._models import DEFAULT_RETRY_MAX_DELAY_S, CancelMode, Status, SubmitResult, TaskSpec
 from .._terminal import Neutraliser
 from .._validation import ON_CONFLICT_POLICIES
-from ._format import emit, env_line, field, limits_text, task_line, when
+from ._format import (
+    emit,
+    env_line,
+    field,
+    limits_text,
+    plain,
+    schedule_data,
+    task_line,
+    when,
+)
 from ._options import (
     choice,
     env_name,
@@ -321,7 +330,12 @@ async def cmd_ls(args: argparse.Namespace) -> None:
     statuses = [Status(s) for s in args.status] if args.status else None
     async with open_client(args) as client:
         tasks = await client.list_tasks(statuses=statuses, project=args.project, limit=args.limit)
-    emit(args, tasks, "\n".join(task_line(t) for t in tasks) or "no tasks")
+        scheduled = await client.scheduled_by(t.id for t in tasks)
+    data = [
+        {**plain(t, show_env=args.show_env), "schedule": schedule_data(scheduled.get(t.id))}
+        for t in tasks
+    ]
+    emit(args, data, "\n".join(task_line(t, scheduled.get(t.id)) for t in tasks) or "no tasks")
 
 
 async def cmd_show(args: argparse.Namespace) -> None:
@@ -329,10 +343,16 @@ async def cmd_show(args: argparse.Namespace) -> None:
         task = await client.get(args.id)
         events = await client.events(args.id)
         why = await why_line(client, task)
+        scheduled = (await client.scheduled_by([task.id])).get(task.id)
     spec = task.spec
     lines = [
-        task_line(task),
+        task_line(task, scheduled),
         *why,
+        *(
+            [f"  schedule: {field(scheduled.schedule)} (tick {when(scheduled.tick)})"]
+            if scheduled is not None
+            else []
+        ),
         f"  command: {field(spec.argv)}  cwd: {field(spec.cwd or '-')}",
         env_line(spec, show=args.show_env),
         f"  attempts: {task.attempts_used}/{spec.max_attempts}  owner: "
@@ -352,7 +372,11 @@ async def cmd_show(args: argparse.Namespace) -> None:
             for e in events
         ),
     ]
-    emit(args, {"task": task, "events": events}, "\n".join(lines))
+    emit(
+        args,
+        {"task": task, "events": events, "schedule": schedule_data(scheduled)},
+        "\n".join(lines),
+    )
 
 
 #: `logs -f` reads again at most this long after seeing nothing new (backing off from

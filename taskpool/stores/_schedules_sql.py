@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 from .._models import Status
@@ -21,6 +22,7 @@ from .._schedules import (
     Misfire,
     Overlap,
     Schedule,
+    ScheduledBy,
     ScheduleError,
     Timing,
     fire_reason,
@@ -80,6 +82,10 @@ def schedule_values(s: Schedule, spec: Any) -> tuple[Any, ...]:
         s.last_task_id,
         s.created_at,
     )
+
+
+#: Ids one SQLite statement binds at most (SQLite before 3.32 allows 999 variables).
+SQLITE_IDS_PER_QUERY = 500
 
 
 def _taken(name: str) -> ScheduleError:
@@ -199,6 +205,25 @@ class SQLiteSchedules(ScheduleStore):
                 (name, limit),
             )
             return [r[0] for r in rows]
+
+        return await self.store._read(op)
+
+    async def scheduled_by(self, task_ids: Collection[int]) -> dict[int, ScheduledBy]:
+        ids = sorted(set(task_ids))
+        if not ids:
+            return {}
+
+        def op(conn: sqlite3.Connection) -> dict[int, ScheduledBy]:
+            found: dict[int, ScheduledBy] = {}
+            for start in range(0, len(ids), SQLITE_IDS_PER_QUERY):
+                chunk = ids[start : start + SQLITE_IDS_PER_QUERY]
+                rows = conn.execute(
+                    "SELECT task_id, schedule, fire_at FROM schedule_runs"
+                    f" WHERE task_id IN ({', '.join('?' * len(chunk))})",
+                    chunk,
+                )
+                found.update({r[0]: ScheduledBy(r[1], r[2]) for r in rows})
+            return found
 
         return await self.store._read(op)
 
@@ -361,6 +386,21 @@ class PostgresSchedules(ScheduleStore):
             return [r[0] for r in rows]
 
         return await self.store._tx(op)
+
+    async def scheduled_by(self, task_ids: Collection[int]) -> dict[int, ScheduledBy]:
+        ids = sorted(set(task_ids))
+        if not ids:
+            return {}
+
+        async def op(conn: asyncpg.Connection) -> dict[int, ScheduledBy]:
+            rows = await conn.fetch(
+                "SELECT task_id, schedule, fire_at FROM taskpool_schedule_runs"
+                " WHERE task_id = ANY($1::bigint[])",
+                ids,
+            )
+            return {r["task_id"]: ScheduledBy(r["schedule"], r["fire_at"]) for r in rows}
+
+        return await self.store._statement(op)
 
     async def fire_due(self, now: float, *, limit: int = STEP_LIMIT) -> list[Fired]:
         return await self.store._tx(lambda conn: _pg_fire(conn, now, limit))

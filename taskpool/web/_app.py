@@ -35,6 +35,8 @@ from .._client import StaleReport
 from .._errors import InvalidTask, StoreError, TaskNotFound
 from .._explain import WaitReason, describe
 from .._models import CancelMode, NodeInfo, Status, TaskEvent, TaskInfo
+from .._scheduler import ScheduleNotFound
+from .._schedules import Schedule, ScheduledBy, ScheduleError
 from . import _pages as pages
 from ._ansi import AnsiRenderer
 from ._security import (
@@ -89,6 +91,13 @@ class TaskSource(Protocol):
     ) -> TaskInfo: ...
     async def retry(self, task_id: int) -> int: ...
     def follow(self, task_id: int) -> AsyncIterator[str]: ...
+    async def list_schedules(self) -> list[Schedule]: ...
+    async def pause_schedule(self, name: str) -> Schedule: ...
+    async def resume_schedule(self, name: str) -> Schedule: ...
+    async def scheduled_by(self, task_ids: Iterable[int]) -> dict[int, ScheduledBy]: ...
+    async def latest_schedule_runs(
+        self, names: Iterable[str], n: int = 5
+    ) -> dict[str, list[tuple[int, Status]]]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,17 +184,20 @@ class Dashboard:
             statuses=[f.status] if f.status else None, project=f.project, limit=limit
         )
         page = page_of(found, f, fetched=len(found), limit=limit)
-        return HTMLResponse(pages.tasks_page(frame, f, page))
+        scheduled = await self.tasks.scheduled_by(t.id for t in page.tasks)
+        return HTMLResponse(pages.tasks_page(frame, f, page, scheduled))
 
     async def task_page(self, request: Request) -> Response:
         _, frame = await self.viewer(request)
-        task, events, why = await self._task_state(request)
-        return HTMLResponse(pages.task_page(frame, task, events, why))
+        state = await self._task_state(request)
+        return HTMLResponse(pages.task_page(frame, state))
 
-    async def _task_state(self, request: Request) -> tuple[TaskInfo, list[TaskEvent], str | None]:
+    async def _task_state(self, request: Request) -> pages.TaskState:
         task = await self.tasks.get(task_id(request))
         events = await self.tasks.events(task.id)
-        return task, events, await self._why(task) if task.status is Status.WAITING else None
+        why = await self._why(task) if task.status is Status.WAITING else None
+        scheduled = (await self.tasks.scheduled_by([task.id])).get(task.id)
+        return pages.TaskState(task, events, why, scheduled)
 
     async def _why(self, task: TaskInfo) -> str:
         return describe((await self.tasks.why_many([task]))[task.id])
@@ -202,7 +214,19 @@ class Dashboard:
         waiting = await self.tasks.list_tasks(statuses=[Status.WAITING], limit=500)
         why = await self.tasks.why_many(waiting)
         reasons = {t.id: describe(why.get(t.id, [])) for t in waiting}
-        return HTMLResponse(pages.waiting_page(frame, stale, waiting, reasons))
+        scheduled = await self.tasks.scheduled_by(t.id for t in [*waiting, *stale.expired_leases])
+        return HTMLResponse(pages.waiting_page(frame, stale, waiting, reasons, scheduled))
+
+    async def schedules_page(self, request: Request) -> Response:
+        _, frame = await self.viewer(request)
+        try:
+            schedules = await self.tasks.list_schedules()
+        except ScheduleError as exc:  # a store that keeps no schedules (none shipped)
+            return HTMLResponse(pages.schedules_page(frame, [], {}, str(exc)))
+        runs = await self.tasks.latest_schedule_runs(
+            (s.name for s in schedules), pages.SCHEDULE_RUNS_SHOWN
+        )
+        return HTMLResponse(pages.schedules_page(frame, schedules, runs))
 
     async def queues_page(self, request: Request) -> Response:
         _, frame = await self.viewer(request)
@@ -226,17 +250,17 @@ class Dashboard:
                     await send(sse("chunk", shown))
             if tail := renderer.finish():
                 await send(sse("chunk", tail))
-            final, events, why = await self._task_state(request)
+            final = await self._task_state(request)
             now = dataclasses.replace(frame, now=time.time())
-            details = pages.task_details(now, final, events, why)
+            details = pages.task_details(now, final)
             await send(
                 sse(
                     "end",
                     {
-                        "status": final.status.value,
-                        "badge": pages.badge(final.status),
+                        "status": final.task.status.value,
+                        "badge": pages.badge(final.task.status),
                         "html": details,
-                        "actions": pages.action_buttons(frame, final),
+                        "actions": pages.action_buttons(frame, final.task),
                     },
                 )
             )
@@ -295,6 +319,16 @@ class Dashboard:
         except InvalidTask as exc:
             raise _Refused(Refusal(409, str(exc))) from None
         return JSONResponse({"id": new_id}, status_code=201)
+
+    async def pause_schedule(self, request: Request) -> Response:
+        await self.act(request, {})
+        changed = await self.tasks.pause_schedule(request.path_params["name"])
+        return JSONResponse({"schedule": _schedule_json(changed)})
+
+    async def resume_schedule(self, request: Request) -> Response:
+        await self.act(request, {})
+        changed = await self.tasks.resume_schedule(request.path_params["name"])
+        return JSONResponse({"schedule": _schedule_json(changed)})
 
     async def task_json(self, request: Request) -> Response:
         await self.viewer(request)
@@ -374,6 +408,15 @@ def _task_json(info: TaskInfo) -> dict[str, Any]:
     }
 
 
+def _schedule_json(schedule: Schedule) -> dict[str, Any]:
+    return {
+        "name": schedule.name,
+        "paused": schedule.paused,
+        "next_fire_at": schedule.next_fire_at,
+        "last_fire_at": schedule.last_fire_at,
+    }
+
+
 def _wants_json(request: Request) -> bool:
     return "/api/" in request.url.path or request.method != "GET"
 
@@ -418,9 +461,13 @@ def build_app(dashboard: Dashboard, **starlette_options: Any) -> Starlette:
         Route("/nodes", d.nodes_page, methods=["GET"]),
         Route("/waiting", d.waiting_page, methods=["GET"]),
         Route("/queues", d.queues_page, methods=["GET"]),
+        Route("/schedules", d.schedules_page, methods=["GET"]),
         Route("/api/tasks/{task_id}", d.task_json, methods=["GET"]),
         Route("/api/tasks/{task_id}/cancel", d.cancel, methods=["POST"]),
         Route("/api/tasks/{task_id}/retry", d.retry, methods=["POST"]),
+        # `path`: a schedule's name may hold a slash (the page sends it URL-encoded).
+        Route("/api/schedules/{name:path}/pause", d.pause_schedule, methods=["POST"]),
+        Route("/api/schedules/{name:path}/resume", d.resume_schedule, methods=["POST"]),
         Route("/login", d.login_form, methods=["GET"]),
         Route("/login", d.login, methods=["POST"]),
         Route("/logout", d.logout, methods=["POST"]),
@@ -432,6 +479,7 @@ def build_app(dashboard: Dashboard, **starlette_options: Any) -> Starlette:
             _Refused: refused,
             _Redirect: redirect,
             TaskNotFound: not_found,
+            ScheduleNotFound: not_found,
             HTTPException: http_error,
             StoreError: store_error,
         },

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import shlex
 import signal
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from html import escape
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from .._client import StaleReport
 from .._models import NodeInfo, Status, TaskEvent, TaskInfo
+from .._schedules import Misfire, Schedule, ScheduledBy
 from ._views import Page, QueueDepth, TaskFilter, duration, utc
 
 
@@ -38,6 +39,7 @@ NAV = (
     ("tasks", "/", "Tasks"),
     ("waiting", "/waiting", "Waiting & stuck"),
     ("queues", "/queues", "Queues"),
+    ("schedules", "/schedules", "Schedules"),
     ("nodes", "/nodes", "Nodes"),
 )
 
@@ -48,7 +50,10 @@ def layout(frame: Frame, active: str, heading: str, body: str) -> str:
         for key, path, label in NAV
     )
     if frame.can_act:
-        mode = '<span class="mode act" title="cancel and retry are enabled">operator</span>'
+        mode = (
+            '<span class="mode act" title="cancel, retry, pause and resume are enabled">'
+            "operator</span>"
+        )
     else:
         mode = (
             '<span class="mode ro" title="configure an auth callback or a token to act">'
@@ -106,6 +111,16 @@ def task_link(frame: Frame, task_id: int) -> str:
     return f'<a href="{esc(frame.base)}/tasks/{task_id}">#{task_id}</a>'
 
 
+def schedule_link(frame: Frame, name: str) -> str:
+    """A link to the schedule's row on the schedules page."""
+    return f'<a href="{esc(frame.base)}/schedules#{esc(schedule_anchor(name))}">{esc(name)}</a>'
+
+
+def schedule_anchor(name: str) -> str:
+    # Percent-encoded, so a name with spaces or quotes is still one fragment.
+    return "schedule-" + quote(name, safe="")
+
+
 def task_duration(task: TaskInfo, now: float) -> str:
     if task.started_at is None:
         return '<span class="muted">–</span>'
@@ -113,17 +128,25 @@ def task_duration(task: TaskInfo, now: float) -> str:
 
 
 def tasks_table(
-    frame: Frame, tasks: Sequence[TaskInfo], *, reasons: dict[int, str] | None = None
+    frame: Frame,
+    tasks: Sequence[TaskInfo],
+    scheduled: Mapping[int, ScheduledBy],
+    *,
+    reasons: dict[int, str] | None = None,
 ) -> str:
+    """`scheduled`: the schedule of each task a schedule submitted (the others: none)."""
     if not tasks:
         return '<p class="empty">No tasks.</p>'
     rows = []
     for t in tasks:
         reason = (reasons or {}).get(t.id, t.reason or "")
+        by = scheduled.get(t.id)
+        schedule = schedule_link(frame, by.schedule) if by else ""
         rows.append(
             f'<tr data-task="{t.id}"><td class="num">{task_link(frame, t.id)}</td>'
             f"<td>{badge(t.status)}</td><td class=cmd>{command(t)}</td>"
             f"<td>{esc(t.spec.project)}</td><td>{esc(t.spec.template or '')}</td>"
+            f'<td class="schedule">{schedule}</td>'
             f'<td class="num">{t.attempts_used}/{t.spec.max_attempts}</td>'
             f"<td>{when(t.submitted_at, frame.now)}</td>"
             f'<td class="num">{task_duration(t, frame.now)}</td>'
@@ -132,12 +155,15 @@ def tasks_table(
     return (
         '<table class="grid tasks"><thead><tr><th class="num">ID</th><th>Status</th>'
         "<th>Command</th>"
-        "<th>Project</th><th>Template</th><th class=num>Attempts</th><th>Submitted</th>"
+        "<th>Project</th><th>Template</th><th>Schedule</th><th class=num>Attempts</th>"
+        "<th>Submitted</th>"
         f"<th class=num>Ran</th><th>Reason</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
     )
 
 
-def tasks_page(frame: Frame, f: TaskFilter, page: Page) -> str:
+def tasks_page(
+    frame: Frame, f: TaskFilter, page: Page, scheduled: Mapping[int, ScheduledBy]
+) -> str:
     options = "".join(
         f'<option value="{s.value}"{" selected" if f.status is s else ""}>'
         f"{s.value.replace('_', ' ')}</option>"
@@ -161,14 +187,25 @@ def tasks_page(frame: Frame, f: TaskFilter, page: Page) -> str:
     if f.needs_scan and page.window_full:
         note = '<p class="note">Template and text filters look through the newest tasks only.</p>'
     body = (
-        f"{filters}<div data-refresh>{tasks_table(frame, page.tasks)}"
+        f"{filters}<div data-refresh>{tasks_table(frame, page.tasks, scheduled)}"
         f'<div class="pager">{"".join(pager)}</div>{note}</div>'
     )
     return layout(frame, "tasks", "Tasks", f"<h1>Tasks</h1>{body}")
 
 
-def task_summary(frame: Frame, task: TaskInfo, why: str | None) -> str:
-    spec = task.spec
+@dataclass(frozen=True, slots=True)
+class TaskState:
+    """What the task page shows of one task: it, its events, why it waits (if it
+    does) and the schedule that submitted it (if one did)."""
+
+    task: TaskInfo
+    events: Sequence[TaskEvent]
+    why: str | None = None
+    scheduled: ScheduledBy | None = None
+
+
+def task_summary(frame: Frame, state: TaskState) -> str:
+    task, why, spec = state.task, state.why, state.task.spec
     fields: list[tuple[str, str]] = [
         ("Status", badge(task.status)),
         ("Reason", esc(task.reason or "")),
@@ -181,6 +218,9 @@ def task_summary(frame: Frame, task: TaskInfo, why: str | None) -> str:
         ("Priority", esc(spec.priority)),
         ("Submitted", f"{utc(task.submitted_at)} ({when(task.submitted_at, frame.now)})"),
     ]
+    if state.scheduled is not None:
+        link = schedule_link(frame, state.scheduled.schedule)
+        fields.insert(3, ("Schedule", f"{link} (tick {utc(state.scheduled.tick)})"))
     if task.started_at is not None:
         fields.append(("Started", f"{utc(task.started_at)} · ran {task_duration(task, frame.now)}"))
     if task.finished_at is not None:
@@ -226,9 +266,9 @@ def timeline(events: Sequence[TaskEvent]) -> str:
     )
 
 
-def task_details(frame: Frame, task: TaskInfo, events: Sequence[TaskEvent], why: str | None) -> str:
+def task_details(frame: Frame, state: TaskState) -> str:
     """The parts of the task page that change as it runs (sent again when it ends)."""
-    return f"{task_summary(frame, task, why)}<h2>Events</h2>{timeline(events)}"
+    return f"{task_summary(frame, state)}<h2>Events</h2>{timeline(state.events)}"
 
 
 def actions(frame: Frame, task: TaskInfo) -> str:
@@ -256,11 +296,12 @@ def action_buttons(frame: Frame, task: TaskInfo) -> str:
     return "".join(buttons)
 
 
-def task_page(frame: Frame, task: TaskInfo, events: Sequence[TaskEvent], why: str | None) -> str:
+def task_page(frame: Frame, state: TaskState) -> str:
+    task = state.task
     live = "" if task.is_terminal else '<span class="live" data-live>● live</span>'
     heading = f"<h1>Task {task.id} {badge(task.status)}</h1>"
     body = f"""<div class="title">{heading}{actions(frame, task)}</div>
-<div id="details">{task_details(frame, task, events, why)}</div>
+<div id="details">{task_details(frame, state)}</div>
 <h2>Output {live}</h2>
 <pre class="log" id="log" data-stream="{esc(frame.base)}/tasks/{task.id}/log"></pre>"""
     return layout(frame, "tasks", f"Task {task.id}", body)
@@ -300,7 +341,11 @@ def nodes_page(frame: Frame, nodes: Sequence[NodeInfo], running: Sequence[TaskIn
 
 
 def waiting_page(
-    frame: Frame, stale: StaleReport, waiting: Sequence[TaskInfo], reasons: dict[int, str]
+    frame: Frame,
+    stale: StaleReport,
+    waiting: Sequence[TaskInfo],
+    reasons: dict[int, str],
+    scheduled: Mapping[int, ScheduledBy],
 ) -> str:
     silent = "".join(
         f"<tr><td><code>{esc(n.id[:8])}</code></td><td>{esc(n.host)}</td>"
@@ -314,7 +359,7 @@ def waiting_page(
         else '<p class="empty ok">Every live node is heartbeating.</p>'
     )
     expired = (
-        tasks_table(frame, stale.expired_leases)
+        tasks_table(frame, stale.expired_leases, scheduled)
         if stale.expired_leases
         else '<p class="empty ok">No running task has an expired lease.</p>'
     )
@@ -323,7 +368,7 @@ def waiting_page(
 <h2>Expired leases <span class="count">{len(stale.expired_leases)}</span></h2>{expired}
 <h2>Silent nodes <span class="count">{len(stale.silent_nodes)}</span></h2>{silent_table}
 <h2>Waiting, oldest first <span class="count">{len(waiting)}</span></h2>
-{tasks_table(frame, oldest_first, reasons=reasons)}</div>"""
+{tasks_table(frame, oldest_first, scheduled, reasons=reasons)}</div>"""
     return layout(frame, "waiting", "Waiting & stuck", body)
 
 
@@ -355,6 +400,88 @@ def queues_page(frame: Frame, depths: Sequence[QueueDepth], window_full: bool) -
         note = '<p class="note">Counts stop at the newest tasks looked through.</p>'
     body = f"<h1>Queues</h1><div data-refresh>{table}{note}</div>"
     return layout(frame, "queues", "Queues", body)
+
+
+#: Runs and fire times a schedule's row shows.
+SCHEDULE_RUNS_SHOWN = 5
+SCHEDULE_FIRES_SHOWN = 3
+
+
+def schedule_row(frame: Frame, s: Schedule, runs: Sequence[tuple[int, Status]]) -> str:
+    if s.timing.cron is not None:
+        timing = f"<code>{esc(s.timing.cron)}</code><br><span class=muted>{esc(s.timing.tz)}</span>"
+    else:
+        timing = f"every {esc(duration(s.timing.every_s or 0))}"
+    state = (
+        '<span class="badge st-stopped">paused</span>'
+        if s.paused
+        else '<span class="badge st-running">active</span>'
+    )
+    misfire = s.misfire.value + (f" ≤{s.misfire_bound}" if s.misfire is Misfire.RUN_ALL else "")
+    policies = (
+        f"overlap <b>{esc(s.overlap.value)}</b><br>misfire <b>{esc(misfire)}</b>"
+        f'<br><span class="muted">grace {esc(duration(s.grace_s))}</span>'
+    )
+    if s.paused:
+        fires = '<span class="muted">– (paused)</span>'
+    else:
+        fires = "<br>".join(f"<time>{utc(t)}</time>" for t in s.next_fires(SCHEDULE_FIRES_SHOWN))
+    last = (
+        f"<time>{utc(s.last_fire_at)}</time>"
+        if s.last_fire_at is not None
+        else '<span class="muted">never</span>'
+    )
+    text = shlex.join(s.spec.argv)
+    short = text if len(text) <= 80 else text[:79] + "…"
+    task = (
+        f'<code title="{esc(text)}">{esc(short)}</code><br>'
+        f'<span class="muted">project</span> {esc(s.spec.project)}'
+    )
+    shown = "".join(
+        f"<li>{task_link(frame, task_id)} {badge(status)}</li>" for task_id, status in runs
+    )
+    ran = f'<ul class="runs">{shown}</ul>' if shown else '<span class="muted">none yet</span>'
+    if not frame.can_act:
+        act = ""
+    elif s.paused:
+        act = f'<button data-action="resume" data-label="{esc(s.name)}">Resume</button>'
+    else:
+        act = f'<button class="warn" data-action="pause" data-label="{esc(s.name)}">Pause</button>'
+    return (
+        f'<tr id="{esc(schedule_anchor(s.name))}" data-schedule="{esc(s.name)}"'
+        f' data-paused="{int(s.paused)}"><td class="name"><b>{esc(s.name)}</b><br>{state}</td>'
+        f"<td>{timing}</td><td>{policies}</td><td>{fires}</td><td>{last}</td>"
+        f'<td class="cmd">{task}</td><td>{ran}</td>'
+        + (f'<td class="row-actions">{act}</td>' if frame.can_act else "")
+        + "</tr>"
+    )
+
+
+def schedules_page(
+    frame: Frame,
+    schedules: Sequence[Schedule],
+    runs: Mapping[str, Sequence[tuple[int, Status]]],
+    unavailable: str | None = None,
+) -> str:
+    """Every schedule: when it fires, its policies, what it submits, its newest runs."""
+    rows = "".join(schedule_row(frame, s, runs.get(s.name, [])) for s in schedules)
+    if unavailable is not None:
+        table = f'<p class="empty">{esc(unavailable)}</p>'
+    elif not rows:
+        table = (
+            '<p class="empty">No schedules. Add one with <code>client.add_schedule</code> or'
+            " <code>taskpool schedule add</code>.</p>"
+        )
+    else:
+        table = (
+            '<table class="grid schedules"><thead><tr><th>Name</th><th>When</th>'
+            f"<th>Policies</th><th>Next {SCHEDULE_FIRES_SHOWN} fires (UTC)</th>"
+            "<th>Last fire (UTC)</th><th>Task</th><th>Latest runs</th>"
+            + ("<th></th>" if frame.can_act else "")
+            + f"</tr></thead><tbody>{rows}</tbody></table>"
+        )
+    body = f"<h1>Schedules</h1><div data-refresh>{table}</div>"
+    return layout(frame, "schedules", "Schedules", body)
 
 
 def login_page(frame: Frame, next_path: str, failed: bool) -> str:

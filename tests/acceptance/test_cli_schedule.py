@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
+from taskpool._scheduler import schedules_of
 from tests.acceptance.test_cli import cli as run_cli
+from tests.helpers import open_store
 
 
 def cli(database: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -63,3 +66,31 @@ async def test_schedule_commands_add_list_pause_resume_next_and_remove(database:
     missing = cli(database, "schedule", "rm", "nope")
     assert missing.returncode == 1
     assert "no schedule 'nope'" in missing.stderr
+
+
+async def test_ls_and_show_name_the_schedule_that_submitted_a_task(database: str) -> None:
+    """A run fired by the scheduler step has its schedule's name in `ls`'s schedule
+    column and a `schedule:` line in `show`, and its name and tick in their JSON; a
+    task submitted by hand has none."""
+    ok(cli(database, "schedule", "add", "--name", "beat", "--every", "60", "--", "echo", "hi"))
+    by_hand = int(ok(cli(database, "submit", "--", "true")))
+    async with open_store(database) as store:
+        [fired] = await schedules_of(store).fire_due(time.time() + 61)
+    run = fired.task_id
+    assert run is not None
+
+    lines = {int(line.split()[0]): line for line in ok(cli(database, "ls")).splitlines()}
+    assert lines[run].split()[:4] == [str(run), "waiting", "default", "beat"]
+    assert lines[by_hand].split()[:4] == [str(by_hand), "waiting", "default", "-"]
+    listed = {t["id"]: t for t in json.loads(ok(cli(database, "--json", "ls")))}
+    assert listed[run]["schedule"] == {"name": "beat", "tick": fired.tick}
+    assert listed[run]["spec"]["argv"] == ["echo", "hi"]
+    assert listed[by_hand]["schedule"] is None
+
+    shown = ok(cli(database, "show", str(run)))
+    tick = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(fired.tick))
+    assert f"  schedule: beat (tick {tick})" in shown.splitlines()
+    assert "schedule:" not in ok(cli(database, "show", str(by_hand)))
+    exact = json.loads(ok(cli(database, "--json", "show", str(run))))
+    assert exact["schedule"] == {"name": "beat", "tick": fired.tick}
+    assert exact["task"]["id"] == run

@@ -17,14 +17,20 @@ import random
 import re
 import time
 from calendar import timegm
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import anyio
+import pytest
 
 from taskpool import Client, Limits, NodeInfo, Status, Store
 from taskpool._models import Outcome, OutcomeKind
 from taskpool._scheduler import schedules_of
+from taskpool._schedules import ScheduledBy
+from taskpool.stores._schedules_sql import SQLITE_IDS_PER_QUERY
 from taskpool.testing import MemoryStore
 from tests.helpers import eventually, fast_pool, open_store
+from tests.postgres import fresh_postgres_database
 
 MIDNIGHT = float(timegm((2024, 6, 3, 0, 0, 0)))  # a Monday, UTC
 DAY_S = 86_400.0
@@ -233,6 +239,50 @@ async def test_schedules_survive_a_restart_of_every_handle(database: str) -> Non
         assert resumed.next_fire_at == MIDNIGHT + 3600 + 60
         await client.remove_schedule("often")
         assert [s.name for s in await client.list_schedules()] == ["nightly"]
+
+
+@pytest.fixture(params=["sqlite", "postgres", "memory"])
+async def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """An open store of each of the three backends, on an empty database."""
+    if request.param == "memory":
+        async with MemoryStore() as memory:
+            yield memory
+    elif request.param == "sqlite":
+        async with open_store(str(tmp_path / "tasks.db")) as store:
+            yield store
+    else:
+        async with fresh_postgres_database() as dsn, open_store(dsn) as store:
+            yield store
+
+
+async def test_scheduled_by_names_each_runs_schedule_and_tick(any_store: Store) -> None:
+    """`scheduled_by` answers, for a whole list of ids in one call, the schedule and
+    tick of each run a schedule fired, and leaves out tasks submitted by hand and ids
+    of no task; more ids than SQLite binds in one statement are answered as well."""
+    store = any_store
+    await add(store, MIDNIGHT - 1, "a", cron="*/5 * * * *", overlap="queue")
+    await add(store, MIDNIGHT - 1, "b", every_s=600, overlap="queue")
+    schedules = schedules_of(store)
+    fired = await schedules.fire_due(MIDNIGHT)  # a: 00:00
+    fired += await schedules.fire_due(MIDNIGHT + 599)  # a: 00:05; b: 00:09:59
+    by_hand = await Client(store).submit(["true"])
+    runs = {f.task_id: ScheduledBy(f.schedule, f.tick) for f in fired if f.task_id is not None}
+    assert sorted((s.schedule, s.tick) for s in runs.values()) == [
+        ("a", MIDNIGHT),
+        ("a", MIDNIGHT + 300),
+        ("b", MIDNIGHT - 1 + 600),
+    ]
+    asked = [*runs, by_hand, 10**9]
+    assert await schedules.scheduled_by(asked) == runs
+    assert await Client(store).scheduled_by(iter(asked)) == runs
+    assert await schedules.scheduled_by([]) == {}
+    many = [*range(1, 2 * SQLITE_IDS_PER_QUERY + 7), *runs]
+    assert await schedules.scheduled_by(many) == runs
+    newest_a = max(i for i, s in runs.items() if s.schedule == "a")
+    assert await Client(store).latest_schedule_runs(["a", "b"], 1) == {
+        "a": [(newest_a, Status.WAITING)],
+        "b": [(next(i for i, s in runs.items() if s.schedule == "b"), Status.WAITING)],
+    }
 
 
 async def test_memory_store_fires_each_tick_once() -> None:

@@ -61,28 +61,61 @@
     cancel: (id, label) => ["Cancel task " + id + "?", "Sends SIGTERM to " + label + ", then SIGKILL after its grace period."],
     force: (id, label) => ["Force cancel task " + id + "?", "Sends SIGKILL to " + label + " at once: it gets no chance to clean up."],
     retry: (id, label) => ["Retry task " + id + "?", "Queues " + label + " again, as a new task with the same command."],
+    pause: (name) => ["Pause schedule " + name + "?", "It submits nothing until it is resumed; runs already submitted go on."],
+    resume: (name) => ["Resume schedule " + name + "?", "It fires again from its next tick; the ticks it slept through are not run."],
   };
 
   function confirmAction(button) {
+    const kind = button.dataset.action;
+    if (kind === "pause" || kind === "resume") return confirmSchedule(button, kind);
     const id = button.closest("[data-task]").dataset.task;
     const force = button.dataset.force === "1";
-    const kind = button.dataset.action === "retry" ? "retry" : force ? "force" : "cancel";
-    const [title, text] = wording[kind](id, button.dataset.label);
+    const taskKind = kind === "retry" ? "retry" : force ? "force" : "cancel";
+    const go = ask(wording[taskKind](id, button.dataset.label));
+    go.textContent = taskKind === "retry" ? "Retry" : taskKind === "force" ? "Force cancel" : "Cancel task";
+    go.className = taskKind === "retry" ? "" : "danger";
+    dialog.dataset.pending = JSON.stringify({ id, kind: taskKind });
+    dialog.showModal();
+  }
+
+  function confirmSchedule(button, kind) {
+    const name = button.closest("[data-schedule]").dataset.schedule;
+    const go = ask(wording[kind](name));
+    go.textContent = kind === "pause" ? "Pause schedule" : "Resume schedule";
+    go.className = kind === "pause" ? "warn" : "";
+    dialog.dataset.pending = JSON.stringify({ name, kind });
+    dialog.showModal();
+  }
+
+  // Fills the dialog's title and text (as text, never markup); its confirm button.
+  function ask([title, text]) {
     dialog.querySelector('[data-slot="title"]').textContent = title;
     dialog.querySelector('[data-slot="text"]').textContent = text;
     dialog.querySelector('[data-slot="error"]').textContent = "";
-    const go = dialog.querySelector('[data-slot="go"]');
-    go.textContent = kind === "retry" ? "Retry" : kind === "force" ? "Force cancel" : "Cancel task";
-    go.className = kind === "retry" ? "" : "danger";
-    dialog.dataset.pending = JSON.stringify({ id, kind });
-    dialog.showModal();
+    return dialog.querySelector('[data-slot="go"]');
+  }
+
+  function actOnSchedule(name, kind) {
+    const row = document.querySelector('tr[data-schedule="' + CSS.escape(name) + '"]');
+    const buttons = row ? row.querySelectorAll("button") : [];
+    buttons.forEach((b) => { b.disabled = true; });
+    post("/api/schedules/" + encodeURIComponent(name) + "/" + kind, {}).then(async () => {
+      toast("Schedule " + name + (kind === "pause" ? " paused" : " resumed"));
+      await refresh();
+      document.body.dataset.scheduleChanged = name + ":" + kind;
+    }).catch((error) => {
+      buttons.forEach((b) => { b.disabled = false; });
+      toast("Refused: " + error.message);
+    });
   }
 
   if (dialog) {
     dialog.addEventListener("close", () => {
       if (dialog.returnValue !== "go" || !dialog.dataset.pending) return;
-      const { id, kind } = JSON.parse(dialog.dataset.pending);
+      const pending = JSON.parse(dialog.dataset.pending);
       delete dialog.dataset.pending;
+      if (pending.name !== undefined) { actOnSchedule(pending.name, pending.kind); return; }
+      const { id, kind } = pending;
       const request = kind === "retry"
         ? post("/api/tasks/" + id + "/retry", {})
         : post("/api/tasks/" + id + "/cancel", { force: kind === "force" });
@@ -108,17 +141,23 @@
 
   // -- lists refresh themselves -----------------------------------------------
   const region = document.querySelector("[data-refresh]");
+
+  async function refresh() {
+    if (!region) return;
+    try {
+      const response = await fetch(window.location.href, { credentials: "same-origin" });
+      if (!response.ok) return;
+      const page = new DOMParser().parseFromString(await response.text(), "text/html");
+      const fresh = page.querySelector("[data-refresh]");
+      if (fresh) region.innerHTML = fresh.innerHTML;
+    } catch (error) { /* the next tick tries again */ }
+  }
+
   if (region) {
     const toggle = document.querySelector("[data-autorefresh]");
-    setInterval(async () => {
+    setInterval(() => {
       if ((toggle && !toggle.checked) || (dialog && dialog.open) || document.hidden) return;
-      try {
-        const response = await fetch(window.location.href, { credentials: "same-origin" });
-        if (!response.ok) return;
-        const page = new DOMParser().parseFromString(await response.text(), "text/html");
-        const fresh = page.querySelector("[data-refresh]");
-        if (fresh) region.innerHTML = fresh.innerHTML;
-      } catch (error) { /* the next tick tries again */ }
+      refresh();
     }, REFRESH_MS);
   }
 })();
