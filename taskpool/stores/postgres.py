@@ -17,6 +17,7 @@ server shutting down, serialization failure) and `StoreError` otherwise.
 from __future__ import annotations
 
 import logging
+import random
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +61,10 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 log = logging.getLogger("taskpool")
+
+#: How many times a transaction aborted as a deadlock victim or a serialization
+#: failure is run in all before the error is raised (`PostgresStore._tx`).
+TRANSACTION_RETRIES = 3
 
 #: How long a claim that lost a race waits before each new try (then it returns what
 #: it has): the claim it lost to holds its locks for one statement, about a millisecond.
@@ -231,33 +236,54 @@ class PostgresStore(Store):
         for_leases: bool = False,
     ) -> T:
         """Run `fn` in one transaction on a pooled connection (the lease connection, if
-        the store has one, `for_leases`), mapping driver errors."""
+        the store has one, `for_leases`), mapping driver errors. A transaction the server
+        aborted as a deadlock victim or a serialization failure rolled back whole, so it
+        is run again (a few times, after a short random pause) before it is an error."""
         import asyncpg
 
+        for attempt in range(1, TRANSACTION_RETRIES + 1):
+            try:
+                return await self._once(fn, transaction=transaction, for_leases=for_leases)
+            except (
+                asyncpg.DeadlockDetectedError,
+                asyncpg.SerializationError,
+            ) as exc:
+                if not transaction or attempt == TRANSACTION_RETRIES:
+                    raise map_error(exc) from exc
+                log.info("PostgreSQL %s; running the transaction again", exc.sqlstate)
+                await anyio.sleep(random.uniform(0, 0.01 * attempt))
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                raise map_error(exc) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _once(
+        self,
+        fn: Callable[[asyncpg.Connection], Awaitable[T]],
+        *,
+        transaction: bool,
+        for_leases: bool,
+    ) -> T:
         pool = self._pool
         if for_leases and self._lease_pool is not None and pool is not None:
             pool = self._lease_pool
         if pool is None:
             raise StoreError("the store is closed")
-        try:
-            # One unit, shielded from cancellation and bounded by the timeouts instead
-            # (the connect's, each statement's): a cancel landing while the pool opens a
-            # connection leaks its socket, and one landing mid-transaction leaves a
-            # commit in flight unseen and asyncpg resetting the connection. A caller
-            # cancelled meanwhile (a loop of a pool shutting down) is cancelled after.
-            with anyio.CancelScope(shield=True):
-                conn = await pool.acquire(timeout=self.connect_timeout_s)
-                try:
-                    if not transaction:
+        # One unit, shielded from cancellation and bounded by the timeouts instead
+        # (the connect's, each statement's): a cancel landing while the pool opens a
+        # connection leaks its socket, and one landing mid-transaction leaves a
+        # commit in flight unseen and asyncpg resetting the connection. A caller
+        # cancelled meanwhile (a loop of a pool shutting down) is cancelled after.
+        with anyio.CancelScope(shield=True):
+            conn = await pool.acquire(timeout=self.connect_timeout_s)
+            try:
+                if not transaction:
+                    result = await fn(conn)
+                else:
+                    async with conn.transaction():
                         result = await fn(conn)
-                    else:
-                        async with conn.transaction():
-                            result = await fn(conn)
-                finally:
-                    await pool.release(conn, timeout=self.command_timeout_s)
-            return result
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise map_error(exc) from exc
+            finally:
+                await pool.release(conn, timeout=self.command_timeout_s)
+        return result
 
     async def _statement(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         """Run `fn`, one statement, outside an explicit transaction (PostgreSQL commits it
