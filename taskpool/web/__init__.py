@@ -115,14 +115,34 @@ async def serve_async(
     **options: Any,
 ) -> None:
     """Serve the dashboard with uvicorn in the running event loop (asyncio) until
-    cancelled or interrupted. `store` may also be an app `create_app` made."""
+    cancelled or interrupted. `store` may also be an app `create_app` made.
+
+    Cancelled, it stops the server as a signal would (`should_exit`), and returns once
+    the server has shut down (its listening socket closed, the app's lifespan ended):
+    uvicorn cancelled half-way through `serve` would leave both behind."""
+    import anyio
     import uvicorn
 
     app = store if isinstance(store, Starlette) else standalone_app(store, **options)
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5
     )
-    await uvicorn.Server(config).serve()
+    server = uvicorn.Server(config)
+    stopped = anyio.Event()
+
+    async def run() -> None:
+        try:
+            with anyio.CancelScope(shield=True):  # stopped by should_exit only
+                await server.serve()
+        finally:
+            stopped.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        try:
+            await stopped.wait()
+        finally:
+            server.should_exit = True
 
 
 def serve(
