@@ -109,6 +109,24 @@ def spec_record(spec: TaskSpec, *, held: bool = False) -> tuple[Any, ...]:
     )
 
 
+#: The spec columns whose parameter a SELECT list must cast (no type to infer from).
+_CASTS = {"env": "::jsonb", "after_ids": "::bigint[]"}
+
+#: `submit`'s one INSERT: $1 the reason, $2 the id (None: drawn from the sequence),
+#: then `spec_record`'s values, in `SPEC_COLUMNS` order (the JSONB column as text).
+_INSERT_ONE = (
+    "INSERT INTO taskpool_tasks (id, status, submitted_at, changed_at, reason,"
+    f" {', '.join(SPEC_COLUMNS)})"
+    " SELECT coalesce($2::bigint, nextval(pg_get_serial_sequence('taskpool_tasks', 'id'))),"
+    " 'waiting', now.t, now.t, $1, "
+    + ", ".join(f"${n}{_CASTS.get(column, '')}" for n, column in enumerate(SPEC_COLUMNS, start=3))
+    + f" FROM ({NOW}) AS now(t)"
+    " ON CONFLICT (unique_key)"
+    " WHERE unique_key IS NOT NULL AND status IN ('waiting', 'running') DO NOTHING"
+    " RETURNING id"
+)
+
+
 async def submit(
     conn: asyncpg.Connection,
     spec: TaskSpec,
@@ -123,46 +141,7 @@ async def submit(
     `dependencies`: how it starts out (`dependency_plans`; None: it has none)."""
     held = dependencies is not None and dependencies.held
     new_id: int | None = await conn.fetchval(
-        "INSERT INTO taskpool_tasks (id, status, argv, cwd, env, project, template,"
-        " template_parallel, locks, priority, submitted_at, not_before, timeout_s,"
-        " stall_timeout_s, max_attempts, retry_backoff_s, reason, changed_at,"
-        " pass_env, inherit_env, memory_max, pids_max, cpu_max, retry_jitter,"
-        " retry_max_delay_s, retry_on, unique_key, on_conflict, after_ids, after_not_before)"
-        " SELECT coalesce($20::bigint, nextval(pg_get_serial_sequence('taskpool_tasks', 'id'))),"
-        " 'waiting', $1, $2, $3::jsonb, $4, $5, $6, $7, $8, now.t, $9, $10,"
-        " $11, $12, $13, $19, now.t, $14, $15, $16, $17, $18, $21, $22, $23, $24, $25,"
-        " $26::bigint[], $27"
-        f" FROM ({NOW}) AS now(t)"
-        " ON CONFLICT (unique_key)"
-        " WHERE unique_key IS NOT NULL AND status IN ('waiting', 'running') DO NOTHING"
-        " RETURNING id",
-        list(spec.argv),
-        spec.cwd,
-        json.dumps(dict(spec.env)) if spec.env is not None else None,
-        spec.project,
-        spec.template,
-        spec.template_parallel,
-        sorted(spec.locks),
-        spec.priority,
-        HELD_FOR_DEPENDENCIES if held else spec.not_before or 0.0,
-        spec.timeout_s,
-        spec.stall_timeout_s,
-        spec.max_attempts,
-        spec.retry_backoff_s,
-        sorted(spec.pass_env),
-        spec.inherit_env,
-        spec.memory_max,
-        spec.pids_max,
-        spec.cpu_max,
-        reason,
-        task_id,
-        spec.retry_jitter,
-        spec.retry_max_delay_s,
-        sorted(spec.retry_on) if spec.retry_on is not None else None,
-        spec.unique_key,
-        spec.on_conflict,
-        list(spec.after) if spec.after else None,
-        spec.not_before if held else None,
+        _INSERT_ONE, reason, task_id, *spec_record(spec, held=held)
     )
     if new_id is not None and dependencies is not None:
         await link_dependencies(conn, [spec], [dependencies], [new_id])
