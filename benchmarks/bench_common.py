@@ -177,6 +177,41 @@ async def bare_asyncio_run(n: int, concurrency: int) -> float:
     return time.perf_counter() - start
 
 
+async def contained_asyncio_run(n: int, concurrency: int) -> float:
+    """`bare_asyncio_run` with taskpool's own containment around each `true` and nothing
+    else (no database, no pool): each run gets a cgroup of its own, which the child joins
+    through the /bin/sh wrapper before it executes, and the cgroup is removed after. The
+    floor under any design that keeps a cgroup per attempt. Raises if no cgroup can be
+    made here (the figure would be the bare loop's)."""
+    from taskpool import _containment
+    from taskpool._models import ResourceLimits
+
+    containment = _containment.choose(f"bench-{uuid.uuid4().hex[:12]}", "floor", mode="cgroup")
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with sem:
+            box = containment.box(f"run-{i}", ResourceLimits())
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *box.wrap(["true"]),
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.STDOUT,
+                )
+                await proc.communicate()
+                if proc.returncode != 0:
+                    raise RuntimeError(f"contained true exited with {proc.returncode}")
+            finally:
+                box.remove()
+
+    try:
+        start = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        return time.perf_counter() - start
+    finally:
+        containment.close()
+
+
 def pg_dsn_for(admin_dsn: str, database: str) -> str:
     """`admin_dsn` (a postgresql:// URL) pointed at another database, query string kept."""
     base, sep, query = admin_dsn.partition("?")

@@ -27,6 +27,7 @@ from bench_common import (
     Config,
     Json,
     bare_asyncio_run,
+    contained_asyncio_run,
     fresh_pg_database,
     per_s,
     progress,
@@ -191,11 +192,14 @@ async def pgqueuer_run(dsn: str, n: int) -> Json:
 async def bench_pgqueuer(cfg: Config, workdir: Path) -> Json:
     del workdir
     n, c = cfg.compare_tasks, COMPARE_CONCURRENCY
-    runs: dict[str, list[Json]] = {"bare": [], "taskpool": [], "pgqueuer": []}
+    runs: dict[str, list[Json]] = {"bare": [], "contained": [], "taskpool": [], "pgqueuer": []}
     for rep in range(cfg.compare_repeats):
         progress(f"pgqueuer #{rep + 1}: bare loop, {n} x true at {c}")
         bare_s = await bare_asyncio_run(n, c)
         runs["bare"].append({"run_s": bare_s, "wall_s": bare_s, "db_cpu_s": 0.0})
+        progress(f"pgqueuer #{rep + 1}: the bare loop with a cgroup per run")
+        contained_s = await contained_asyncio_run(n, c)
+        runs["contained"].append({"run_s": contained_s, "wall_s": contained_s, "db_cpu_s": 0.0})
         progress(f"pgqueuer #{rep + 1}: taskpool on PostgreSQL")
         async with fresh_pg_database(cfg.pg_dsn) as dsn:
             runs["taskpool"].append(await taskpool_run(dsn, n))
@@ -209,13 +213,18 @@ async def bench_pgqueuer(cfg: Config, workdir: Path) -> Json:
     rate = {k: max(per_s(n, r["run_s"]) for r in v) for k, v in runs.items()}
     wall = {k: max(per_s(n, r["wall_s"]) for r in v) for k, v in runs.items()}
     cpu_ms = {
-        k: round(min(r["db_cpu_s"] for r in v) / n * 1e3, 3) for k, v in runs.items() if k != "bare"
+        k: round(min(r["db_cpu_s"] for r in v) / n * 1e3, 3)
+        for k, v in runs.items()
+        if k in ("taskpool", "pgqueuer")
     }
     return {
         "what": (
             f"{n} tasks running `true` at concurrency {c}, interleaved per repeat: the bare"
-            " asyncio loop (Semaphore); taskpool = TaskPool(dsn, max_parallel=8) on a fresh"
-            " database, tasks submitted first, tasks_per_s = tasks / (last terminal - first"
+            " asyncio loop (Semaphore); contained = the bare loop with taskpool's own"
+            " containment around each run and nothing else (a cgroup made, joined by the"
+            " /bin/sh wrapper before exec, removed after; no database, no pool); taskpool ="
+            " TaskPool(dsn, max_parallel=8) on a fresh database, tasks submitted first,"
+            " tasks_per_s = tasks / (last terminal - first"
             " 'running' event); PgQueuer = QueueManager.run(drain, max_concurrent_tasks=8,"
             " batch_size=4) on a fresh database, jobs enqueued first, its entrypoint runs"
             " `true` as the bare loop does, tasks_per_s = jobs / (last job's end - first"
@@ -231,6 +240,10 @@ async def bench_pgqueuer(cfg: Config, workdir: Path) -> Json:
         "taskpool_vs_pgqueuer": round(rate["taskpool"] / rate["pgqueuer"], 3),
         "taskpool_vs_bare": round(rate["taskpool"] / rate["bare"], 3),
         "pgqueuer_vs_bare": round(rate["pgqueuer"] / rate["bare"], 3),
+        # The floor: what a cgroup per attempt alone allows, with no database at all.
+        "contained_vs_pgqueuer": round(rate["contained"] / rate["pgqueuer"], 3),
+        "contained_vs_bare": round(rate["contained"] / rate["bare"], 3),
+        "taskpool_vs_contained": round(rate["taskpool"] / rate["contained"], 3),
         "targets": {"taskpool_vs_pgqueuer": 1.2, "taskpool_vs_bare": 0.5, "db_cpu_ms": 0.5},
         "db_cpu_ms_per_task": cpu_ms,
         "all_tasks_per_s": {k: [per_s(n, r["run_s"]) for r in v] for k, v in runs.items()},
