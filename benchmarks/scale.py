@@ -443,8 +443,10 @@ async def bench_blocked_ahead(cfg: Config, workdir: Path) -> Json:
             f"Project '{BLOCKED}' is limited to 1 running and its first task (`sleep 600`,"
             " the queue's head) is claimed first and kept running; in 'ahead' the"
             f" {blocked - 1} more tasks of it wait ahead of {k} tasks of another project,"
-            f" in 'nothing_ahead' they do not. The {k} are measured; baseline:"
-            f" nothing_ahead. {MEASURED}"
+            f" in 'held_ahead' {blocked - 1} tasks of that other project that run after it"
+            " (`after=[first]`: held until it succeeds) wait ahead of them, in"
+            f" 'nothing_ahead' neither. The {k} are measured; baseline: nothing_ahead."
+            f" {MEASURED}"
         ),
         "measured_tasks": k,
         "blocked_ahead": blocked,
@@ -453,18 +455,23 @@ async def bench_blocked_ahead(cfg: Config, workdir: Path) -> Json:
     }
     limits = {BLOCKED: 1}
     blocker = TaskSpec.build(["sleep", "600"], project=BLOCKED)
-    cases = {"nothing_ahead": 0, "ahead": blocked - 1}
+    cases = ("nothing_ahead", "ahead", "held_ahead")
     for store in cfg.stores:
         runs: dict[str, list[Run]] = {case: [] for case in cases}
         loops: dict[str, list[ClaimLoop]] = {case: [] for case in cases}
         for rep in range(cfg.scale_repeats):
-            for case, ahead in cases.items():
+            for case in cases:
 
-                async def prepare(location: str, ahead: int = ahead) -> tuple[list[int], list[int]]:
-                    specs = [blocker, *true_specs(ahead, BLOCKED), *true_specs(k)]
-                    ids, _ = await submit_bulk(location, specs)
+                async def prepare(location: str, case: str = case) -> tuple[list[int], list[int]]:
+                    (first,), _ = await submit_bulk(location, [blocker])
+                    if case == "ahead":
+                        await submit_bulk(location, true_specs(blocked - 1, BLOCKED))
+                    elif case == "held_ahead":
+                        held = TaskSpec.build(["true"], after=[first])
+                        await submit_bulk(location, [held] * (blocked - 1))
+                    measured, _ = await submit_bulk(location, true_specs(k))
                     await settle(location)
-                    return ids[-k:], ids[:1]
+                    return measured, [first]
 
                 progress(f"blocked_ahead {store}: {case} (#{rep + 1})")
                 run, loop = await measure_case(

@@ -520,7 +520,7 @@ async def claim(
     conn: asyncpg.Connection, node_id: str, limits: Limits, lease_ttl_s: float
 ) -> tuple[list[Claim], bool]:
     """What `taskpool_claim` (migration 0006), or with `fair_share` `taskpool_claim_fair`
-    (migration 0014), decides and writes, in one statement that
+    (migration 0014), both as restated by 0015, decides and writes, in one statement that
     must run outside an explicit transaction: its locks are then released at its own
     commit, with no round trip to this process in between. Also says whether it lost a
     race to another claim and left slots free (then claiming again finds more)."""

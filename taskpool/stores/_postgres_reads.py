@@ -71,9 +71,11 @@ async def list_tasks(
 
 async def waiting_ahead(conn: asyncpg.Connection, task_id: int, limit: int) -> list[TaskInfo]:
     me = await task_row(conn, task_id)
-    # Due by the database's clock, as the claim (taskpool_claim) judges it.
+    # Due by the database's clock, as the claim (taskpool_claim) judges it; the literal
+    # `not_before < 'Infinity'` lets the planner walk the queue index, which leaves held
+    # tasks out (migration 0015).
     rows = await conn.fetch(
-        "SELECT * FROM taskpool_tasks WHERE status = 'waiting'"
+        "SELECT * FROM taskpool_tasks WHERE status = 'waiting' AND not_before < 'Infinity'"
         " AND not_before <= extract(epoch FROM clock_timestamp())"
         " AND (priority > $1 OR (priority = $1 AND id < $2))"
         " ORDER BY priority DESC, id LIMIT $3",

@@ -2,6 +2,9 @@
 window at a time, each the first waiting tasks in queue order minus those `Prefilter`
 says are certainly blocked, and minus those this claim has taken already.
 
+Every walk is over an index of the queue the claim reads: waiting tasks but those held
+for their dependencies (`QUEUED`), so no number of held tasks costs a claim anything.
+
 The common case is one short walk of the queue index (`tasks_waiting`). When blocked
 tasks crowd the head of the queue (a project at its limit with a long backlog, a
 running template's other tasks), that walk would read every one of them on every
@@ -59,28 +62,34 @@ PLAIN_SCAN_PER_CANDIDATE = 1
 #: blocked tasks is likely to: the window is read by an unbounded plain walk instead.
 MAX_GROUPS = 256
 
+#: Task row `{t}` is in the queue a claim reads: waiting, and not held for its run-after
+#: dependencies (not_before = +Infinity, `HELD_FOR_DEPENDENCIES`). The WHERE of the queue
+#: indexes, word for word (migration 0011): SQLite uses a partial index only for a query
+#: whose WHERE has each of its terms.
+QUEUED = "{t}.status = 'waiting' AND {t}.not_before < 9e999"
+
 #: The first waiting task (in index order) of the group after task `g`'s: the next
 #: template_parallel of its template, else its project's next template, else the next
 #: project. Each is one seek in `tasks_waiting_group`.
-_NEXT_GROUP = """COALESCE(
-    (SELECT n.id FROM tasks n WHERE n.status = 'waiting' AND n.project = g.project
+_NEXT_GROUP = f"""COALESCE(
+    (SELECT n.id FROM tasks n WHERE {QUEUED.format(t="n")} AND n.project = g.project
         AND n.template IS g.template AND n.template_parallel > g.template_parallel
         ORDER BY n.template_parallel, n.priority DESC, n.id LIMIT 1),
     CASE WHEN g.template IS NULL
-    THEN (SELECT n.id FROM tasks n WHERE n.status = 'waiting' AND n.project = g.project
+    THEN (SELECT n.id FROM tasks n WHERE {QUEUED.format(t="n")} AND n.project = g.project
         AND n.template >= '' ORDER BY n.template, n.template_parallel, n.priority DESC, n.id
         LIMIT 1)
-    ELSE (SELECT n.id FROM tasks n WHERE n.status = 'waiting' AND n.project = g.project
+    ELSE (SELECT n.id FROM tasks n WHERE {QUEUED.format(t="n")} AND n.project = g.project
         AND n.template > g.template ORDER BY n.template, n.template_parallel, n.priority DESC,
         n.id LIMIT 1)
     END,
-    (SELECT n.id FROM tasks n WHERE n.status = 'waiting' AND n.project > g.project
+    (SELECT n.id FROM tasks n WHERE {QUEUED.format(t="n")} AND n.project > g.project
         ORDER BY n.project, n.template, n.template_parallel, n.priority DESC, n.id LIMIT 1))"""
 
 #: Every blocking group with a waiting task, at most :max_groups + 1 of them: the loose
 #: index scan, from the first group to the next, one seek each.
 _LIST_GROUPS = f"""WITH RECURSIVE firsts(id, n) AS (
-    SELECT (SELECT id FROM tasks WHERE status = 'waiting'
+    SELECT (SELECT id FROM tasks t WHERE {QUEUED.format(t="t")}
         ORDER BY project, template, template_parallel, priority DESC, id LIMIT 1), 1
     UNION ALL
     SELECT {_NEXT_GROUP}, firsts.n + 1 FROM firsts JOIN tasks g ON g.id = firsts.id
@@ -101,7 +110,7 @@ def candidates(
     if len(found) == window:
         return found
     (queued,) = conn.execute(
-        "SELECT COUNT(*) FROM (SELECT 1 FROM tasks WHERE status = 'waiting'"
+        f"SELECT COUNT(*) FROM (SELECT 1 FROM tasks t WHERE {QUEUED.format(t='t')}"
         " ORDER BY priority DESC, id LIMIT :scan)",
         {"scan": scan},
     ).fetchone()
@@ -145,8 +154,8 @@ def _plain_window(
     where = _and(_GROUP_FILTERS, group_filters, "t") + _and(_TASK_FILTERS, task_filters, "t")
     head = "" if scan is None else " LIMIT :scan"
     rows: list[sqlite3.Row] = conn.execute(
-        f"SELECT * FROM (SELECT {CANDIDATE_COLUMNS}, not_before FROM tasks"
-        f" WHERE status = 'waiting' ORDER BY priority DESC, id{head}) AS t"
+        f"SELECT * FROM (SELECT {CANDIDATE_COLUMNS}, not_before FROM tasks q"
+        f" WHERE {QUEUED.format(t='q')} ORDER BY priority DESC, id{head}) AS t"
         f" WHERE t.not_before <= :now{where} ORDER BY t.priority DESC, t.id LIMIT :window",
         {**params, "now": now, "scan": scan, "window": window},
     ).fetchall()
@@ -157,7 +166,7 @@ def _in_group(t: str, task_filters: list[str]) -> str:
     """Task row `t` is a ready waiting task of the group :project, :template,
     :template_parallel, left by the task filters."""
     return (
-        f"{t}.status = 'waiting' AND {t}.project = :project AND {t}.template IS :template"
+        f"{QUEUED.format(t=t)} AND {t}.project = :project AND {t}.template IS :template"
         f" AND {t}.template_parallel = :template_parallel AND {t}.not_before <= :now"
         + _and(_TASK_FILTERS, task_filters, t)
     )

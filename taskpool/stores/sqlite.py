@@ -440,7 +440,10 @@ class SQLiteStore(Store):
         def op(conn: sqlite3.Connection) -> list[TaskInfo]:
             me = ops.task_row(conn, task_id)
             rows = conn.execute(
-                "SELECT * FROM tasks WHERE status = 'waiting' AND not_before <= ?"
+                # QUEUED's words, so that the queue index is used (it leaves held
+                # tasks out; migration 0011).
+                "SELECT * FROM tasks WHERE status = 'waiting' AND not_before < 9e999"
+                " AND not_before <= ?"
                 " AND (priority > ? OR (priority = ? AND id < ?))"
                 " ORDER BY priority DESC, id LIMIT ?",
                 (self._clock(), me["priority"], me["priority"], me["id"], limit),
