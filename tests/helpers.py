@@ -32,6 +32,16 @@ async def eventually(
             await anyio.sleep(0.01)
 
 
+def has_exited(proc: psutil.Process) -> bool:
+    """The process is gone or a zombie waiting for its reaper. A process that exits
+    between psutil's two looks (is it running, what is its state) has exited too: on a
+    busy machine that window is real."""
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 async def running(pool: TaskPool, task_id: int) -> TaskInfo:
     """Wait until the task's process has been spawned and recorded."""
 

@@ -15,6 +15,7 @@ from tests.acceptance.test_restart import pool_process
 from tests.helpers import (
     eventually,
     fast_pool,
+    has_exited,
     killed_leftover_matches,
     no_attempt_processes,
     open_store,
@@ -96,5 +97,5 @@ async def test_a_sibling_pool_that_dies_is_settled_by_the_survivor(
                 leader=pid,
                 processes=2,
             )
-    assert not leftover.is_running() or leftover.status() == psutil.STATUS_ZOMBIE
+    assert has_exited(leftover)
     assert await no_attempt_processes()

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from taskpool import PoolCrashed, Status, StoreUnavailable
-from tests.helpers import eventually, fast_pool, no_attempt_processes, running
+from tests.helpers import eventually, fast_pool, has_exited, no_attempt_processes, running
 from tests.pg_cluster import Cluster, private_cluster
 
 
@@ -41,7 +41,7 @@ async def test_a_short_outage_is_ridden_out(cluster: Cluster, tmp_path: Path) ->
         go.touch()  # the task ends while the database is down
 
         async def ended() -> bool:
-            return not leader.is_running() or leader.status() == psutil.STATUS_ZOMBIE
+            return has_exited(leader)
 
         await eventually(ended)
         await anyio.to_thread.run_sync(cluster.start)

@@ -22,6 +22,7 @@ from taskpool import Limits, NodeInfo, Status, TaskInfo, TaskSpec
 from tests.helpers import (
     eventually,
     fast_pool,
+    has_exited,
     killed_leftover_matches,
     no_attempt_processes,
     open_store,
@@ -100,7 +101,7 @@ async def test_sigkilled_pool_is_reconciled_at_the_next_boot(
         first_events = await pool.events(ids[0])
         all_events = [e for task_id in ids for e in await pool.events(task_id)]
 
-    assert not leftover.is_running() or leftover.status() == psutil.STATUS_ZOMBIE
+    assert has_exited(leftover)
     settled = next(
         e for e in first_events if e.node_id == dead_node and e.from_status is Status.RUNNING
     )
@@ -260,7 +261,7 @@ async def test_frozen_pool_is_rescued_and_fenced(database: str) -> None:
             proc.send_signal(signal.SIGCONT)  # wakes, heartbeats, learns the lease is gone
 
             async def old_copy_dead() -> bool:
-                return not old.is_running() or old.status() == psutil.STATUS_ZOMBIE
+                return has_exited(old)
 
             await eventually(old_copy_dead)
             info = await pool.get(task_id)

@@ -15,7 +15,7 @@ import pytest
 
 from taskpool import Status, TaskSpec
 from tests.acceptance.test_restart import _pid_of, _submit_all, pool_process
-from tests.helpers import eventually, fast_pool, open_store
+from tests.helpers import eventually, fast_pool, has_exited, open_store
 from tests.postgres import fresh_postgres_database
 
 
@@ -74,7 +74,7 @@ async def test_a_restarting_pool_never_kills_another_stores_task(
             assert "killed leftover" in settled.reason
         finally:
             await sibling.__aexit__(None, None, None)
-        assert not a_leftover.is_running() or a_leftover.status() == psutil.STATUS_ZOMBIE
+        assert has_exited(a_leftover)
         # B's task was never touched: it is still the same running process ...
         assert b_leader.is_running()
         assert b_leader.status() != psutil.STATUS_ZOMBIE
@@ -118,7 +118,7 @@ async def test_a_postgres_database_replaced_under_a_pool_crashes_it(tmp_path: Pa
                 await anyio.sleep(600)  # the crash must cut this short
         assert isinstance(crash.value.__cause__, StoreError)
         assert "no longer the one opened" in str(crash.value.__cause__)
-        assert not leader.is_running() or leader.status() == psutil.STATUS_ZOMBIE
+        assert has_exited(leader)
 
 
 async def test_a_client_frozen_inside_a_transaction_cannot_block_a_rescue() -> None:

@@ -19,7 +19,7 @@ from playwright.async_api import Browser, Page, ViewportSize, expect
 from taskpool import Status, TaskPool
 from taskpool.web import create_app
 from tests.browser.serving import served
-from tests.helpers import eventually, fast_pool, no_attempt_processes, running
+from tests.helpers import eventually, fast_pool, has_exited, no_attempt_processes, running
 
 TOKEN = "browser-test-token-0123456789"
 VIEWPORT: ViewportSize = {"width": 1360, "height": 820}
@@ -113,7 +113,7 @@ async def test_a_running_task_its_live_log_and_a_cancel_from_the_page(
 def _gone(proc: psutil.Process) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
         # psutil compares the start time too: a recycled pid is not our process.
-        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+        return has_exited(proc)
 
     return check
 

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from taskpool import SQLiteStore, Status
-from tests.helpers import SAFETY_TIMEOUT_S, eventually, fast_pool, running
+from tests.helpers import SAFETY_TIMEOUT_S, eventually, fast_pool, has_exited, running
 
 #: Ignores SIGTERM, so only SIGKILL ends it: a grace period would be waited out in full.
 STUBBORN = ["sh", "-c", "trap '' TERM; while :; do sleep 1; done"]
@@ -25,7 +25,7 @@ async def _group_gone(leader: psutil.Process) -> bool:
         try:
             os.killpg(leader.pid, 0)
         except ProcessLookupError:
-            return not leader.is_running() or leader.status() == psutil.STATUS_ZOMBIE
+            return has_exited(leader)
         return False
 
     await eventually(check, timeout_s=10)

@@ -12,7 +12,15 @@ import pytest
 
 from taskpool import PoolClosed, PoolCrashed, SQLiteStore, Status, StoreUnavailable
 from taskpool._store import Renewal
-from tests.helpers import eventually, fast_pool, no_attempt_processes, open_store, reasons, running
+from tests.helpers import (
+    eventually,
+    fast_pool,
+    has_exited,
+    no_attempt_processes,
+    open_store,
+    reasons,
+    running,
+)
 
 RESUMABLE = (
     "if [ -e {marker} ]; then echo resumed; exit 0; fi; touch {marker}; echo first; sleep 600"
@@ -205,7 +213,7 @@ async def test_lease_expired_under_a_live_runner_is_fenced_and_reclaimed(db: Pat
         await eventually(reclaimed)
 
         async def old_process_gone() -> bool:
-            return not old_process.is_running() or old_process.status() == "zombie"
+            return has_exited(old_process)
 
         await eventually(old_process_gone)
         events = await pool.events(task)

@@ -16,7 +16,7 @@ import pytest
 from taskpool import Limits, NodeInfo, SQLiteStore, Status, StoreError, TaskSpec
 from taskpool._rules import CLAIM_WINDOW
 from taskpool.stores.sqlite import migrations
-from tests.helpers import eventually, fast_pool, running
+from tests.helpers import eventually, fast_pool, has_exited, running
 
 
 def _node(node_id: str = "n1") -> NodeInfo:
@@ -93,7 +93,7 @@ async def test_a_database_locked_by_another_process_is_ridden_out(db: Path) -> N
             go.touch()
 
             async def ended() -> bool:  # the task ends meanwhile; its result must wait
-                return not leader.is_running() or leader.status() == psutil.STATUS_ZOMBIE
+                return has_exited(leader)
 
             await eventually(ended)
             assert other.execute("SELECT status FROM tasks WHERE id = ?", (task,)).fetchone() == (
