@@ -65,6 +65,7 @@ async def test_watchers_of_two_channels_share_one_connection_that_survives_its_o
                     first = await backends()
                     assert len(first) == 1
 
+                    before = len(cancels.payloads)
                     opener.cancel()  # the watcher running the connection leaves
 
                     async def taken_over() -> list[int]:
@@ -72,7 +73,13 @@ async def test_watchers_of_two_channels_share_one_connection_that_survives_its_o
                         return pids if len(pids) == 1 and pids != first else []
 
                     second = await eventually(taken_over)
-                    await cancels.heard(None)
+
+                    async def listening_again() -> bool:
+                        # The new connection's None comes after its LISTENs (a backend
+                        # in pg_stat_activity may not be listening yet).
+                        return None in cancels.payloads[before:]
+
+                    await eventually(listening_again)
                     await admin.execute("NOTIFY chan_work, 'w2'; NOTIFY chan_cancel, 'c2'")
                     await cancels.heard("c2")
                     assert "w2" not in work.payloads  # its watcher left
