@@ -107,6 +107,17 @@ def describe(reasons: Sequence[WaitReason]) -> str:
     return "; ".join(r.text for r in reasons) if reasons else READY_TEXT
 
 
+def fair_share_text(weights: Mapping[str, float] | None) -> str:
+    """A node's `fair_share` in an operator's words: `off`, `on (every project 1)`, or
+    `on (a=3, b=1, others 1)` (a project not listed weighs 1, as the claim takes it)."""
+    if weights is None:
+        return "off"
+    if not weights:
+        return "on (every project 1)"
+    listed = ", ".join(f"{project}={weight:g}" for project, weight in sorted(weights.items()))
+    return f"on ({listed}, others 1)"
+
+
 def duration(seconds: float) -> str:
     """`3 min 12 s`, `2 h 5 min`, `4 d 3 h`: short and exact enough for an operator."""
     s = max(0, int(seconds))
