@@ -19,11 +19,14 @@ is a real block:
 
 Running tasks count only while their lease is live, as in the claim.
 
-Fair sharing (`TaskPool(fair_share=...)`) is not taken into account: nodes do not
-record it, and the queue is taken in its order. On a fair node a task said to be
-claimable may wait for its project's turn, and one said to wait behind earlier tasks
-may be started first; the blocks named (start time, no node, a full node, a limit, a
-template, a lock) hold all the same.
+Fair sharing (`TaskPool(fair_share=...)`, as each node registered it) does not change
+the answer, which takes the queue in its order; it is named instead. A task waiting
+for full nodes, or behind earlier tasks, is told which of the nodes that could claim
+it share their slots fairly and what its project weighs there: on those the order
+projects start in follows their weights, so another project's task may start first,
+and one said to wait behind earlier tasks may start before them. A task said to be
+claimable may wait for its project's turn; the blocks named (start time, no node, a
+full node, a limit, a template, a lock) hold all the same.
 """
 
 from __future__ import annotations
@@ -107,6 +110,19 @@ def describe(reasons: Sequence[WaitReason]) -> str:
     return "; ".join(r.text for r in reasons) if reasons else READY_TEXT
 
 
+def fair_share_text(weights: Mapping[str, float] | None) -> str:
+    """A node's `fair_share` in an operator's words: `off`, `on (every project 1)`, or
+    `on (a=3, b=1, others 1)` (a project not listed weighs 1, as the claim takes it)."""
+    return "off" if weights is None else f"on ({_weights_text(weights)})"
+
+
+def _weights_text(weights: Mapping[str, float]) -> str:
+    if not weights:
+        return "every project 1"
+    listed = ", ".join(f"{project}={weight:g}" for project, weight in sorted(weights.items()))
+    return f"{listed}, others 1"
+
+
 def duration(seconds: float) -> str:
     """`3 min 12 s`, `2 h 5 min`, `4 d 3 h`: short and exact enough for an operator."""
     s = max(0, int(seconds))
@@ -184,17 +200,19 @@ class _Fleet:
         """What the running tasks occupy as `node` sees it (to read, not to take into)."""
         return dataclasses.replace(self.shared, node_running=self.busy[node.id] if node else 0)
 
+    def blocks_on(self, task: TaskInfo, node: NodeInfo) -> bool:
+        """Whether what runs blocks the task on `node`, queue aside."""
+        held = blocked_by(
+            slot(task),
+            self.occupancy(node),
+            max_parallel=node.max_parallel,
+            project_limits=node.project_limits,
+        )
+        return held is not None
+
     def blocks_everywhere(self, task: TaskInfo) -> bool:
         """Whether what runs blocks the task on every live node, queue aside."""
-        return all(
-            blocked_by(
-                slot(task),
-                self.occupancy(node),
-                max_parallel=node.max_parallel,
-                project_limits=node.project_limits,
-            )
-            for node in self.nodes
-        )
+        return all(self.blocks_on(task, node) for node in self.nodes)
 
 
 def fills_every_node(
@@ -263,7 +281,9 @@ def explain_waiting(
             result[task.id] = _held(task, fleet)
         else:
             ahead = sum(1 for s in chosen if position[s.task_id] < position[task.id])
-            result[task.id] = [_behind(ahead, now)]
+            could = [n for n in fleet.nodes if not fleet.blocks_on(task, n)]
+            fair = _fair_sharing(task.spec.project, could, fleet)
+            result[task.id] = [_behind(ahead, fair, now)]
     return result
 
 
@@ -291,10 +311,37 @@ def _start_time(task: TaskInfo, now: float) -> WaitReason:
     return WaitReason(WaitKind.NOT_BEFORE, f"not before {when}", now, until=until)
 
 
-def _behind(ahead: int, now: float) -> WaitReason:
+def _behind(ahead: int, fair: str | None, now: float) -> WaitReason:
     tasks = "1 earlier task" if ahead == 1 else f"{ahead} earlier tasks"
-    text = f"waiting behind {tasks} that a node will claim first"
+    text = f"waiting behind {tasks} that a node will claim first" + _clause(fair)
     return WaitReason(WaitKind.BEHIND, text, now, ahead=ahead)
+
+
+def _clause(fair: str | None) -> str:
+    return f"; {fair}" if fair else ""
+
+
+def _fair_sharing(project: str, nodes: Sequence[NodeInfo], fleet: _Fleet) -> str | None:
+    """That those of `nodes` (the ones that could claim a task of `project`) share
+    their slots fairly, and what the project weighs there (None if none of them does):
+    on those the order projects start in follows their weights, not the queue's."""
+    fair = [(n, n.fair_share) for n in nodes if n.fair_share is not None]
+    if not fair:
+        return None
+    who = ", ".join(_node_label(n, fleet) for n, _ in fair)
+    verb = "shares" if len(fair) == 1 else "share"
+    tables = {_weights_text(weights) for _, weights in fair}
+    if len(tables) == 1:
+        weighs = f" ({tables.pop()}): project {project!r} weighs {fair[0][1].get(project, 1.0):g}"
+    else:
+        each = ", ".join(
+            f"{weights.get(project, 1.0):g} on {_node_label(n, fleet)}" for n, weights in fair
+        )
+        weighs = f": project {project!r} weighs {each}"
+    return (
+        f"{who} {verb} slots fairly across projects{weighs},"
+        " so another project's task may start first"
+    )
 
 
 def _held(task: TaskInfo, fleet: _Fleet) -> list[WaitReason]:
@@ -316,7 +363,7 @@ def _held(task: TaskInfo, fleet: _Fleet) -> list[WaitReason]:
         )
     ]
     if not room:
-        reasons.append(_nodes_full(fleet, full))
+        reasons.append(_nodes_full(fleet, full, _fair_sharing(task.spec.project, full, fleet)))
     elif limited == room:
         reasons.append(_project_limit(task.spec.project, fleet, room, full))
     shared = fleet.occupancy(None)
@@ -337,12 +384,13 @@ def _load(node: NodeInfo, fleet: _Fleet, project: str | None = None) -> NodeLoad
     return NodeLoad(node.id, node.host, fleet.busy[node.id], node.max_parallel, limit)
 
 
-def _nodes_full(fleet: _Fleet, full: Sequence[NodeInfo]) -> WaitReason:
+def _nodes_full(fleet: _Fleet, full: Sequence[NodeInfo], fair: str | None) -> WaitReason:
     each = ", ".join(
         f"{fleet.busy[n.id]}/{n.max_parallel} on {_node_label(n, fleet)}" for n in full
     )
     loads = tuple(_load(n, fleet) for n in full)
-    return WaitReason(WaitKind.NODES_FULL, f"every node is full ({each})", fleet.now, nodes=loads)
+    text = f"every node is full ({each})" + _clause(fair)
+    return WaitReason(WaitKind.NODES_FULL, text, fleet.now, nodes=loads)
 
 
 def _project_limit(

@@ -397,6 +397,11 @@ class NodeInfo:
     # Its running tasks per project at most, as configured when it started (the
     # explanation of a waiting task reads it: the claim takes the node's own).
     project_limits: Mapping[str, int] = field(default_factory=dict)
+    # How it hands its free slots across projects, as configured when it started
+    # (`Limits.fair_share`): None, in queue order; else by these weights, 1 for a
+    # project not listed ({}: every project 1). Operators read it (`nodes`, `why`);
+    # the claim takes the node's own.
+    fair_share: Mapping[str, float] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -236,6 +236,7 @@ class TaskPool(PoolClientAPI):
                 stopped_at=None,
                 max_parallel=self.limits.max_parallel,
                 project_limits=dict(self.limits.project_limits),
+                fair_share=self.limits.fair_share,
             )
             self.containment = _containment.choose(
                 self.store.store_id,

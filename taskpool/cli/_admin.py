@@ -6,6 +6,7 @@ import argparse
 import time
 from typing import TYPE_CHECKING
 
+from .._explain import fair_share_text
 from ._format import emit, field, when
 from ._options import env_name, open_client, option, positive
 
@@ -41,6 +42,7 @@ async def cmd_nodes(args: argparse.Namespace) -> None:
             else f"heartbeat {now - n.heartbeat_at:.0f} s ago"
         )
         + f"\n    containment: {field(n.containment or 'unknown')}"
+        + f"\n    fair share: {field(fair_share_text(n.fair_share))}"
         for n in nodes
     ]
     emit(args, nodes, "\n".join(lines) or "no nodes")

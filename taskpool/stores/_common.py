@@ -123,7 +123,7 @@ def event_values(e: TaskEvent) -> tuple[Any, ...]:
 #: The columns of a node row, in the order `node_values` gives them.
 NODE_COLUMNS = (
     "id, host, pid, pid_started_at, started_at, heartbeat_at, max_parallel, containment,"
-    " project_limits"
+    " project_limits, fair_share"
 )
 
 
@@ -138,6 +138,7 @@ def node_values(n: NodeInfo) -> tuple[Any, ...]:
         n.max_parallel,
         n.containment,
         json.dumps(dict(sorted(n.project_limits.items()))),  # JSON text on both backends
+        None if n.fair_share is None else json.dumps(dict(sorted(n.fair_share.items()))),
     )
 
 
@@ -251,4 +252,5 @@ def node_from_row(r: Row) -> NodeInfo:
         max_parallel=r["max_parallel"],
         containment=r["containment"],
         project_limits=json.loads(r["project_limits"]),
+        fair_share=None if r["fair_share"] is None else json.loads(r["fair_share"]),
     )

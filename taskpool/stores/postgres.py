@@ -321,7 +321,7 @@ class PostgresStore(Store):
         async def op(conn: asyncpg.Connection) -> None:
             await conn.execute(
                 f"INSERT INTO taskpool_nodes ({NODE_COLUMNS})"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)",
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10::jsonb)",
                 *node_values(node),
             )
 

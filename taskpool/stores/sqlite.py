@@ -267,7 +267,7 @@ class SQLiteStore(Store):
     async def register_node(self, node: NodeInfo) -> None:
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
-                f"INSERT INTO nodes ({NODE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO nodes ({NODE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 node_values(node),
             )
 

@@ -62,3 +62,26 @@ async def test_why_names_the_holder_in_text_json_and_show(database: str) -> None
     missing = cli(database, "why", "9999")
     assert missing.returncode == 1
     assert "TaskNotFound: no task 9999" in missing.stderr
+
+
+async def test_why_says_the_only_live_node_shares_its_slot_fairly(database: str) -> None:
+    """`why`, `show` and `--json` on a task waiting for a full node that shares its slot
+    fairly (every project 1): the weight of its project is in the reason's text."""
+    async with open_store(database) as store:
+        now = time.time()
+        await store.register_node(
+            NodeInfo("fair-node-1", "web-1", os.getpid(), now, now, now, None, 1, fair_share={})
+        )
+        holder = await store.submit(TaskSpec.build(["sleep", "600"], project="batch"))
+        [claim] = await store.claim("fair-node-1", Limits(max_parallel=1), lease_ttl_s=600)
+        assert claim.task.id == holder
+        waiter = await store.submit(TaskSpec.build(["true"], project="web"))
+
+    reason = (
+        "every node is full (1/1 on web-1); web-1 shares slots fairly across projects"
+        " (every project 1): project 'web' weighs 1, so another project's task may start first"
+    )
+    assert ok(cli(database, "why", str(waiter))) == f"task {waiter} is waiting:\n  {reason}\n"
+    assert f"\n  why: {reason}\n" in ok(cli(database, "show", str(waiter)))
+    [data] = json.loads(ok(cli(database, "--json", "why", str(waiter))))["reasons"]
+    assert (data["kind"], data["text"]) == ("nodes_full", reason)

@@ -160,3 +160,20 @@ async def test_several_pools_racing_share_fairly_and_exclusively(
         last_b = max(i for i, p in enumerate(order) if p == "B")
         assert order[: last_b + 1].count("A") < 40, "".join(order)
     _check_exclusive(log, 3)
+
+
+@pytest.mark.parametrize(
+    ("fair_share", "recorded"),
+    [(None, None), (True, {}), ({"a": 3, "b": 1}, {"a": 3.0, "b": 1.0})],
+)
+async def test_a_pool_registers_its_fair_share_for_operators(
+    database: str, fair_share: bool | dict[str, float] | None, recorded: dict[str, float] | None
+) -> None:
+    """The node row says what the pool shares by, as `check_fair_share` reads it: off,
+    every project 1 ({}), or the weights given."""
+    async with fast_pool(database, fair_share=fair_share) as pool:
+        assert pool.node is not None
+        assert pool.node.fair_share == recorded
+        async with Client(database) as client:
+            [node] = await client.nodes()
+        assert (node.id, node.fair_share) == (pool.node.id, recorded)

@@ -58,6 +58,26 @@ async def test_migrations_produce_the_declared_schema(db: Path, tmp_path: Path) 
     assert versions == [v for v, _ in migrations()]
 
 
+async def test_a_node_registered_before_fair_share_was_recorded_reads_it_off(db: Path) -> None:
+    """A node row written by the version before 0012 reads as not fair-sharing."""
+    old = sqlite3.connect(db, isolation_level=None)
+    try:
+        old.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at REAL)")
+        for version, sql in migrations():
+            if version < 12:
+                old.executescript(sql)
+                old.execute("INSERT INTO schema_version VALUES (?, 0)", (version,))
+        old.execute(
+            "INSERT INTO nodes (id, host, pid, pid_started_at, started_at, heartbeat_at,"
+            " max_parallel) VALUES ('old', 'host', 1, 0, 0, 0, 2)"
+        )
+    finally:
+        old.close()
+    async with SQLiteStore(db) as store:
+        [node] = await store.list_nodes()
+    assert (node.id, node.fair_share, node.project_limits) == ("old", None, {})
+
+
 async def test_reopening_does_not_migrate_twice(db: Path) -> None:
     """Opening an up-to-date database again leaves its data and version alone."""
     async with SQLiteStore(db) as store:

@@ -429,6 +429,32 @@ def _slot(task: TaskInfo) -> Slot:
     return Slot(task.id, spec.project, spec.template, spec.template_parallel, spec.locks)
 
 
+async def test_a_postgres_node_registered_before_fair_share_was_recorded_reads_it_off() -> None:
+    """A node row written by the version before 0016 reads as not fair-sharing."""
+    async with fresh_postgres_database() as dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(
+                "CREATE TABLE taskpool_schema_version"
+                " (version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
+            )
+            for version, sql in postgres_migrations():
+                if version < 16:
+                    await conn.execute(sql)
+                    await conn.execute(
+                        "INSERT INTO taskpool_schema_version VALUES ($1, 0)", version
+                    )
+            await conn.execute(
+                "INSERT INTO taskpool_nodes (id, host, pid, pid_started_at, started_at,"
+                " heartbeat_at, max_parallel) VALUES ('old', 'host', 1, 0, 0, 0, 2)"
+            )
+        finally:
+            await conn.close()
+        async with PostgresStore(dsn, max_size=1) as store:
+            [node] = await store.list_nodes()
+        assert (node.id, node.fair_share, node.project_limits) == ("old", None, {})
+
+
 async def test_postgres_migrations_apply_once_even_when_nodes_start_together() -> None:
     """Nodes booting at once on an empty database migrate it exactly once, in order."""
     async with fresh_postgres_database() as dsn:
@@ -749,6 +775,30 @@ async def test_a_node_keeps_the_project_limits_it_registered_with(opener: Opener
         nodes = {n.id: n for n in await store.list_nodes()}
         assert nodes["limited"] == limited
         assert nodes["node-0"].project_limits == {}
+
+
+async def test_a_node_keeps_the_fair_share_it_registered_with(opener: Opener) -> None:
+    """Off (None), on with every project 1 ({}) and weighted are three different
+    settings, kept as registered, through a handle opened afterwards too."""
+    now = time.time()
+    fair = {
+        "off": None,
+        "even": {},
+        "weighted": {"a": 3.0, "b": 0.5},
+    }
+    registered = [
+        NodeInfo(node_id, "host", os.getpid(), now, now, now, None, 2, fair_share=weights)
+        for node_id, weights in fair.items()
+    ]
+    async with handles(opener, 1) as (store,):
+        for node in registered:
+            await store.register_node(node)
+        nodes = {n.id: n for n in await store.list_nodes()}
+        assert [nodes[n.id] for n in registered] == registered
+        assert nodes["node-0"].fair_share is None  # registered without it
+    async with opener() as reopened:
+        nodes = {n.id: n for n in await reopened.list_nodes()}
+        assert {n: nodes[n].fair_share for n in fair} == fair
 
 
 async def test_cancel_requests_name_the_nodes_running_attempts(opener: Opener) -> None:

@@ -213,3 +213,23 @@ async def test_a_queue_of_blocked_tasks_is_read_through(
         limits = recording(store, monkeypatch)
         assert await client.why(last) == []  # every task ahead is blocked by the lock
         assert limits == [QUEUE_READ, 4 * QUEUE_READ]  # the whole queue ahead, 600 tasks
+
+
+async def test_a_task_waiting_for_the_only_fair_node_is_told_its_project_weight(
+    database: str,
+) -> None:
+    """The only live node shares its one slot fairly: the task waiting for it is told
+    so, with what its project weighs there; the reason itself is unchanged."""
+    async with fast_pool(database, max_parallel=1, fair_share={"a": 3}) as pool:
+        holder = await pool.submit(["sleep", "600"], project="a")
+        await running(pool, holder)
+        waiter = await pool.submit(["true"], project="b")
+        fair = (
+            f"{HOST} shares slots fairly across projects (a=3, others 1): project 'b'"
+            " weighs 1, so another project's task may start first"
+        )
+        [reason] = await pool.why(waiter)
+        assert reason.kind is WaitKind.NODES_FULL
+        assert reason.text == f"every node is full (1/1 on {HOST}); {fair}"
+        async with Client(database) as client:  # a client of its own says the same
+            assert [r.text for r in await client.why(waiter)] == [reason.text]

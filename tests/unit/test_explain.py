@@ -17,6 +17,7 @@ from taskpool._explain import (
     READY_TEXT,
     describe,
     explain_waiting,
+    fair_share_text,
     fills_every_node,
     queue_order,
     slot,
@@ -64,6 +65,7 @@ def node(
     *,
     started_at: float = NOW - 1000,
     project_limits: dict[str, int] | None = None,
+    fair_share: dict[str, float] | None = None,
 ) -> NodeInfo:
     return NodeInfo(
         id=node_id,
@@ -75,6 +77,7 @@ def node(
         stopped_at=None,
         max_parallel=max_parallel,
         project_limits=project_limits or {},
+        fair_share=fair_share,
     )
 
 
@@ -415,3 +418,54 @@ def test_a_first_part_of_the_queue_that_fills_every_node_tells_the_same(
         if fills_every_node(ahead[:k], running, nodes, now=NOW):
             part = explain_waiting([me], queue=ahead[:k], running=running, nodes=nodes, now=NOW)
             assert part == whole
+
+
+def test_fair_share_in_words() -> None:
+    assert fair_share_text(None) == "off"
+    assert fair_share_text({}) == "on (every project 1)"
+    assert fair_share_text({"b": 1.0, "a": 3.0, "c": 0.25}) == "on (a=3, b=1, c=0.25, others 1)"
+
+
+def test_a_full_fair_node_names_the_weight_of_the_tasks_project() -> None:
+    """Fair sharing changes no reason, only adds what the project weighs there."""
+    busy = [task(n, Status.RUNNING, project="a") for n in range(10, 14)]
+    fair = node(fair_share={"a": 3.0, "b": 1.0})
+    [reason] = why(task(20, project="b"), busy, [fair])
+    assert reason.kind is WaitKind.NODES_FULL
+    assert reason.text == (
+        "every node is full (4/4 on web-1); web-1 shares slots fairly across projects"
+        " (a=3, b=1, others 1): project 'b' weighs 1, so another project's task may start first"
+    )
+    assert why(task(20, project="b"), busy, [node()])[0].text == "every node is full (4/4 on web-1)"
+    # Unlisted: 1, as the claim takes it; True was recorded as {}.
+    [reason] = why(task(20, project="c"), busy, [node(fair_share={})])
+    assert reason.text.endswith(
+        "web-1 shares slots fairly across projects (every project 1): project 'c' weighs 1,"
+        " so another project's task may start first"
+    )
+
+
+def test_behind_earlier_tasks_names_only_the_fair_nodes_that_could_claim_it() -> None:
+    """Of the nodes where nothing that runs holds the task, the fair ones, each with the
+    project's weight where they disagree; a fair node at the project's limit is left out."""
+    running = [task(9, Status.RUNNING, project="a")]  # on web-1; 'a' at web-4's limit
+    web_4 = node(
+        "node-d-0000", "web-4", 1, started_at=NOW - 1, project_limits={"a": 1}, fair_share={}
+    )
+    nodes = [
+        node(max_parallel=5, fair_share={"a": 2.0}),
+        node("node-b-0000", "web-2", 1, started_at=NOW - 10, fair_share={}),
+        node("node-c-0000", "web-3", 1, started_at=NOW - 5),
+        web_4,
+    ]
+    queue = [task(n) for n in range(10, 16)]  # 4 on web-1, 1 on web-2, 1 on web-3
+    [reason] = why(task(20, project="a"), running, nodes, queue)
+    assert (reason.kind, reason.ahead) == (WaitKind.BEHIND, 6)
+    assert reason.text == (
+        "waiting behind 6 earlier tasks that a node will claim first; web-1, web-2 share"
+        " slots fairly across projects: project 'a' weighs 2 on web-1, 1 on web-2, so"
+        " another project's task may start first"
+    )
+    # The only fair node is one the project's limit holds it from: nothing added.
+    [reason] = why(task(20, project="a"), running, [node(max_parallel=5), web_4], queue[:4])
+    assert reason.text == "waiting behind 4 earlier tasks that a node will claim first"
