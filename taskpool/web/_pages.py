@@ -14,6 +14,7 @@ from html import escape
 from urllib.parse import quote, urlencode
 
 from .._client import StaleReport
+from .._explain import fair_share_text
 from .._models import NodeInfo, Status, TaskEvent, TaskInfo
 from .._schedules import Misfire, Schedule, ScheduledBy
 from ._views import Page, QueueDepth, TaskFilter, duration, utc
@@ -327,13 +328,14 @@ def nodes_page(frame: Frame, nodes: Sequence[NodeInfo], running: Sequence[TaskIn
             f'<td class="num{" bad" if age > 60 and n.stopped_at is None else ""}">'
             f"{duration(age)} ago</td><td>{esc(n.containment or 'unknown')}</td>"
             f"<td class=num>{busy.get(n.id, 0)}/{n.max_parallel}</td>"
+            f"<td>{esc(fair_share_text(n.fair_share))}</td>"
             f"<td>{when(n.started_at, frame.now)}</td></tr>"
         )
     table = (
         '<table class="grid"><thead><tr><th>Node</th><th>State</th><th>Host</th>'
         "<th class=num>PID</th>"
         "<th class=num>Heartbeat</th><th>Containment</th><th class=num>Running</th>"
-        f"<th>Started</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        f"<th>Fair share</th><th>Started</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
         if rows
         else '<p class="empty">No node has registered with this store.</p>'
     )

@@ -122,10 +122,10 @@ async def test_waiting_view_names_what_holds_a_task_and_the_other_pages_render(
     database: str, browser: Browser, screenshots: Path
 ) -> None:
     """A task waiting behind another of its non-parallel template: the waiting view and
-    its own page say which task holds it; nodes show the pool with its containment and
-    heartbeat; queues count per project."""
+    its own page say which task holds it; nodes show the pool with its containment,
+    heartbeat and fair share; queues count per project."""
     pool: TaskPool
-    async with fast_pool(database) as pool:
+    async with fast_pool(database, fair_share={"infra": 2}) as pool:
         holder = await pool.submit(["sleep", "600"], project="infra", template="apply-prod")
         await running(pool, holder)
         blocked = await pool.submit(["echo", "next"], project="infra", template="apply-prod")
@@ -155,6 +155,7 @@ async def test_waiting_view_names_what_holds_a_task_and_the_other_pages_render(
             await expect(node_row).to_contain_text(node.containment or "unknown")
             await expect(node_row).to_contain_text("live")
             await expect(node_row).to_contain_text("1/4")
+            await expect(node_row).to_contain_text("on (infra=2, others 1)")
             await shoot(page, screenshots, "nodes", database)
 
             await page.goto(base + "/queues")
