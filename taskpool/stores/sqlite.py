@@ -53,6 +53,7 @@ from ._common import (
 )
 from ._schedules_sql import SQLiteSchedules
 from ._sqlite_changes import watch_changes
+from ._sqlite_claim import QUEUED
 from ._sqlite_files import (
     FileIdentity,
     create_private,
@@ -440,10 +441,9 @@ class SQLiteStore(Store):
         def op(conn: sqlite3.Connection) -> list[TaskInfo]:
             me = ops.task_row(conn, task_id)
             rows = conn.execute(
-                # QUEUED's words, so that the queue index is used (it leaves held
+                # In QUEUED's words, so that the queue index is used (it leaves held
                 # tasks out; migration 0011).
-                "SELECT * FROM tasks WHERE status = 'waiting' AND not_before < 9e999"
-                " AND not_before <= ?"
+                f"SELECT * FROM tasks WHERE {QUEUED.format(t='tasks')} AND not_before <= ?"
                 " AND (priority > ? OR (priority = ? AND id < ?))"
                 " ORDER BY priority DESC, id LIMIT ?",
                 (self._clock(), me["priority"], me["priority"], me["id"], limit),

@@ -8,7 +8,7 @@ import itertools
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -30,7 +30,6 @@ from taskpool import (
 )
 from taskpool.testing import MemoryStore
 from tests.helpers import SAFETY_TIMEOUT_S, fast_pool, open_store, running
-from tests.postgres import fresh_postgres_database
 
 
 def _no_polling(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -180,20 +179,6 @@ async def test_a_client_refuses_to_create_a_database_when_told_not_to(tmp_path: 
 
 
 # -- submit_many ------------------------------------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", "postgres", "memory"])
-async def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    """An open store of each backend, the in-memory one included."""
-    if request.param == "memory":
-        async with MemoryStore() as store:
-            yield store
-    elif request.param == "sqlite":
-        async with open_store(str(tmp_path / "many.db")) as store:
-            yield store
-    else:
-        async with fresh_postgres_database() as dsn, open_store(dsn) as store:
-            yield store
 
 
 @pytest.fixture

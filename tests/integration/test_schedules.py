@@ -17,11 +17,8 @@ import random
 import re
 import time
 from calendar import timegm
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import anyio
-import pytest
 
 from taskpool import Client, Limits, NodeInfo, Status, Store
 from taskpool._models import Outcome, OutcomeKind
@@ -30,7 +27,6 @@ from taskpool._schedules import ScheduledBy
 from taskpool.stores._schedules_sql import SQLITE_IDS_PER_QUERY
 from taskpool.testing import MemoryStore
 from tests.helpers import eventually, fast_pool, open_store
-from tests.postgres import fresh_postgres_database
 
 MIDNIGHT = float(timegm((2024, 6, 3, 0, 0, 0)))  # a Monday, UTC
 DAY_S = 86_400.0
@@ -239,20 +235,6 @@ async def test_schedules_survive_a_restart_of_every_handle(database: str) -> Non
         assert resumed.next_fire_at == MIDNIGHT + 3600 + 60
         await client.remove_schedule("often")
         assert [s.name for s in await client.list_schedules()] == ["nightly"]
-
-
-@pytest.fixture(params=["sqlite", "postgres", "memory"])
-async def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    """An open store of each of the three backends, on an empty database."""
-    if request.param == "memory":
-        async with MemoryStore() as memory:
-            yield memory
-    elif request.param == "sqlite":
-        async with open_store(str(tmp_path / "tasks.db")) as store:
-            yield store
-    else:
-        async with fresh_postgres_database() as dsn, open_store(dsn) as store:
-            yield store
 
 
 async def test_scheduled_by_names_each_runs_schedule_and_tick(any_store: Store) -> None:
