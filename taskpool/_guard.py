@@ -115,6 +115,10 @@ class Guard:
         self._closed: int | None = None  # attempts the guard killed at close
         self._eof = False
         self._lock = anyio.Lock()  # one waiter on the socket at a time
+        # The waiter's sleep on the socket, while it sleeps: `_receive` called from
+        # elsewhere (`_send`, `killed`) may empty the socket of what the waiter waits
+        # for, and a wait for readability would then never wake; so it wakes it.
+        self._sleep: anyio.CancelScope | None = None
 
     @classmethod
     async def start(
@@ -299,6 +303,8 @@ class Guard:
                 return
             except OSError:
                 data = b""
+            if self._sleep is not None:
+                self._sleep.cancel()  # the waiter looks again at what arrived
             if not data:
                 self._gone()
                 return
@@ -342,7 +348,11 @@ class Guard:
                     return
                 if self._eof:
                     raise GuardError(f"the guard process ended (exit {self._popen.poll()})")
-                if self._outbox:
-                    await anyio.wait_writable(self._sock)
-                else:
-                    await anyio.wait_readable(self._sock)
+                try:
+                    with anyio.CancelScope() as self._sleep:
+                        if self._outbox:
+                            await anyio.wait_writable(self._sock)
+                        else:
+                            await anyio.wait_readable(self._sock)
+                finally:
+                    self._sleep = None

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import anyio
 import psutil
 import pytest
 
@@ -24,7 +25,7 @@ from taskpool._guard import Guard, GuardError
 from taskpool._guard_kill import kill_cgroup
 from taskpool._guard_process import GUARD_CLOSED, LEASE_EXPIRED, POOL_DIED, POOL_HUNG_UP
 from taskpool._procs import ATTEMPT_ENV, attempt_marker
-from tests.helpers import eventually
+from tests.helpers import SAFETY_TIMEOUT_S, eventually
 
 #: Every wait below is on a state; this only bounds a test that would otherwise hang.
 SAFETY_S = 10.0
@@ -85,6 +86,39 @@ async def guard(tmp_path: Path) -> AsyncIterator[Guard]:
         yield guard
     finally:
         await guard.close()
+
+
+async def test_a_waiter_wakes_when_another_caller_reads_what_it_waits_for(guard: Guard) -> None:
+    """`sync` sleeps until the socket is readable. If another caller (a send, `killed`)
+    reads its pong first, the socket is empty again and that sleep alone would never
+    end: the reader wakes it. The guard is stopped (SIGSTOP) so that the pong can only
+    come once the waiter sleeps; it is then read by `killed`, outside the event loop."""
+    pid = guard._popen.pid
+    answered = anyio.Event()
+
+    async def wait_for_pong() -> None:
+        await guard.sync()
+        answered.set()
+
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait_for_pong)
+
+            async def sleeping() -> bool:
+                return guard._sleep is not None
+
+            await eventually(sleeping)
+            os.kill(pid, signal.SIGCONT)
+            # Block, not await: the pong arrives and is read before the loop looks again.
+            readable, _, _ = select.select([guard._sock], [], [], SAFETY_TIMEOUT_S)
+            assert readable
+            guard.killed()
+            assert guard._pongs  # read here, not by the waiter
+            with anyio.fail_after(SAFETY_TIMEOUT_S):
+                await answered.wait()
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 def log_file(tmp_path: Path) -> BinaryIO:
